@@ -1,0 +1,1 @@
+"""Shared building blocks of MLX-GRPO: tokenizer, model loading, rewards, loss math, rollouts."""
