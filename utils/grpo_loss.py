@@ -1,0 +1,413 @@
+"""GRPO loss math on MLX arrays: group advantages, per-token log-probs, the clipped surrogate
+loss with TRL's four aggregations (grpo, bnpo, dr_grpo, dapo), GSPO sequence-level ratios and
+the k3 KL penalty, plus summable statistics for logging.
+
+Definitions follow TRL's GRPOTrainer (trl/trainer/grpo_trainer.py): _generate_and_score_completions
+for the advantages, _compute_loss for the loss and the clip/KL metrics.
+
+How a trainer uses it for one generation batch (N = num_prompts * group_size completions, split
+into micro-batches, each micro-batch holding the B completions it scores):
+
+    adv = group_advantages(rewards, group_size, "group")               # [N]
+    total_tokens = mask_all.sum()                                        # for dapo
+    stats = []
+    for each micro-batch:
+        def loss_fn(model):
+            logp = token_logprobs(model(inputs)[:, -T:], targets, temperature)
+            loss, s = grpo_loss(logp, old, ref, adv[rows], mask, loss_type=..., ...,
+                                num_sequences_total=N, num_tokens_total=total_tokens,
+                                num_micro_batches=M)
+            return loss, s
+        (loss, s), grads = nn.value_and_grad(model, loss_fn)(model)    # accumulate grads by SUM
+        stats.append(s)
+    metrics = finalize_stats(sum_stats(stats))
+
+Summing (not averaging) the micro-batch losses and gradients gives TRL's loss for the batch.
+Across several processes pass GLOBAL totals (num_sequences_total, num_tokens_total, and
+num_micro_batches counted over all processes) and all-reduce gradients and stats by SUM.
+
+mask_truncated_completions is the caller's job: zero the whole mask row of every completion that
+hit the length limit (and leave it counted in num_sequences_total, as TRL does).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional, Union
+
+import mlx.core as mx
+import numpy as np
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+# Added to the reward std before dividing, as TRL does (keeps zero-std groups finite: A = 0).
+ADVANTAGE_STD_EPS = 1e-4
+# A group's std at or below this counts as "zero std" (TRL: torch.isclose(std, 0), atol 1e-8).
+ZERO_STD_ATOL = 1e-8
+
+Number = Union[int, float, mx.array]
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages
+
+
+def _check_choice(name: str, value: str, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid values: {', '.join(valid)}")
+
+
+def _as_rewards(rewards) -> mx.array:
+    rewards = mx.array(rewards, dtype=mx.float32) if not isinstance(rewards, mx.array) else rewards
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D [num_prompts * group_size], got shape {rewards.shape}")
+    rewards = rewards.astype(mx.float32)
+    # One host sync per generation batch; a NaN reward would silently poison every advantage.
+    if not bool(mx.all(mx.isfinite(rewards)).item()):
+        raise ValueError("rewards contain NaN or inf; fix the reward function so it returns finite floats")
+    return rewards
+
+
+def _check_group_size(num_rewards: int, group_size: int) -> None:
+    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool):
+        raise ValueError(f"group_size must be an int, got {group_size!r}")
+    if group_size < 2:
+        raise ValueError(
+            f"group_size must be >= 2 (got {group_size}): a group of one has no reward std and zero "
+            "advantage; set num_generations to 2 or more"
+        )
+    if num_rewards % group_size != 0:
+        raise ValueError(
+            f"{num_rewards} rewards do not split into groups of {group_size}; the generation batch "
+            "must hold whole groups (num_prompts * group_size completions, group by group)"
+        )
+
+
+def group_reward_stats(rewards, group_size: int) -> tuple[mx.array, mx.array]:
+    """Per-group reward mean and std (Bessel, ddof=1), each shape [N // group_size].
+
+    rewards is [N], ordered group by group. The stds are what frac_reward_zero_std needs.
+    """
+    rewards = _as_rewards(rewards)
+    _check_group_size(rewards.shape[0], group_size)
+    grouped = rewards.reshape(-1, group_size)
+    return grouped.mean(axis=1), mx.std(grouped, axis=1, ddof=1)
+
+
+def batch_reward_std(rewards) -> mx.array:
+    """Std (ddof=1) over the whole batch of rewards, as TRL's scale_rewards="batch"."""
+    rewards = _as_rewards(rewards)
+    if rewards.shape[0] < 2:
+        raise ValueError("batch reward std needs at least 2 rewards")
+    return mx.std(rewards, ddof=1)
+
+
+def batch_std_from_sums(count: Number, reward_sum: Number, reward_sq_sum: Number) -> float:
+    """Batch reward std (ddof=1) from globally reduced sums: count, sum(R), sum(R^2).
+
+    For multi-process runs: each process sums its rewards and squared rewards, the sums are
+    all-reduced, and every process gets the same std. Computed in float64 on the host.
+    """
+    n, s, sq = (float(v.item()) if isinstance(v, mx.array) else float(v) for v in (count, reward_sum, reward_sq_sum))
+    if n < 2:
+        raise ValueError(f"batch reward std needs count >= 2, got {n:g}")
+    var = (sq - s * s / n) / (n - 1)
+    return math.sqrt(max(var, 0.0))  # rounding can push a zero variance slightly below 0
+
+
+def advantages_from_stats(
+    rewards,
+    group_means,
+    scale_rewards: str,
+    *,
+    group_stds=None,
+    batch_std: Optional[Number] = None,
+) -> mx.array:
+    """A = R - group mean, divided by (std + 1e-4) for scale_rewards "group" (group_stds) or
+    "batch" (batch_std); "none" divides by nothing. group_means/group_stds are [num_groups] and
+    rewards [num_groups * group_size], group by group. Use it when the stats were computed
+    elsewhere (e.g. reduced across processes)."""
+    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    rewards = _as_rewards(rewards)
+    group_means = mx.array(group_means).astype(mx.float32).reshape(-1)
+    num_groups = group_means.shape[0]
+    if num_groups == 0 or rewards.shape[0] % num_groups != 0:
+        raise ValueError(f"{rewards.shape[0]} rewards do not match {num_groups} group means")
+    group_size = rewards.shape[0] // num_groups
+    advantages = rewards - mx.repeat(group_means, group_size)
+    if scale_rewards == "group":
+        if group_stds is None:
+            raise ValueError('scale_rewards="group" needs group_stds')
+        group_stds = mx.array(group_stds).astype(mx.float32).reshape(-1)
+        if group_stds.shape[0] != num_groups:
+            raise ValueError(f"got {group_stds.shape[0]} group stds for {num_groups} group means")
+        advantages = advantages / (mx.repeat(group_stds, group_size) + ADVANTAGE_STD_EPS)
+    elif scale_rewards == "batch":
+        if batch_std is None:
+            raise ValueError('scale_rewards="batch" needs batch_std')
+        advantages = advantages / (batch_std + ADVANTAGE_STD_EPS)
+    return advantages
+
+
+def group_advantages(rewards, group_size: int, scale_rewards: str) -> mx.array:
+    """Group-relative advantages [N] for rewards [N] ordered group by group (TRL's definition).
+
+    A_i = R_i - mean(group); scale_rewards "group": / (group std + 1e-4), "batch": / (std over all
+    N rewards + 1e-4), "none": unscaled. Stds use Bessel's correction (ddof=1). A group whose
+    rewards are all equal gets A = 0. group_size < 2 raises ValueError.
+    """
+    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    means, stds = group_reward_stats(rewards, group_size)
+    batch_std = batch_reward_std(rewards) if scale_rewards == "batch" else None
+    return advantages_from_stats(rewards, means, scale_rewards, group_stds=stds, batch_std=batch_std)
+
+
+def frac_reward_zero_std(group_stds) -> float:
+    """Fraction of groups whose rewards are all equal (no learning signal), TRL's frac_reward_zero_std.
+
+    TRL computes it from the std used for scaling; with scale_rewards="batch" that is the batch std,
+    which makes the metric 0 or 1. Passing the per-group stds here always gives the useful number.
+    """
+    group_stds = mx.array(group_stds).reshape(-1)
+    if group_stds.shape[0] == 0:
+        raise ValueError("frac_reward_zero_std needs at least one group std")
+    return (group_stds <= ZERO_STD_ATOL).astype(mx.float32).mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probs and entropy
+
+
+def _scaled_float32_logits(logits: mx.array, temperature: float) -> mx.array:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # bfloat16 logsumexp is off by ~0.05 nats for large vocabularies, so upcast (no-op for float32).
+    logits = logits.astype(mx.float32)
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def token_logprobs(logits: mx.array, targets: mx.array, temperature: float = 1.0) -> mx.array:
+    """log softmax(logits / temperature)[target] per position, float32, shape [B, T].
+
+    logits [B, T, V] (any float dtype), targets [B, T] int ids. Computed as selected logit minus
+    logsumexp, so no [B, T, V] log-softmax is kept; TRL divides by the sampling temperature too.
+    """
+    if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {logits.shape} and targets {targets.shape} must be [B, T, V] and [B, T]")
+    scaled = _scaled_float32_logits(logits, temperature)
+    selected = mx.take_along_axis(scaled, targets[..., None].astype(mx.int32), axis=-1).squeeze(-1)
+    return selected - mx.logsumexp(scaled, axis=-1)
+
+
+def token_logprobs_and_entropy(
+    logits: mx.array, targets: mx.array, temperature: float = 1.0
+) -> tuple[mx.array, mx.array]:
+    """token_logprobs and token_entropy in one pass: shares the float32 logits and the logsumexp,
+    so a trainer logging entropy makes one [B, T, V] float32 copy instead of two."""
+    if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {logits.shape} and targets {targets.shape} must be [B, T, V] and [B, T]")
+    scaled = _scaled_float32_logits(logits, temperature)
+    lse = mx.logsumexp(scaled, axis=-1)
+    selected = mx.take_along_axis(scaled, targets[..., None].astype(mx.int32), axis=-1).squeeze(-1)
+    scaled_sg, lse_sg = mx.stop_gradient(scaled), mx.stop_gradient(lse)
+    probs = mx.exp(scaled_sg - lse_sg[..., None])
+    entropy = mx.stop_gradient(lse_sg - (probs * scaled_sg).sum(axis=-1))
+    return selected - lse, entropy
+
+
+def token_entropy(logits: mx.array, temperature: float = 1.0) -> mx.array:
+    """Entropy of softmax(logits / temperature) per position, float32 [B, T], no gradient.
+
+    H = logsumexp(x) - sum_v softmax(x)_v * x_v (equal to -sum p log p). For metrics only.
+    """
+    scaled = mx.stop_gradient(_scaled_float32_logits(logits, temperature))
+    probs = mx.softmax(scaled, axis=-1)
+    return mx.stop_gradient(mx.logsumexp(scaled, axis=-1) - (probs * scaled).sum(axis=-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def _check_count(name: str, value, loss_type: str, allow_zero: bool = False) -> None:
+    if value is None:
+        raise ValueError(f"loss_type {loss_type!r} needs {name}; pass it to grpo_loss")
+    if isinstance(value, Real) and not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def grpo_loss(
+    logp: mx.array,
+    old_logp: Optional[mx.array],
+    ref_logp: Optional[mx.array],
+    advantages: mx.array,
+    mask: mx.array,
+    *,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    beta: float = 0.0,
+    importance_sampling_level: str = "token",
+    max_completion_length: Optional[int] = None,
+    num_sequences_total: Optional[Number] = None,
+    num_tokens_total: Optional[Number] = None,
+    num_micro_batches: Optional[int] = None,
+    entropy: Optional[mx.array] = None,
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """Clipped GRPO surrogate loss of ONE micro-batch, scaled so that the SUM over the micro-batches
+    of a generation batch equals TRL's loss for that batch.
+
+    logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. mask is 1 on tokens that get gradient
+    (sampled completion tokens), 0 on padding, prompt and forced tool-output tokens. Masked tokens
+    are inert: their log-probs may hold anything (even inf) without touching loss or gradient.
+    old_logp None means on-policy (ratio = exp(logp - stop_gradient(logp)) = 1). ref_logp may be
+    None only when beta == 0. epsilon_high None means epsilon (symmetric clipping).
+
+    Per token: r = exp(logp - old_logp) ("token"), or for "sequence" (GSPO) one ratio per sequence,
+    r_i = exp(masked mean_t (logp - old_logp)), broadcast to its tokens.
+    l = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3,
+    k3 = exp(ref - logp) - (ref - logp) - 1.
+
+    Normalisation (TRL's loss_type), with |o_i| = sum_t mask[i, t]:
+      grpo:    sum_i (sum_t l*mask / max(|o_i|, 1)) / num_sequences_total
+      bnpo:    (sum l*mask / max(sum mask, 1)) / num_micro_batches    (per-micro-batch token mean,
+               averaged over micro-batches the way TRL's gradient accumulation does)
+      dr_grpo: sum l*mask / (num_sequences_total * max_completion_length)
+      dapo:    sum l*mask / max(num_tokens_total, 1)   (mask tokens of the whole generation batch)
+    TRL divides grpo/dr_grpo by the micro-batch size times the accumulation steps; with equal
+    micro-batches that equals num_sequences_total. num_sequences_total counts every completion,
+    including rows masked out whole (truncated), as TRL's mean over rows does.
+
+    Returns (loss scalar, stats); stats are sums over this micro-batch (see finalize_stats).
+    """
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    if logp.ndim != 2:
+        raise ValueError(f"logp must be [B, T], got shape {logp.shape}")
+    for name, arr in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy)):
+        if arr is not None and arr.shape != logp.shape:
+            raise ValueError(f"{name} shape {arr.shape} must equal logp shape {logp.shape}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [B] = {logp.shape[:1]}, got shape {advantages.shape}")
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    if epsilon < 0 or epsilon_high < 0:
+        raise ValueError(f"epsilon and epsilon_high must be >= 0, got {epsilon} and {epsilon_high}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta != 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} needs ref_logp (reference-model log-probs); pass them or set beta to 0")
+    if loss_type in ("grpo", "dr_grpo"):
+        _check_count("num_sequences_total", num_sequences_total, loss_type)
+    if loss_type == "dr_grpo":
+        _check_count("max_completion_length", max_completion_length, loss_type)
+    if loss_type == "bnpo":
+        _check_count("num_micro_batches", num_micro_batches, loss_type)
+    if loss_type == "dapo":
+        # 0 is legitimate (every completion truncated and masked): the loss is then 0
+        _check_count("num_tokens_total", num_tokens_total, loss_type, allow_zero=True)
+
+    logp = logp.astype(mx.float32)
+    mask = mask.astype(mx.float32)
+    live = mask > 0
+    old_logp = mx.stop_gradient(logp) if old_logp is None else old_logp.astype(mx.float32)
+    adv = advantages.astype(mx.float32)[:, None]  # [B, 1]
+    tokens_per_seq = mask.sum(axis=-1)  # [B]
+
+    # where() (not a multiply) so a masked token holding inf/NaN cannot make 0 * inf = NaN.
+    log_ratio = mx.where(live, logp - old_logp, 0.0)
+    if importance_sampling_level == "token":
+        log_weights = log_ratio  # [B, T]
+    else:
+        log_weights = log_ratio.sum(axis=-1, keepdims=True) / mx.maximum(tokens_per_seq[:, None], 1.0)  # [B, 1]
+    ratio = mx.exp(log_weights)
+    clipped_ratio = mx.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
+    per_token_loss = -mx.minimum(ratio * adv, clipped_ratio * adv)
+    per_token_loss = mx.broadcast_to(per_token_loss, logp.shape)  # GSPO: the sequence loss on every token
+
+    per_token_kl = None
+    if ref_logp is not None:
+        delta = mx.where(live, ref_logp.astype(mx.float32) - logp, 0.0)
+        per_token_kl = mx.exp(delta) - delta - 1.0
+        if beta != 0:
+            per_token_loss = per_token_loss + beta * per_token_kl
+
+    masked_loss = mx.where(live, per_token_loss * mask, 0.0)
+    if loss_type == "grpo":
+        per_seq = masked_loss.sum(axis=-1) / mx.maximum(tokens_per_seq, 1.0)
+        loss = per_seq.sum() / num_sequences_total
+    elif loss_type == "bnpo":
+        loss = masked_loss.sum() / mx.maximum(mask.sum(), 1.0) / num_micro_batches
+    elif loss_type == "dr_grpo":
+        loss = masked_loss.sum() / (num_sequences_total * max_completion_length)
+    else:  # dapo
+        loss = masked_loss.sum() / mx.maximum(mx.array(num_tokens_total, dtype=mx.float32), 1.0)
+
+    # Statistics: sums only, so micro-batches and processes add up before finalize_stats divides.
+    # Clip/ratio stats count tokens at "token" level and sequences at "sequence" level, like TRL.
+    ratio_sg = mx.stop_gradient(ratio)
+    is_low = ((ratio_sg < 1.0 - epsilon) & (adv < 0)).astype(mx.float32)
+    is_high = ((ratio_sg > 1.0 + epsilon_high) & (adv > 0)).astype(mx.float32)
+    is_region = mx.maximum(is_low, is_high)
+    if importance_sampling_level == "token":
+        unit_weight, num_units = mask, mask.sum()
+    else:
+        unit_weight, num_units = mx.ones_like(ratio_sg), mx.array(float(logp.shape[0]))
+
+    def unit_sum(x):
+        return mx.where(unit_weight > 0, x * unit_weight, 0.0).sum()
+
+    stats = {
+        "num_sequences": mx.array(float(logp.shape[0])),
+        "num_tokens": mask.sum(),
+        "num_ratio_units": num_units,
+        "ratio_sum": unit_sum(ratio_sg),
+        "clip_low_sum": unit_sum(is_low),
+        "clip_high_sum": unit_sum(is_high),
+        "clip_region_sum": unit_sum(is_region),
+    }
+    if per_token_kl is not None:
+        stats["kl_sum"] = mx.where(live, mx.stop_gradient(per_token_kl) * mask, 0.0).sum()
+    if entropy is not None:
+        stats["entropy_sum"] = mx.where(live, mx.stop_gradient(entropy).astype(mx.float32) * mask, 0.0).sum()
+    return loss, stats
+
+
+def sum_stats(stats_list: list[dict[str, mx.array]]) -> dict[str, mx.array]:
+    """Add the stats dicts of several micro-batches key by key (keys must match)."""
+    if not stats_list:
+        raise ValueError("sum_stats needs at least one stats dict")
+    keys = set(stats_list[0])
+    for stats in stats_list[1:]:
+        if set(stats) != keys:
+            raise ValueError(f"stats keys differ between micro-batches: {sorted(keys)} vs {sorted(stats)}")
+    return {k: sum((stats[k] for stats in stats_list[1:]), stats_list[0][k]) for k in stats_list[0]}
+
+
+def finalize_stats(summed_stats: dict) -> dict[str, float]:
+    """Turn summed stats into TRL-named metrics (floats).
+
+    kl and entropy: per-token means over mask tokens; clip_ratio/{low,high,region}_mean and
+    importance_ratio/mean: means over ratio units (mask tokens, or sequences for GSPO). These are
+    pooled over the whole batch; TRL instead averages per-micro-batch means, which differs only
+    when micro-batches hold different token counts. Empty denominators count as 1 (TRL's clamp).
+    """
+    def value(key):
+        v = summed_stats[key]
+        return float(v.item()) if isinstance(v, mx.array) else float(v)
+
+    tokens = max(value("num_tokens"), 1.0)
+    units = max(value("num_ratio_units"), 1.0)
+    metrics = {
+        "clip_ratio/low_mean": value("clip_low_sum") / units,
+        "clip_ratio/high_mean": value("clip_high_sum") / units,
+        "clip_ratio/region_mean": value("clip_region_sum") / units,
+        "importance_ratio/mean": value("ratio_sum") / units,
+    }
+    if "kl_sum" in summed_stats:
+        metrics["kl"] = value("kl_sum") / tokens
+    if "entropy_sum" in summed_stats:
+        metrics["entropy"] = value("entropy_sum") / tokens
+    return metrics
