@@ -1,0 +1,117 @@
+import builtins
+import json
+import re
+
+import pytest
+
+from utils import calculator
+from utils.calculator import CALCULATOR_MAX_EXPR_CHARS, evaluate_expression
+from utils.data import default_gsm8k_path
+
+
+@pytest.fixture
+def no_code_execution(monkeypatch):
+    """Fail the test if anything is eval'd, exec'd, or compiled to bytecode (ast-only is fine)."""
+    import ast
+
+    real_compile = builtins.compile
+
+    def guarded_compile(source, filename, mode, flags=0, *args, **kwargs):
+        assert flags & ast.PyCF_ONLY_AST, "calculator compiled code to run"
+        return real_compile(source, filename, mode, flags, *args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("calculator called eval/exec")
+
+    monkeypatch.setattr(builtins, "compile", guarded_compile)
+    monkeypatch.setattr(builtins, "eval", forbidden)
+    monkeypatch.setattr(builtins, "exec", forbidden)
+
+
+@pytest.mark.parametrize("expr, expected", [
+    ("2+3*4", "14"),
+    ("(1.5+2)/7", "0.5"),
+    ("10/4", "2.5"),
+    ("10/5", "2.0"),  # division always gives a float, like nanochat's str(eval(...))
+    ("-3*-2", "6"),
+    ("+4 - -1", "5"),
+    ("  2 + 3 ", "5"),
+    ("0.2*50", "10.0"),
+    ("123456789*1000", "123456789000"),
+    ("1,000+1", "1001"),
+    ("1,000,000*2", "2000000"),
+    ("((((7))))", "7"),
+    (".5+5.", "5.5"),
+    ("1000000000000000", "1000000000000000"),  # exactly the bound
+])
+def test_valid_expressions(expr, expected, no_code_execution):
+    assert evaluate_expression(expr) == expected
+
+
+@pytest.mark.parametrize("expr", [
+    "", "   ", "2+", "abc", "2**10", "7//2", "7%2", "1/0", "1/(2-2)", "1/0.0", "1..2", "...",
+    "007", "(2+3", "2+3)", "1,2", "1,0000", "2\t+3", "2;3", "[1]", "1e5",
+    "x" * 200, "1+" * 60 + "1",
+])
+def test_invalid_expressions(expr, no_code_execution):
+    assert evaluate_expression(expr) is None
+
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os').system('x')",
+    "().__class__",
+    "().__class__.__bases__[0].__subclasses__()",
+    "9**9**9",
+    "10**1000",
+    "1e308*10",
+    "99999999999999999999",  # literal too large
+    "9" + "*9" * 40,  # product far beyond the bound
+    "1000000000000000*10/100",  # intermediate beyond the bound even though the result is small
+    "(" * 60 + "1" + ")" * 60,  # too long
+    "(" * 1000 + "1" + ")" * 1000,
+    "-" * 99 + "1",  # within the length limit, but over the AST node limit
+    "lambda: 0",
+    "'1'+'2'",
+    "open('f')",
+])
+def test_hostile_expressions_are_rejected_without_running_code(expr, no_code_execution):
+    assert evaluate_expression(expr) is None
+
+
+def test_nesting_within_length_limit_is_fine():
+    depth = (CALCULATOR_MAX_EXPR_CHARS - 1) // 2
+    assert evaluate_expression("(" * depth + "1" + ")" * depth) == "1"
+    assert evaluate_expression("(" * (depth + 1) + "1" + ")" * (depth + 1)) is None
+    assert evaluate_expression("-" * 41 + "1") == "-1"
+
+
+def test_max_chars_constant_and_type_error():
+    assert CALCULATOR_MAX_EXPR_CHARS == 100
+    with pytest.raises(TypeError):
+        evaluate_expression(12)
+
+
+def test_node_limit(monkeypatch):
+    monkeypatch.setattr(calculator, "CALCULATOR_MAX_NODES", 5)
+    assert evaluate_expression("1+2") == "3"
+    assert evaluate_expression("1+2+3+4") is None
+
+
+def test_gsm8k_annotations_evaluate_to_their_results():
+    """The test split's <<expr=result>> annotations: the calculator reproduces almost all of them."""
+    ok = total = 0
+    with open(default_gsm8k_path("test")) as f:
+        for line in f:
+            for inner in re.findall(r"<<([^>]+)>>", json.loads(line)["answer"]):
+                if "=" not in inner:
+                    continue
+                expr, result = inner.rsplit("=", 1)
+                try:
+                    expected = float(result.replace(",", ""))
+                except ValueError:  # a few annotations have results like "3/4"
+                    continue
+                total += 1
+                out = evaluate_expression(expr)
+                ok += out is not None and float(out) == pytest.approx(expected, rel=1e-6)
+    assert total > 4000
+    assert ok / total > 0.999
