@@ -121,8 +121,9 @@ def save_checkpoint(
     if not isinstance(trainer_state, dict) or not isinstance(config, dict):
         raise ValueError("trainer_state and config must be dicts")
     # Serialise the JSON parts first: a bad value fails before anything touches the disk.
+    rng_state = capture_rng_state()
     state_text = _to_json({"format_version": FORMAT_VERSION, "step": step,
-                           "trainer_state": trainer_state, "rng_state": capture_rng_state()},
+                           "trainer_state": trainer_state, "rng_state": rng_state},
                           what="trainer_state")
     config_text = _to_json(config, what="config")
     optimizer_arrays = _flatten_optimizer_state(optimizer)
@@ -137,6 +138,8 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         write_model_files(tmp)
+        # Saving must not move the RNGs (the writer may build modules): a resumed run starts from rng_state.
+        restore_rng_state(rng_state)
         clash = [name for name in _RESERVED_FILES if (tmp / name).exists()]
         if clash:
             raise CheckpointError(f"write_model_files wrote {clash}, names reserved for the checkpoint itself")

@@ -1,0 +1,132 @@
+"""Batched rollouts: group sharing of the prefix, per-row sampling, stop tokens, the calculator tool."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.models.cache import KVCache
+
+from utils.model_loading import load_model
+from utils.rollout import CalculatorTool, generate_completions, make_rollout_sampler
+from utils.tokenizer import nanochat_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    return model, tokenizer, nanochat_tokenizer(tokenizer)
+
+
+def greedy_reference(model, prompt, steps):
+    """One sequence at a time with mlx-lm's plain KV cache: the decode the batched loop must match."""
+    cache = [KVCache() for _ in model.layers]
+    logits = model(mx.array(prompt)[None], cache=cache)[:, -1]
+    out = []
+    for _ in range(steps):
+        token = mx.argmax(logits, axis=-1)
+        out.append(token.item())
+        logits = model(token[:, None], cache=cache)[:, -1]
+    return out
+
+
+def test_greedy_batch_matches_one_at_a_time_for_every_group_member(tiny):
+    model, tokenizer, nano = tiny
+    prompts = [nano.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in ("What is 2 plus 3?", "Tom has 12 apples and eats 5. How many are left now?")]
+    assert len(prompts[0]) != len(prompts[1])  # left padding is exercised
+    completions, stats = generate_completions(
+        model, prompts, group_size=3, max_new_tokens=8, sampler=make_rollout_sampler(0.0), stop_token_ids=set())
+    assert len(completions) == 6 and stats.generated_tokens == 6 * 8
+    for i, completion in enumerate(completions):
+        assert completion.prompt_index == i // 3
+        assert completion.tokens == greedy_reference(model, prompts[i // 3], 8)
+        assert completion.sampled == [1] * 8 and completion.truncated
+
+
+def test_every_sample_draws_its_own_first_token(tiny):
+    model, _, nano = tiny
+    prompt = nano.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    mx.random.seed(0)
+    completions, _ = generate_completions(
+        model, [prompt], group_size=16, max_new_tokens=1, sampler=make_rollout_sampler(5.0), stop_token_ids=set())
+    first = {c.tokens[0] for c in completions}
+    assert len(first) > 4  # nanochat's Oct-2025 engine copied one first token to the whole group
+
+
+def test_stop_tokens_end_rows_and_count_as_sampled(tiny):
+    model, _, nano = tiny
+    prompt = nano.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    reference = greedy_reference(model, prompt, 6)
+    stop = reference[2]
+    completions, _ = generate_completions(
+        model, [prompt, prompt], group_size=2, max_new_tokens=6, sampler=make_rollout_sampler(0.0),
+        stop_token_ids={stop})
+    for completion in completions:
+        end = reference.index(stop) + 1
+        assert completion.tokens == reference[:end]
+        assert completion.stopped and not completion.truncated
+
+
+class ScriptedModel(nn.Module):
+    """Emits a fixed token script (one per decode step) whatever it is fed; prefill does nothing."""
+
+    def __init__(self, script, vocab_size):
+        super().__init__()
+        self.script, self.vocab_size, self.step = script, vocab_size, 0
+        self.layers = [nn.Identity()]
+        self.fed = []
+
+    def __call__(self, inputs, cache=None):
+        batch, length = inputs.shape
+        if length == 1:
+            self.fed.append(inputs[:, 0].tolist())
+            token = self.script[min(self.step, len(self.script) - 1)]
+            self.step += 1
+        else:
+            token = 0
+        logits = mx.full((batch, length, self.vocab_size), -1e9)
+        logits[..., token] = 0.0
+        return logits
+
+
+def test_calculator_forces_the_result_without_gradient(tiny):
+    _, _, nano = tiny
+    calc = CalculatorTool.for_tokenizer(nano)
+    expr = nano.encode("12*3")
+    result = nano.encode("36")
+    end = nano.special_token_id("<|assistant_end|>")
+    filler = nano.encode(" x")[0]
+    # What the model "wants" each step; the 2 + len(result) steps after python_end are overridden.
+    script = [calc.python_start, *expr, calc.python_end] + [filler] * (2 + len(result)) + [end]
+    model = ScriptedModel(script, nano.vocab_size)
+    completions, _ = generate_completions(
+        model, [[nano.bos_token_id]], group_size=1, max_new_tokens=40, sampler=make_rollout_sampler(0.0),
+        stop_token_ids={end}, calculator=calc)
+    c = completions[0]
+    forced = [calc.output_start, *result, calc.output_end]
+    assert c.tokens == [calc.python_start, *expr, calc.python_end, *forced, end]
+    assert c.sampled == [1] * (len(expr) + 2) + [0] * len(forced) + [1]
+    assert c.tool_calls == 1 and c.tool_failures == 0 and c.stopped
+    # The forced tokens were fed back as the next inputs, so the model conditions on the result.
+    fed = [row[0] for row in model.fed]
+    assert fed[len(expr) + 3:len(expr) + 3 + len(forced)] == forced
+
+
+def test_calculator_refuses_hostile_expressions_and_counts_the_failure(tiny):
+    _, _, nano = tiny
+    calc = CalculatorTool.for_tokenizer(nano)
+    end = nano.special_token_id("<|assistant_end|>")
+    hostile = nano.encode("__import__('os').system('touch /tmp/pwned')")
+    script = [calc.python_start, *hostile, calc.python_end, end]
+    completions, _ = generate_completions(
+        ScriptedModel(script, nano.vocab_size), [[nano.bos_token_id]], group_size=1, max_new_tokens=200,
+        sampler=make_rollout_sampler(0.0), stop_token_ids={end}, calculator=calc)
+    c = completions[0]
+    assert c.tool_calls == 1 and c.tool_failures == 1
+    assert c.tokens[-1] == end and all(c.sampled)  # nothing forced
+
+
+def test_empty_prompt_is_a_clear_error(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate_completions(model, [[]], group_size=2, max_new_tokens=2, sampler=make_rollout_sampler(0.0),
+                             stop_token_ids=set())

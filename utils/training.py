@@ -1,0 +1,206 @@
+"""The pieces of a GRPO update: packing rollouts into arrays, log-probs, the policy copies, the LR schedule."""
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_reduce
+
+from .grpo_loss import grpo_loss, token_logprobs, token_logprobs_and_entropy
+
+
+@dataclass
+class PackedBatch:
+    """Rows of prompt + completion, right-padded so positions start at 0 as in training."""
+
+    inputs: mx.array  # [B, T] token ids fed to the model
+    targets: mx.array  # [B, T] next-token ids
+    mask: mx.array  # [B, T] float32: 1 where the target is a sampled completion token
+
+
+def pack_rows(prompts, completions, pad_id=0, drop_rows=()):
+    """prompts[i] token ids, completions[i] a rollout.Completion; rows in drop_rows get an all-zero mask."""
+    lengths = [len(p) + len(c.tokens) for p, c in zip(prompts, completions)]
+    width = max(lengths) - 1
+    inputs, targets, mask = [], [], []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        full = list(prompt) + list(completion.tokens)
+        pad = width + 1 - len(full)
+        full = full + [pad_id] * pad
+        inputs.append(full[:-1])
+        targets.append(full[1:])
+        row_mask = [0] * width
+        if i not in drop_rows:
+            start = len(prompt) - 1  # target index of the first completion token
+            row_mask[start:start + len(completion.sampled)] = completion.sampled
+        mask.append(row_mask)
+    return PackedBatch(mx.array(inputs), mx.array(targets), mx.array(mask, dtype=mx.float32))
+
+
+def micro_batch_slices(total: int, size: int):
+    """Consecutive slices covering all rows; the last one may be smaller (never dropped)."""
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def pack_micro_batches(prompts, completions, micro_batch_size, mask_truncated=False, pad_id=0):
+    """Split a generation batch into packed micro-batches; truncated rows lose their mask if asked."""
+    row_prompts = [prompts[c.prompt_index] for c in completions]
+    slices = micro_batch_slices(len(completions), micro_batch_size)
+    batches = []
+    for rows in slices:
+        part = completions[rows]
+        drop = {i for i, c in enumerate(part) if c.truncated} if mask_truncated else set()
+        batches.append(pack_rows(row_prompts[rows], part, pad_id=pad_id, drop_rows=drop))
+    return slices, batches
+
+
+def frozen_copy(model, quant_bits=None, quant_group_size=64, dtype=None):
+    """A frozen copy of the model's current weights: quantized (mlx-lm's quantizer) or cast to dtype."""
+    from mlx_lm.utils import quantize_model
+
+    copy = type(model)(model.args)
+    copy.load_weights(tree_flatten(model.parameters()))
+    if dtype is not None:
+        copy.set_dtype(dtype)
+    if quant_bits:
+        copy, _ = quantize_model(copy, {}, group_size=quant_group_size, bits=quant_bits)
+    copy.freeze()
+    copy.eval()
+    mx.eval(copy.parameters())
+    return copy
+
+
+def make_lr_schedule(learning_rate, total_updates, warmup_ratio, kind):
+    """Linear warmup then cosine / linear decay / constant, sized on the real number of updates.
+
+    Update u (0-based) gets lr * (u + 1) / warmup during warmup, so the first update is never at 0.
+    """
+    warmup = min(total_updates, int(math.ceil(warmup_ratio * total_updates))) if warmup_ratio > 0 else 0
+    decay = max(total_updates - warmup, 1)
+    schedules, boundaries = [], []
+    if warmup > 0:
+        schedules.append(optim.linear_schedule(learning_rate / warmup, learning_rate, max(warmup - 1, 1)))
+        boundaries.append(warmup)
+    if kind == "cosine":
+        schedules.append(optim.cosine_decay(learning_rate, decay, 0.0))
+    elif kind == "linear":
+        schedules.append(optim.linear_schedule(learning_rate, 0.0, decay))
+    elif kind == "constant":
+        schedules.append(lambda step: mx.array(learning_rate, dtype=mx.float32))
+    else:
+        raise ValueError(f"lr_scheduler_type {kind!r} is not one of cosine, linear, constant")
+    if len(schedules) == 1:
+        return schedules[0]
+    return optim.join_schedules(schedules, boundaries)
+
+
+def add_grads(accumulated, grads):
+    return grads if accumulated is None else tree_map(mx.add, accumulated, grads)
+
+
+def all_finite(tree) -> mx.array:
+    return tree_reduce(lambda ok, x: ok & mx.all(mx.isfinite(x)), tree, mx.array(True))
+
+
+def global_norm(tree) -> mx.array:
+    return mx.sqrt(tree_reduce(lambda total, x: total + mx.sum(x.astype(mx.float32) ** 2), tree, mx.array(0.0)))
+
+
+def ensure_float32(model: nn.Module):
+    """Trained weights stay float32: in bf16 an Adam step of ~1e-6 rounds away and nothing learns."""
+    for name, value in tree_flatten(model.parameters()):
+        if value.dtype in (mx.uint32, mx.int32):
+            raise ValueError(f"the trained model is quantized ({name}); train a full-precision model "
+                             "(convert without --q-bits) and use quantize_for_rollouts for speed")
+    model.set_dtype(mx.float32)
+
+
+def frozen_logprobs(model, batches, temperature):
+    """Per-token log-probs under a frozen model (old policy, reference), one array per micro-batch."""
+    out = []
+    for batch in batches:
+        logp = token_logprobs(model(batch.inputs), batch.targets, temperature)
+        mx.eval(logp)
+        out.append(logp)
+    return out
+
+
+def masked_all_finite(arrays, batches) -> bool:
+    return all(bool(mx.all(mx.isfinite(mx.where(b.mask > 0, a, 0.0)))) for a, b in zip(arrays, batches))
+
+
+def make_loss_and_grad(model, *, temperature, loss_type, epsilon, epsilon_high, beta,
+                       importance_sampling_level, max_completion_length, compute_dtype=mx.float32,
+                       use_compile=False):
+    """loss_and_grad(batch arrays..., normalizers) -> ((loss, stats), grads w.r.t. the float32 weights).
+
+    The forward runs in compute_dtype: the float32 master weights are cast inside the graph, so
+    gradients arrive in float32. Normalizers are arrays so a compiled graph is reused across steps.
+    """
+
+    def loss_fn(inputs, targets, mask, advantages, old_logp, ref_logp,
+                num_sequences_total, num_tokens_total, num_micro_batches):
+        master = model.trainable_parameters()
+        if compute_dtype != mx.float32:
+            model.update(tree_map(lambda p: p.astype(compute_dtype), master))
+        logp, entropy = token_logprobs_and_entropy(model(inputs), targets, temperature)
+        model.update(master)  # the float32 master weights stay in place
+        loss, stats = grpo_loss(
+            logp, old_logp, ref_logp, advantages, mask, loss_type=loss_type, epsilon=epsilon,
+            epsilon_high=epsilon_high, beta=beta, importance_sampling_level=importance_sampling_level,
+            max_completion_length=max_completion_length, num_sequences_total=num_sequences_total,
+            num_tokens_total=num_tokens_total, num_micro_batches=num_micro_batches, entropy=entropy)
+        stat_names[:] = list(stats)
+        # One stacked output: mlx 0.32's compile breaks when two outputs are the same expression.
+        return loss, mx.stack([stats[name] for name in stat_names])
+
+    stat_names = []
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    if use_compile:
+        # The model's state is an implicit input and output of the compiled graph (mlx's pattern).
+        value_and_grad = mx.compile(value_and_grad, inputs=[model.state], outputs=[model.state])
+
+    def loss_and_grad(*args):
+        (loss, stacked), grads = value_and_grad(*args)
+        return (loss, dict(zip(stat_names, stacked))), grads
+
+    return loss_and_grad
+
+
+@dataclass
+class UpdateResult:
+    loss: float
+    grad_norm: float
+    applied: bool  # False when the loss or gradients were not finite (update skipped)
+    stats: dict  # summed loss statistics (see grpo_loss.finalize_stats)
+    seconds: float
+
+
+def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, old_logp, ref_logp,
+                  normalizers, max_grad_norm):
+    """One optimizer step over all micro-batches of a generation batch (gradients summed)."""
+    import time
+
+    start = time.perf_counter()
+    norm_args = [mx.array(normalizers[k], dtype=mx.float32)
+                 for k in ("num_sequences_total", "num_tokens_total", "num_micro_batches")]
+    grads, loss, stats = None, mx.array(0.0), {}
+    for i, (rows, batch) in enumerate(zip(slices, batches)):
+        (mb_loss, mb_stats), mb_grads = loss_and_grad(
+            batch.inputs, batch.targets, batch.mask, advantages[rows],
+            None if old_logp is None else old_logp[i], None if ref_logp is None else ref_logp[i], *norm_args)
+        grads = add_grads(grads, mb_grads)
+        loss = loss + mb_loss
+        stats = {k: stats.get(k, 0.0) + v for k, v in mb_stats.items()}
+        mx.eval(grads, loss, stats)  # bound memory to one micro-batch's activations
+    grad_norm = global_norm(grads)
+    applied = bool(all_finite(grads)) and bool(mx.isfinite(loss))
+    if applied:
+        if max_grad_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+    return UpdateResult(float(loss), float(grad_norm), applied, {k: float(v) for k, v in stats.items()},
+                        time.perf_counter() - start)
