@@ -1,0 +1,193 @@
+"""Convert a model to an MLX folder: Hugging Face models through mlx-lm, nanochat checkpoints natively.
+
+    python utils/convert_model.py --hf-path Qwen/Qwen2.5-1.5B-Instruct --output-dir models/qwen-1.5b-4bit -q
+    python utils/convert_model.py --hf-path meta-llama/Llama-3.2-1B-Instruct -q --q-bits 8 --q-group-size 32
+    python utils/convert_model.py --hf-path karpathy/nanochat-d32 --output-dir models/nanochat-d32-mlx
+    python utils/convert_model.py --hf-path path/to/nanochat_ckpt_dir -q      # folder with model_*.pt + meta_*.json
+
+Hugging Face models go through mlx_lm.convert. nanochat checkpoints (a folder with model_*.pt,
+a hub release known to be nanochat such as karpathy/nanochat-d32, or any source with --nanochat)
+go through convert_nanochat.py's converter (utils/nanochat.py); for a nanochat base dir with
+stages, use convert_nanochat.py --stage.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python utils/convert_model.py`: Python put utils/ first on sys.path; put the repo
+    # root there instead, so `import utils` works and utils' modules cannot shadow top-level ones.
+    _here = Path(__file__).resolve().parent
+    if sys.path and Path(sys.path[0] or ".").resolve() == _here:
+        sys.path[0] = str(_here.parent)
+    elif str(_here.parent) not in sys.path:
+        sys.path.insert(0, str(_here.parent))
+
+import argparse
+
+# Flat nanochat releases on the hub (model_*.pt + meta_*.json + tokenizer.pkl); others: --nanochat.
+KNOWN_NANOCHAT_REPOS = ("karpathy/nanochat-d32", "sdobson/nanochat")
+Q_BITS = (2, 3, 4, 5, 6, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_Q_BITS = 4  # mlx-lm's defaults for affine quantization
+DEFAULT_Q_GROUP_SIZE = 64
+
+
+class ConversionError(ValueError):
+    """A conversion that cannot be done as asked; the message says what to change."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python utils/convert_model.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--hf-path", "--model", required=True,
+                        help="Hugging Face repo id or local folder (an HF model, or a nanochat checkpoint)")
+    parser.add_argument("--output-dir", "--mlx-path", dest="output_dir",
+                        help="folder to write, must not exist yet (default: models/<name>-mlx, "
+                             "with -<bits>bit when quantized)")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize the weights (mlx-lm affine)")
+    parser.add_argument("--q-bits", "--bits", dest="q_bits", type=int, choices=Q_BITS,
+                        help=f"bits per weight with -q (default: {DEFAULT_Q_BITS})")
+    parser.add_argument("--q-group-size", "--group-size", dest="q_group_size", type=int, choices=Q_GROUP_SIZES,
+                        help=f"quantization group size with -q (default: {DEFAULT_Q_GROUP_SIZE})")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="dtype of the unquantized weights (default: HF models: config.json's torch_dtype; "
+                             "nanochat: bfloat16)")
+    parser.add_argument("--upload-repo", help="Hugging Face repo to upload the converted HF model to")
+    parser.add_argument("--revision", help="HF models: branch, tag or commit of the hub repo")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="HF models: allow the repo's own Python code (custom model or tokenizer classes)")
+    parser.add_argument("--nanochat", action="store_true",
+                        help="read --hf-path as a nanochat checkpoint (folder or hub repo) even if not detected")
+    parser.add_argument("--step", type=int, help="nanochat: checkpoint step to convert (default: the newest)")
+    args = parser.parse_args(argv)
+    if not args.quantize and (args.q_bits is not None or args.q_group_size is not None):
+        parser.error("--q-bits / --q-group-size need -q (--quantize)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing
+
+
+def is_nanochat_source(source: str, forced: bool = False) -> bool:
+    """nanochat route: --nanochat, a local folder holding model_*.pt, or a known nanochat hub release."""
+    from utils.nanochat import checkpoint_steps
+
+    if forced:
+        return True
+    path = Path(source).expanduser()
+    if path.exists():
+        return bool(checkpoint_steps(path))
+    return source in KNOWN_NANOCHAT_REPOS
+
+
+def _check_not_base_dir(source: str) -> None:
+    from utils.nanochat import STAGE_DIRS
+
+    path = Path(source).expanduser()
+    stages = [s for s, d in STAGE_DIRS.items() if (path / d).is_dir()]
+    if stages:
+        raise ConversionError(
+            f"{path} is a nanochat base dir (it has {', '.join(STAGE_DIRS[s] for s in stages)}/): convert one "
+            f"model with: python convert_nanochat.py {path} --stage {stages[0]} [--tag TAG]"
+        )
+
+
+def default_output_dir(name: str, q_bits: int | None) -> Path:
+    suffix = f"-{q_bits}bit" if q_bits else ""
+    return Path("models") / f"{Path(name.rstrip('/')).name}-mlx{suffix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The two routes
+
+
+def convert_kwargs(args: argparse.Namespace, output_dir: Path) -> dict:
+    """Keyword arguments for mlx_lm.convert.convert (0.32.2 takes every one of them)."""
+    return {
+        "hf_path": args.hf_path,
+        "mlx_path": str(output_dir),
+        "quantize": args.quantize,
+        "q_group_size": (args.q_group_size or DEFAULT_Q_GROUP_SIZE) if args.quantize else None,
+        "q_bits": (args.q_bits or DEFAULT_Q_BITS) if args.quantize else None,
+        "dtype": args.dtype,
+        "upload_repo": args.upload_repo,
+        "revision": args.revision,
+        # mlx-lm passes it to its model loader and, as tokenizer_config, to AutoTokenizer.
+        "trust_remote_code": args.trust_remote_code,
+    }
+
+
+def convert_hf(args: argparse.Namespace, output_dir: Path) -> str:
+    from huggingface_hub.errors import HFValidationError
+    from mlx_lm.convert import convert
+
+    if args.step is not None:
+        raise ConversionError("--step is for nanochat checkpoints; this source converts as a Hugging Face model "
+                              "(pass --nanochat if it is a nanochat checkpoint)")
+    _check_not_base_dir(args.hf_path)
+    try:
+        convert(**convert_kwargs(args, output_dir))
+    except (OSError, HFValidationError) as e:  # not on disk, and the hub is offline/unreachable/unknown
+        reason = " ".join(str(e).split())[:300]
+        raise ConversionError(
+            f"cannot read {args.hf_path!r} ({type(e).__name__}: {reason}); pass a local model folder or a "
+            f"Hugging Face repo id (downloading needs the network, or the model already in the HF cache)"
+        ) from e
+    quant = f", {args.q_bits or DEFAULT_Q_BITS}-bit" if args.quantize else ""
+    return f"Converted {args.hf_path} -> {output_dir}{quant}"
+
+
+def convert_nanochat(args: argparse.Namespace, output_dir: Path | None) -> str:
+    from utils.nanochat import convert_checkpoint, default_output_dir as nanochat_output_dir, resolve_checkpoint
+
+    not_for_nanochat = [flag for flag, value in (("--upload-repo", args.upload_repo), ("--revision", args.revision),
+                                                 ("--trust-remote-code", args.trust_remote_code)) if value]
+    if not_for_nanochat:
+        raise ConversionError(
+            f"{', '.join(not_for_nanochat)}: only for Hugging Face models, not nanochat checkpoints (a converted "
+            f"nanochat folder loads with this project's utils.model_loading, not with mlx_lm.load); drop them"
+        )
+    checkpoint = resolve_checkpoint(args.hf_path, step=args.step)
+    q_bits = (args.q_bits or DEFAULT_Q_BITS) if args.quantize else None
+    if output_dir is None:
+        output_dir = nanochat_output_dir(checkpoint)
+        if q_bits:
+            output_dir = output_dir.with_name(f"{output_dir.name}-{q_bits}bit")
+    if output_dir.exists():
+        raise ConversionError(f"output folder {output_dir} already exists; remove it or pass another --output-dir")
+    summary = convert_checkpoint(
+        checkpoint, output_dir, dtype=args.dtype or "bfloat16", q_bits=q_bits,
+        q_group_size=(args.q_group_size or DEFAULT_Q_GROUP_SIZE) if args.quantize else None,
+    )
+    return summary.describe()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from utils.nanochat import NanochatCheckpointError
+
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    try:
+        if is_nanochat_source(args.hf_path, forced=args.nanochat):
+            message = convert_nanochat(args, output_dir)
+        else:
+            if output_dir is None:
+                output_dir = default_output_dir(args.hf_path, (args.q_bits or DEFAULT_Q_BITS) if args.quantize else None)
+            if output_dir.exists():
+                raise ConversionError(f"output folder {output_dir} already exists; remove it or pass another --output-dir")
+            message = convert_hf(args, output_dir)
+    except (ConversionError, NanochatCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

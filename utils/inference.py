@@ -1,0 +1,239 @@
+"""Chat with, prompt, or batch-prompt a model: converted nanochat folders, training checkpoints, mlx-lm models.
+
+    python utils/inference.py                                  # chat with the newest checkpoint under outputs/
+    python utils/inference.py --model models/nanochat-d32-mlx --chat
+    python utils/inference.py --model outputs/run1/checkpoints/step_000100 --prompt "What is 12*7?" --stream
+    python utils/inference.py --model mlx-community/Qwen2.5-1.5B-Instruct-4bit --prompt "Hi" --system "Be brief."
+    python utils/inference.py --model models/nanochat-d32-mlx --prompts-file questions.jsonl --output answers.jsonl
+
+Chat commands: /clear, /system TEXT, /help, /exit (also quit, exit, Ctrl-D); Ctrl-C stops an answer.
+nanochat models use their calculator: a call <|python_start|>expr<|python_end|> is evaluated
+(safe arithmetic only) and <|output_start|>result<|output_end|> is forced into the answer, as
+nanochat's engine does; both show in the text. --no-tools turns it off.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python utils/inference.py`: Python put utils/ first on sys.path; put the repo root
+    # there instead, so `import utils` works and utils' modules cannot shadow top-level ones.
+    _here = Path(__file__).resolve().parent
+    if sys.path and Path(sys.path[0] or ".").resolve() == _here:
+        sys.path[0] = str(_here.parent)
+    elif str(_here.parent) not in sys.path:
+        sys.path.insert(0, str(_here.parent))
+
+import argparse
+import json
+import os
+
+DEFAULT_OUTPUTS_DIR = "outputs"
+MODEL_HELP = (
+    "pass --model PATH: a converted nanochat folder (python convert_nanochat.py ... --output models/NAME), "
+    "a training checkpoint (outputs/<run>/checkpoints/step_NNNNNN) or run folder (outputs/<run>), "
+    "or an mlx-lm model folder / Hugging Face id (e.g. mlx-community/Qwen2.5-1.5B-Instruct-4bit)"
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python utils/inference.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="model folder, training checkpoint or run folder, or hub id "
+                        f"(default: the newest checkpoint under {DEFAULT_OUTPUTS_DIR}/*/checkpoints/)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="multi-turn chat in the terminal (the default mode)")
+    mode.add_argument("--prompt", help="answer one prompt (chat template applied unless --raw)")
+    mode.add_argument("--prompts-file", help="answer every prompt of a file, generated together as one batch: "
+                      "a .jsonl file with a \"prompt\" field a line, or any other file with one prompt a line")
+    parser.add_argument("--raw", action="store_true", help="send --prompt / --prompts-file text as is, "
+                        "without the chat template (special-token strings in it become special tokens)")
+    parser.add_argument("--system", help="system prompt (chat template only)")
+    parser.add_argument("--output", help="with --prompts-file: write the results to this .jsonl file")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="with --prompts-file: most prompts generated at once (default: 32)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer (default: 512)")
+    parser.add_argument("--temperature", "--temp", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling, 1 = off (default: 0.95)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling, 0 = off (default)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default: 1.0)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--no-tools", action="store_true", help="nanochat models: do not run calculator calls")
+    parser.add_argument("--stream", action="store_true", help="with --prompt: print the answer as it is generated "
+                        "(chat always streams)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print prompt and generation tokens-per-sec and peak memory (to stderr)")
+    parser.add_argument("--show-prompt", action="store_true",
+                        help="print every prompt as the model sees it, special tokens included (to stderr)")
+    args = parser.parse_args(argv)
+
+    prompt_mode = args.prompt is not None or args.prompts_file is not None
+    if args.raw and not prompt_mode:
+        parser.error("--raw applies to --prompt and --prompts-file (chat always uses the chat template)")
+    if args.raw and args.system is not None:
+        parser.error("--system needs the chat template; drop --raw or put the system text in the prompt")
+    if args.output is not None and args.prompts_file is None:
+        parser.error("--output applies to --prompts-file")
+    if args.stream and args.prompts_file is not None:
+        parser.error("--stream applies to --prompt and --chat; --prompts-file generates a batch")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Which model
+
+
+def _complete_checkpoints(pattern_root: Path, pattern: str) -> list:
+    """Complete step_* checkpoint folders matching pattern under pattern_root.
+
+    Folders being written or deleted (".tmp-*", ".old-*") and unfinished saves (no manifest,
+    which the trainer writes last) are skipped.
+    """
+    from utils.checkpoint import MANIFEST_FILE
+
+    return [
+        folder for folder in pattern_root.glob(pattern)
+        if folder.name[len("step_"):].isdigit() and (folder / MANIFEST_FILE).is_file()
+        and not any(part.startswith(".") for part in folder.relative_to(pattern_root).parts)
+    ]
+
+
+def newest_checkpoint(outputs_dir: str | os.PathLike = DEFAULT_OUTPUTS_DIR) -> Path | None:
+    """The most recently saved complete checkpoint outputs_dir/*/checkpoints/step_*/, or None."""
+    from utils.checkpoint import CHECKPOINTS_DIRNAME, MANIFEST_FILE
+
+    found = _complete_checkpoints(Path(outputs_dir), f"*/{CHECKPOINTS_DIRNAME}/step_*")
+    return max(found, key=lambda f: ((f / MANIFEST_FILE).stat().st_mtime, f.name), default=None)
+
+
+def resolve_model(model: str | None, outputs_dir: str | os.PathLike = DEFAULT_OUTPUTS_DIR) -> str:
+    """--model as a path or hub id for load_model: a run folder (holding checkpoints/) becomes its
+    checkpoint with the largest step; no --model, the newest checkpoint under outputs_dir."""
+    from utils.chat_session import InferenceError
+    from utils.checkpoint import CHECKPOINTS_DIRNAME
+
+    if model is None:
+        newest = newest_checkpoint(outputs_dir)
+        if newest is None:
+            raise InferenceError(f"no --model given and no checkpoint under {outputs_dir}/*/{CHECKPOINTS_DIRNAME}/; "
+                                 f"{MODEL_HELP}")
+        return str(newest)
+    path = Path(model).expanduser()
+    if (path / CHECKPOINTS_DIRNAME).is_dir() and not (path / "config.json").is_file():
+        found = _complete_checkpoints(path, f"{CHECKPOINTS_DIRNAME}/step_*")
+        if not found:
+            raise InferenceError(f"run folder {path} has no complete checkpoint in {CHECKPOINTS_DIRNAME}/ yet; "
+                                 f"{MODEL_HELP}")
+        return str(max(found, key=lambda f: int(f.name[len("step_"):])))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+
+
+def _print_stats(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_prompt(model, tokenizer, args, options) -> None:
+    from utils.chat_session import ReplyStream, build_prompt
+
+    prompt = build_prompt(tokenizer, args.prompt, system=args.system, raw=args.raw)
+    if args.show_prompt:
+        print(f"[prompt] {tokenizer.decode(prompt)}", file=sys.stderr, flush=True)
+    stream = ReplyStream(model, tokenizer, prompt, options)
+    for text in stream:
+        if args.stream:
+            print(text, end="", flush=True)
+    print("" if args.stream else stream.reply.text, flush=True)
+    if args.verbose:
+        _print_stats(stream.reply.stats.describe())
+
+
+def run_prompts_file(model, tokenizer, args, options) -> None:
+    from utils.chat_session import build_prompt, format_stats, generate_batch, read_prompts_file
+
+    records = read_prompts_file(args.prompts_file)
+    prompts = [build_prompt(tokenizer, r["prompt"], system=args.system, raw=args.raw) for r in records]
+    if args.show_prompt:
+        for i, prompt in enumerate(prompts, start=1):
+            print(f"[prompt {i}] {tokenizer.decode(prompt)}", file=sys.stderr)
+    replies, stats = generate_batch(model, tokenizer, prompts, options, batch_size=args.batch_size)
+    results = [
+        {**record, "completion": reply.text, "finish_reason": reply.finish_reason, "num_tokens": len(reply.tokens),
+         "tool_calls": [{"expression": c.expression, "result": c.result} for c in reply.tool_calls]}
+        for record, reply in zip(records, replies)
+    ]
+    if args.output is not None:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(output, "w", encoding="utf-8") as f:
+            for result in results:
+                f.write(json.dumps(result, ensure_ascii=False) + "\n")
+        print(f"wrote {len(results)} completions to {output}")
+    else:
+        for i, result in enumerate(results, start=1):
+            print(f"=== [{i}/{len(results)}] {result['prompt']}\n{result['completion']}\n", flush=True)
+    if args.verbose:
+        _print_stats(format_stats(stats.prompt_tokens, stats.prompt_tps, stats.generation_tokens,
+                                  stats.generation_tps, stats.peak_memory))
+
+
+def run_chat_mode(model, tokenizer, args, options, model_name: str) -> None:
+    from utils.chat_session import ChatSession, run_chat
+
+    session = ChatSession(model, tokenizer, options, system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        tools = " Calculator on." if model_uses_calculator(tokenizer, options) else ""
+        print(f"Chatting with {model_name}.{tools} /help lists the commands; /exit or Ctrl-D quits, "
+              f"Ctrl-C stops an answer.")
+    run_chat(session, prompt=">>> " if interactive else "", show_prompt=args.show_prompt, verbose=args.verbose)
+
+
+def model_uses_calculator(tokenizer, options) -> bool:
+    from utils.chat_session import calculator_for
+
+    return calculator_for(tokenizer, options) is not None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # Imported after argument parsing so that --help answers at once (mlx-lm imports transformers).
+    import mlx.core as mx
+
+    from utils.chat_session import GenerationOptions, InferenceError
+    from utils.checkpoint import CheckpointError
+    from utils.model_loading import ModelLoadError, load_model
+    from utils.nanochat import NanochatCheckpointError
+
+    try:
+        options = GenerationOptions(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            min_p=args.min_p, repetition_penalty=args.repetition_penalty, tools=not args.no_tools,
+        )
+        model_name = resolve_model(args.model)
+        if args.model is None:
+            print(f"[model] {model_name} (newest checkpoint; --model picks another)", file=sys.stderr)
+        model, tokenizer = load_model(model_name)
+        if args.seed is not None:
+            mx.random.seed(args.seed)
+        if args.prompt is not None:
+            run_prompt(model, tokenizer, args, options)
+        elif args.prompts_file is not None:
+            run_prompts_file(model, tokenizer, args, options)
+        else:
+            run_chat_mode(model, tokenizer, args, options, model_name)
+    except (InferenceError, ModelLoadError, NanochatCheckpointError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
