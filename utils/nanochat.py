@@ -6,7 +6,9 @@ Only the October-2025 architecture (the released d20/d32 chat models) is support
 mlx-lm's model_type "nanochat". Anything else is refused, never converted into a wrong model.
 
 The converted folder holds config.json (mlx-lm format: mlx_lm.utils.load_model reads the folder too),
-model.safetensors, tokenizer.pkl and nanochat_meta.json (the nanochat meta plus provenance).
+model.safetensors, tokenizer.pkl and nanochat_meta.json (the nanochat meta plus provenance), plus
+Hugging Face tokenizer files made from tokenizer.pkl (utils/hf_tokenizer.py) so plain mlx_lm.load
+reads the folder too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from utils.hf_tokenizer import hf_tokenizer_files, write_hf_tokenizer_files
 from utils.tokenizer import TOKENIZER_FILENAME as TOKENIZER_FILE
+from utils.tokenizer import load_tiktoken_encoding
 
 HUB_DEFAULT_REPO = "karpathy/nanochat-d32"
 META_FILE = "nanochat_meta.json"
@@ -436,7 +440,9 @@ def save_nanochat_folder(
     tokenizer_pkl_path: str | Path,
     extra_meta: dict | None = None,
 ) -> Path:
-    """Write a loadable nanochat MLX folder: config.json, model.safetensors, tokenizer.pkl, meta.
+    """Write a loadable nanochat MLX folder: config.json, model.safetensors, tokenizer.pkl, meta,
+    and the Hugging Face tokenizer files mlx_lm.load needs (tokenizer.json, tokenizer_config.json,
+    generation_config.json).
 
     `model` must hold exactly the parameters `config` describes (fuse LoRA adapters first);
     extra_meta, when given, is written as nanochat_meta.json (provenance, training state).
@@ -445,6 +451,8 @@ def save_nanochat_folder(
     from mlx_lm.utils import save_config, save_model
 
     _check_params_match(model, config)
+    # Built before anything is written: a bad tokenizer.pkl fails the save, not half of it.
+    hf_files = hf_tokenizer_files(load_tiktoken_encoding(tokenizer_pkl_path))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Stale shards of an earlier save would be loaded together with the new weights.
@@ -456,6 +464,7 @@ def save_nanochat_folder(
     target = out_dir / TOKENIZER_FILE
     if not (target.exists() and target.samefile(tokenizer_pkl_path)):
         shutil.copyfile(tokenizer_pkl_path, target)
+    write_hf_tokenizer_files(out_dir, hf_files)
     if extra_meta is not None:
         with open(out_dir / META_FILE, "w", encoding="utf-8") as f:
             json.dump(extra_meta, f, indent=2)
