@@ -113,7 +113,7 @@ def main(argv=None):
         mx.synchronize()
         t1 = time.perf_counter()
         old_logp = None
-        if copy_needed or args.num_iterations > 1:
+        if args.quant_bits or args.num_iterations > 1:  # a bf16 copy samples what the bf16 update scores
             old_logp = frozen_logprobs(policy, batches, args.temperature)
         del policy
         mx.synchronize()

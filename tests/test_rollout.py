@@ -3,10 +3,11 @@
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from pathlib import Path
 from mlx_lm.models.cache import KVCache
 
 from utils.model_loading import load_model
-from utils.rollout import CalculatorTool, generate_completions, make_rollout_sampler
+from utils.rollout import CalculatorTool, Completion, _Rows, generate_completions, make_rollout_sampler
 from utils.tokenizer import nanochat_tokenizer
 
 
@@ -34,7 +35,7 @@ def test_greedy_batch_matches_one_at_a_time_for_every_group_member(tiny):
                for q in ("What is 2 plus 3?", "Tom has 12 apples and eats 5. How many are left now?")]
     assert len(prompts[0]) != len(prompts[1])  # left padding is exercised
     completions, stats = generate_completions(
-        model, prompts, group_size=3, max_new_tokens=8, sampler=make_rollout_sampler(0.0), stop_token_ids=set())
+        model, prompts, group_size=3, max_new_tokens=8, sampler=make_rollout_sampler(0.0), stop_token_ids=set(),)
     assert len(completions) == 6 and stats.generated_tokens == 6 * 8
     for i, completion in enumerate(completions):
         assert completion.prompt_index == i // 3
@@ -66,63 +67,62 @@ def test_stop_tokens_end_rows_and_count_as_sampled(tiny):
         assert completion.stopped and not completion.truncated
 
 
-class ScriptedModel(nn.Module):
-    """Emits a fixed token script (one per decode step) whatever it is fed; prefill does nothing."""
+class TransitionModel(nn.Module):
+    """Greedy next token = table[input token]: a scripted policy that also runs compiled.
 
-    def __init__(self, script, vocab_size):
+    It writes a dummy key/value per position so the batch caches fill as with a real model.
+    """
+
+    def __init__(self, transitions, vocab_size, default):
         super().__init__()
-        self.script, self.vocab_size, self.step = script, vocab_size, 0
+        table = [transitions.get(t, default) for t in range(vocab_size)]
+        self.logits_table = mx.where(mx.arange(vocab_size)[None] == mx.array(table)[:, None], 0.0, -1e9)
         self.layers = [nn.Identity()]
-        self.fed = []
 
     def __call__(self, inputs, cache=None):
         batch, length = inputs.shape
-        if length == 1:
-            self.fed.append(inputs[:, 0].tolist())
-            token = self.script[min(self.step, len(self.script) - 1)]
-            self.step += 1
-        else:
-            token = 0
-        logits = mx.full((batch, length, self.vocab_size), -1e9)
-        logits[..., token] = 0.0
-        return logits
+        if cache is not None:
+            cache[0].update_and_fetch(mx.zeros((batch, 1, length, 4)), mx.zeros((batch, 1, length, 4)))
+        return self.logits_table[inputs]
+
+
+def chain(tokens):
+    return {a: b for a, b in zip(tokens, tokens[1:])}
 
 
 def test_calculator_forces_the_result_without_gradient(tiny):
     _, _, nano = tiny
     calc = CalculatorTool.for_tokenizer(nano)
-    expr = nano.encode("12*3")
-    result = nano.encode("36")
-    end = nano.special_token_id("<|assistant_end|>")
-    filler = nano.encode(" x")[0]
-    # What the model "wants" each step; the 2 + len(result) steps after python_end are overridden.
-    script = [calc.python_start, *expr, calc.python_end] + [filler] * (2 + len(result)) + [end]
-    model = ScriptedModel(script, nano.vocab_size)
-    completions, _ = generate_completions(
-        model, [[nano.bos_token_id]], group_size=1, max_new_tokens=40, sampler=make_rollout_sampler(0.0),
-        stop_token_ids={end}, calculator=calc)
-    c = completions[0]
+    expr, result = nano.encode("12*3"), nano.encode("36")
+    end, start = nano.special_token_id("<|assistant_end|>"), nano.encode(" x")[0]
     forced = [calc.output_start, *result, calc.output_end]
-    assert c.tokens == [calc.python_start, *expr, calc.python_end, *forced, end]
-    assert c.sampled == [1] * (len(expr) + 2) + [0] * len(forced) + [1]
-    assert c.tool_calls == 1 and c.tool_failures == 0 and c.stopped
-    # The forced tokens were fed back as the next inputs, so the model conditions on the result.
-    fed = [row[0] for row in model.fed]
-    assert fed[len(expr) + 3:len(expr) + 3 + len(forced)] == forced
+    call = [start, calc.python_start, *expr, calc.python_end]
+    assert len(set(call)) == len(call)  # the scripted chain needs distinct tokens
+    # The model wants: the python call, then anything while the output is forced, then the end.
+    transitions = chain(call) | {calc.python_end: start, calc.output_end: end}
+    model = TransitionModel(transitions, nano.vocab_size, default=start)
+    prompt = [nano.bos_token_id, start]
+    completions, _ = generate_completions(
+        model, [prompt, prompt], group_size=2, max_new_tokens=40, sampler=make_rollout_sampler(0.0),
+        stop_token_ids={end}, calculator=calc)
+    for c in completions:
+        assert c.tokens == [calc.python_start, *expr, calc.python_end, *forced, end]
+        assert c.sampled == [1] * (len(expr) + 2) + [0] * len(forced) + [1]  # forced: no gradient
+        assert c.tool_calls == 1 and c.tool_failures == 0 and c.stopped
 
 
 def test_calculator_refuses_hostile_expressions_and_counts_the_failure(tiny):
     _, _, nano = tiny
     calc = CalculatorTool.for_tokenizer(nano)
     end = nano.special_token_id("<|assistant_end|>")
-    hostile = nano.encode("__import__('os').system('touch /tmp/pwned')")
-    script = [calc.python_start, *hostile, calc.python_end, end]
-    completions, _ = generate_completions(
-        ScriptedModel(script, nano.vocab_size), [[nano.bos_token_id]], group_size=1, max_new_tokens=200,
-        sampler=make_rollout_sampler(0.0), stop_token_ids={end}, calculator=calc)
-    c = completions[0]
-    assert c.tool_calls == 1 and c.tool_failures == 1
-    assert c.tokens[-1] == end and all(c.sampled)  # nothing forced
+    hostile = nano.encode("__import__('os').system('touch /tmp/mlx_grpo_pwned')")
+    rows = _Rows([Completion(0)], {end}, calc)
+    for token in [calc.python_start, *hostile, calc.python_end, end]:
+        rows.record(0, token)
+    c = rows.completions[0]
+    assert c.tool_calls == 1 and c.tool_failures == 1 and c.stopped
+    assert all(c.sampled)  # nothing forced
+    assert not Path("/tmp/mlx_grpo_pwned").exists()
 
 
 def test_empty_prompt_is_a_clear_error(tiny):

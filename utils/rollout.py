@@ -9,6 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
@@ -70,6 +71,55 @@ def make_rollout_sampler(temperature, top_p=1.0, top_k=0, min_p=0.0):
     return make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
 
 
+class _Rows:
+    """Per-completion bookkeeping shared by both decode loops: forced tokens, stops, tool calls."""
+
+    def __init__(self, completions, stop_token_ids, calculator):
+        self.completions = completions
+        self.stop_token_ids = stop_token_ids
+        self.calculator = calculator
+        self.forced = [deque() for _ in completions]
+        self.expression = [None] * len(completions)  # token list while inside a python call
+        self.generated = 0
+
+    def forced_next(self, index):
+        """The token forced at this row's next position, or None when the model samples it."""
+        queue = self.forced[index]
+        return queue[0] if queue else None
+
+    def record(self, index, sampled_token):
+        """Append this step's token (forced if due, else sampled); returns it. Row must not be stopped."""
+        c = self.completions[index]
+        if self.forced[index]:
+            token, was_sampled = self.forced[index].popleft(), 0
+        else:
+            token, was_sampled = sampled_token, 1
+        c.tokens.append(token)
+        c.sampled.append(was_sampled)
+        self.generated += 1
+        if was_sampled and token in self.stop_token_ids:
+            c.stopped = True
+        elif self.calculator is not None and was_sampled:
+            self._observe_tool_token(index, token)
+        return token
+
+    def _observe_tool_token(self, index, token):
+        calc = self.calculator
+        if token == calc.python_start:
+            self.expression[index] = []
+        elif self.expression[index] is not None:
+            if token == calc.python_end:
+                self.completions[index].tool_calls += 1
+                output = calc.forced_output(self.expression[index])
+                self.expression[index] = None
+                if output is None:
+                    self.completions[index].tool_failures += 1
+                else:
+                    self.forced[index].extend(output)
+            else:
+                self.expression[index].append(token)
+
+
 def _prefill_shared(model, prompts, group_size):
     """Prefill each prompt once (all but its last token) and share the cache across its group."""
     per_prompt = []
@@ -98,74 +148,58 @@ def generate_completions(
     """Sample `group_size` completions for every prompt (token id lists), all in one batch.
 
     Returns (completions ordered prompt by prompt, group contiguous; RolloutStats).
-    Every row samples its own first token from the shared prefix. Rows that stop are dropped from
-    the batch once `compact_fraction` of the active rows are done (each drop copies the cache).
+    Every row samples its own first token from the shared prefix.
     """
     start = time.perf_counter()
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate_completions: got an empty prompt; every prompt needs at least one token")
-    stop_token_ids = set(stop_token_ids)
     completions = [Completion(prompt_index=i) for i in range(len(prompts)) for _ in range(group_size)]
-    forced = [deque() for _ in completions]
-    expression = [None] * len(completions)  # token list while inside a python call
-
+    rows = _Rows(completions, set(stop_token_ids), calculator)
     cache = _prefill_shared(model, prompts, group_size)
-    active = list(range(len(completions)))
-    inputs = mx.array([prompts[c.prompt_index][-1] for c in completions])
-    done_in_batch = 0
-    generated = 0
-
-    for _ in range(max_new_tokens):
-        logits = model(inputs[:, None], cache=cache)[:, -1, :]
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        sampled_tokens = sampler(logprobs).tolist()
-
-        next_inputs = []
-        for row, index in enumerate(active):
-            c = completions[index]
-            if c.stopped:
-                next_inputs.append(c.tokens[-1])  # finished row still in the batch: its output is ignored
-                continue
-            if forced[index]:
-                token, was_sampled = forced[index].popleft(), 0
-            else:
-                token, was_sampled = sampled_tokens[row], 1
-            c.tokens.append(token)
-            c.sampled.append(was_sampled)
-            generated += 1
-            if was_sampled and token in stop_token_ids:
-                c.stopped = True
-                done_in_batch += 1
-            elif calculator is not None and was_sampled:
-                _observe_tool_token(calculator, c, index, token, expression, forced)
-            next_inputs.append(token)
-
-        if done_in_batch == len(active):
-            break
-        if done_in_batch and done_in_batch >= compact_fraction * len(active):
-            keep = [row for row, index in enumerate(active) if not completions[index].stopped]
-            keep_array = mx.array(keep)
-            for layer_cache in cache:
-                layer_cache.filter(keep_array)
-            active = [active[row] for row in keep]
-            next_inputs = [next_inputs[row] for row in keep]
-            done_in_batch = 0
-        inputs = mx.array(next_inputs)
-
-    return completions, RolloutStats(generated, time.perf_counter() - start)
+    first_inputs = [prompts[c.prompt_index][-1] for c in completions]
+    _decode_general(model, cache, first_inputs, rows, max_new_tokens, sampler, compact_fraction)
+    return completions, RolloutStats(rows.generated, time.perf_counter() - start)
 
 
-def _observe_tool_token(calculator, completion, index, token, expression, forced):
-    if token == calculator.python_start:
-        expression[index] = []
-    elif expression[index] is not None:
-        if token == calculator.python_end:
-            completion.tool_calls += 1
-            output = calculator.forced_output(expression[index])
-            expression[index] = None
-            if output is None:
-                completion.tool_failures += 1
-            else:
-                forced[index].extend(output)
-        else:
-            expression[index].append(token)
+def _decode_general(model, cache, first_inputs, rows, max_new_tokens, sampler, compact_fraction):
+    """Decode on mlx-lm's BatchKVCache with the device one step ahead of the host.
+
+    Step t's input is step t-1's sampled token unless a forced (tool-output) token is due at t-1,
+    which the host knows from tokens up to t-2: so step t is queued before step t-1 is read back,
+    and building the next graph overlaps the device's work. Finished rows leave the batch once
+    `compact_fraction` of it is done (each compaction copies the cache).
+    """
+    completions = rows.completions
+    active = np.arange(len(completions))  # batch row -> completion index
+    inputs = mx.array(first_inputs, dtype=mx.int32)
+    pending, pending_forced = None, None  # step t-1's sampled tokens (unread) and its forced tokens
+    for t in range(max_new_tokens + 1):
+        if t < max_new_tokens:
+            if pending is not None:
+                inputs = pending if pending_forced is None else mx.where(pending_forced[0], pending_forced[1], pending)
+            logits = model(inputs[:, None], cache=cache)[:, -1, :]
+            sampled = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).astype(mx.int32)
+            mx.async_eval(sampled)
+        if pending is not None:  # the host catches up with step t-1 while step t runs
+            for row, token in enumerate(np.array(pending).tolist()):
+                index = active[row]
+                if not completions[index].stopped:
+                    rows.record(index, token)
+            stopped = np.array([completions[i].stopped for i in active])
+            if stopped.all():
+                break
+            if t < max_new_tokens and stopped.sum() >= compact_fraction * len(active):
+                keep = mx.array(np.flatnonzero(~stopped))
+                for layer_cache in cache:
+                    layer_cache.filter(keep)
+                sampled, active = sampled[keep], active[~stopped]
+        if t < max_new_tokens:
+            pending, pending_forced = sampled, _forced_arrays(rows, active)
+
+
+def _forced_arrays(rows, active):
+    """(mask, tokens) of the forced tokens due next for the batch rows, or None when none is due."""
+    due = [rows.forced_next(i) for i in active]
+    if all(t is None for t in due):
+        return None
+    return mx.array([t is not None for t in due]), mx.array([t or 0 for t in due], dtype=mx.int32)
