@@ -4,6 +4,7 @@
     python mlx-grpo.py --config configs/nanochat_d32.toml [--set key=value ...]
     python mlx-grpo.py --config X --eval-only            # score a model and exit
     python mlx-grpo.py --config X --resume [CHECKPOINT]  # continue a run exactly
+    mlx.launch -n 2 python mlx-grpo.py --config X        # data-parallel (utils/distributed.py)
 
 The story of a run, top to bottom: configuration, the policy and its copies, data and rewards,
 evaluation before training, then per step: rollouts -> rewards -> advantages -> loss and update,
@@ -25,8 +26,12 @@ import numpy as np
 from utils.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from utils.config import ConfigError, config_to_dict, load_config, save_resolved_config
 from utils.data import DataError, PromptSampler, build_messages, encode_prompt, load_gsm8k
-from utils.evaluation import evaluate
-from utils.grpo_loss import finalize_stats, frac_reward_zero_std, group_advantages, group_reward_stats
+from utils.distributed import (
+    DistributedError, broadcast_trainable, check_data_split, evaluate_sharded, group_advantages_across,
+    init_world, process_states, quiet_unless_main, reduce_step_metrics, restore_process_state,
+)
+from utils.grpo_loss import finalize_stats, frac_reward_zero_std, group_reward_stats
+from utils.lora import add_adapters, base_policy, load_adapter_weights, rollout_copy, save_adapters, trainable_summary
 from utils.metrics import MetricsLogger, format_console_line
 from utils.model_loading import ModelLoadError, load_model, save_model_folder
 from utils.rewards import BUILTIN_REWARDS, RewardError, compute_rewards, default_reward_names, resolve_reward_functions
@@ -38,7 +43,8 @@ from utils.training import (
 )
 
 # Errors caused by the user's input (config, data, model folder, rewards, checkpoints).
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError, CheckpointError, FileNotFoundError,
+               DistributedError)
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.toml"
@@ -151,15 +157,21 @@ def main(argv=None):
     except ConfigError as error:
         sys.exit(f"config error: {error}")
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    mx.random.seed(cfg.seed)
+    # Data-parallel when started by mlx.launch (utils/distributed.py); a plain run is one process.
+    world = init_world()
+    quiet_unless_main(world)
+    seed = cfg.seed + world.rank  # each process samples its own rollouts; the data order uses cfg.seed
+    random.seed(seed)
+    np.random.seed(seed)
+    mx.random.seed(seed)
 
-    # The policy: float32 master weights, with the tokenizer it was trained with.
+    # The policy: float32 master weights, with the tokenizer it was trained with. LoRA/DoRA
+    # (utils/lora.py): float32 adapters on a frozen base in compute_dtype, quantized for QLoRA.
     model, tokenizer = load_model(cfg.model_name)
     nano = nanochat_tokenizer(tokenizer)
     resolve_prompt_format(cfg, nano)
-    ensure_float32(model)
+    adapters = add_adapters(model, cfg) if cfg.train_type != "full" else None
+    ensure_float32(model, adapters_only=adapters is not None)
     compute_dtype = getattr(mx, cfg.compute_dtype)
     stop_ids = set(tokenizer.eos_token_ids)
     calculator = CalculatorTool.for_tokenizer(nano) if cfg.use_calculator else None
@@ -169,11 +181,11 @@ def main(argv=None):
     eval_task = Task(cfg, tokenizer, cfg.eval_split, limit=cfg.eval_samples)
 
     def run_eval(update):
-        result = evaluate(model, eval_task.prompts, eval_task.answers, decode=decode,
-                          is_correct=eval_task.is_correct, stop_token_ids=stop_ids,
-                          max_new_tokens=cfg.eval_max_new_tokens, calculator=calculator,
-                          pass_k=cfg.eval_pass_k, temperature=cfg.eval_temperature, top_k=cfg.top_k,
-                          top_p=cfg.top_p, questions=eval_task.questions)
+        result = evaluate_sharded(world, model, eval_task.prompts, eval_task.answers, decode=decode,
+                                  is_correct=eval_task.is_correct, stop_token_ids=stop_ids,
+                                  max_new_tokens=cfg.eval_max_new_tokens, calculator=calculator,
+                                  pass_k=cfg.eval_pass_k, temperature=cfg.eval_temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p, questions=eval_task.questions)
         metrics = {"eval/accuracy": result.accuracy, "eval/seconds": result.seconds,
                    **{f"eval/pass@{k}": v for k, v in result.pass_at_k.items()}}
         print(f"[eval] update {update}: accuracy {result.accuracy:.2%} on {result.num_questions} questions"
@@ -187,18 +199,24 @@ def main(argv=None):
     run_dir = Path(cfg.output_dir) / cfg.resolved_run_name
     if (run_dir / "metrics.jsonl").exists() and not args.resume:
         sys.exit(f"{run_dir} already holds a run: pass --resume to continue it, or choose another run_name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(cfg, run_dir)
+    if world.is_main:  # rank 0 alone writes files
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(cfg, run_dir)
     train_task = Task(cfg, tokenizer, cfg.train_split, limit=cfg.max_train_samples)
     reward_fns = resolve_reward_functions(cfg.reward_funcs, cfg.reward_file)
     prompts_per_step = cfg.effective_prompts_per_step
     data = PromptSampler(len(train_task.prompts), seed=cfg.seed, shuffle=cfg.shuffle, num_epochs=cfg.num_epochs)
     total_steps = data.num_steps(prompts_per_step)
     total_updates = total_steps * cfg.num_iterations
+    check_data_split(world, data.size * data.num_epochs, prompts_per_step)
+    broadcast_trainable(world, model)  # every process starts from rank 0's weights
 
     # The reference policy exists only with a KL term; it is the starting weights (quantized if asked).
+    # With adapters it is the base itself: the policy with its adapters switched off, no copy.
     reference = None
-    if cfg.beta > 0:
+    if cfg.beta > 0 and adapters is not None:
+        reference = base_policy(model)
+    elif cfg.beta > 0:
         reference = frozen_copy(model, cfg.rollout_quant_bits if cfg.quantize_for_rollouts else None,
                                 cfg.rollout_quant_group_size, dtype=compute_dtype)
     rollouts_quantized = cfg.quantize_for_rollouts
@@ -213,17 +231,22 @@ def main(argv=None):
         importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.generation_limit,
         compute_dtype=compute_dtype, use_compile=cfg.use_compile)
     rollout_sampler = make_rollout_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
-    logger = MetricsLogger(run_dir, log_jsonl=cfg.log_jsonl, report_to=cfg.report_to, config=config_to_dict(cfg))
+    logger = MetricsLogger(run_dir, log_jsonl=cfg.log_jsonl, report_to=cfg.report_to, config=config_to_dict(cfg),
+                           is_main=world.is_main)
 
     step, update, nan_streak, nan_events, eval_history = 0, 0, 0, 0, []
     if args.resume:
         path = find_latest_checkpoint(run_dir) if args.resume == "latest" else Path(args.resume)
         if path is None:
             sys.exit(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; start without --resume")
-        model.load_weights(str(path / "model.safetensors"))
-        ensure_float32(model)
+        if adapters is not None:
+            load_adapter_weights(model, path)
+        else:
+            model.load_weights(str(path / "model.safetensors"))
+        ensure_float32(model, adapters_only=adapters is not None)
         optimizer.init(model.trainable_parameters())
         state = load_checkpoint(path, optimizer=optimizer)
+        restore_process_state(world, state, path)  # same world size; each process's own RNG state
         step, update = state["step"], state["update"]
         nan_streak, nan_events = state["nan_streak"], state["nan_events"]
         rollouts_quantized = state["rollouts_quantized"]
@@ -236,6 +259,8 @@ def main(argv=None):
           f"{prompts_per_step} prompts x {cfg.num_generations} samples = {total_updates} updates; "
           f"format {cfg.prompt_format}, calculator {'on' if calculator else 'off'}, loss {cfg.loss_type}, "
           f"rewards {', '.join(cfg.reward_funcs)}")
+    if adapters is not None:
+        print(f"[{cfg.train_type}] {trainable_summary(model)}")
 
     def evaluate_and_log(update):
         metrics = run_eval(update)
@@ -243,31 +268,40 @@ def main(argv=None):
         logger.log(update, metrics)
 
     def save(step):
+        processes = process_states(world, model)  # every process takes part; rank 0 alone writes
+        if not world.is_main:
+            return
         save_checkpoint(
             run_dir, step, model=model, optimizer=optimizer, config=config_to_dict(cfg), keep_last=cfg.keep_last,
             trainer_state={"step": step, "update": update, "nan_streak": nan_streak, "nan_events": nan_events,
                            "rollouts_quantized": rollouts_quantized, "data": data.state_dict(),
-                           "eval_history": eval_history},
-            write_model_files=lambda folder: save_model_folder(folder, model, tokenizer, cfg.model_name))
+                           "eval_history": eval_history, **processes},
+            write_model_files=(lambda folder: save_adapters(folder, model, adapters)) if adapters is not None
+            else (lambda folder: save_model_folder(folder, model, tokenizer, cfg.model_name)))
 
     if step == 0:
         evaluate_and_log(0)
 
     from tqdm import tqdm
 
-    progress = tqdm(total=total_updates, initial=update, desc="GRPO", unit="update", dynamic_ncols=True)
+    progress = tqdm(total=total_updates, initial=update, desc="GRPO", unit="update", dynamic_ncols=True,
+                    disable=not world.is_main)
     while step < total_steps:
         step_start = time.perf_counter()
         mx.reset_peak_memory()
-        indices = data.next_batch(prompts_per_step)
+        indices = world.shard(data.next_batch(prompts_per_step))  # this process's share of the step
         prompts = [train_task.prompts[i] for i in indices]
         answers = [train_task.answers[i] for i in indices for _ in range(cfg.num_generations)]
         questions = [train_task.questions[i] for i in indices for _ in range(cfg.num_generations)]
 
-        # 1. Rollouts: every prompt x num_generations in one batch, from the policy or its quantized copy.
+        # 1. Rollouts: every prompt x num_generations in one batch, from a quantized or compute_dtype
+        #    copy of the float32 policy (decode is memory-bound: fewer bytes are faster), or the policy.
         while True:
-            rollout_policy = (frozen_copy(model, cfg.rollout_quant_bits, cfg.rollout_quant_group_size, compute_dtype)
-                              if rollouts_quantized else model)
+            if rollouts_quantized or compute_dtype != mx.float32:
+                rollout_policy = rollout_copy(model, cfg.rollout_quant_bits if rollouts_quantized else None,
+                                              cfg.rollout_quant_group_size, compute_dtype)
+            else:
+                rollout_policy = model
             completions, rollout_stats = generate_completions(
                 rollout_policy, prompts, group_size=cfg.num_generations, max_new_tokens=cfg.generation_limit,
                 sampler=rollout_sampler, stop_token_ids=stop_ids, calculator=calculator)
@@ -278,7 +312,7 @@ def main(argv=None):
             old_logp = None
             if rollouts_quantized:
                 old_logp = frozen_logprobs(rollout_policy, batches, cfg.temperature)
-                if not masked_all_finite(old_logp, batches):
+                if not world.all_true(masked_all_finite(old_logp, batches)):  # all processes redo it
                     print("[nan] the quantized rollout copy gave non-finite log-probs: rollouts switch to "
                           "full precision for the rest of the run; redoing the step")
                     rollouts_quantized, nan_events = False, nan_events + 1
@@ -294,17 +328,20 @@ def main(argv=None):
         # 3. Rewards and group-relative advantages.
         texts = [decode(c) for c in completions]
         rewards = compute_rewards(reward_fns, cfg.reward_weights, texts, questions, answers, errors=cfg.reward_errors)
-        advantages = group_advantages(mx.array(rewards.total, dtype=mx.float32), cfg.num_generations,
-                                      cfg.scale_rewards)
-        normalizers = {"num_sequences_total": len(completions),
-                       "num_tokens_total": sum(float(b.mask.sum()) for b in batches),
-                       "num_micro_batches": len(batches)}
+        advantages = group_advantages_across(world, mx.array(rewards.total, dtype=mx.float32),
+                                             cfg.num_generations, cfg.scale_rewards)
+        # Loss normalizers of the whole (global) batch, so the processes' gradients add up to its gradient.
+        normalizers = world.sum_values({"num_sequences_total": len(completions),
+                                        "num_tokens_total": sum(float(b.mask.sum()) for b in batches),
+                                        "num_micro_batches": len(batches)})
 
         # 4. num_iterations optimizer steps on this generation batch.
         for _ in range(cfg.num_iterations):
             lr = float(schedule(optimizer.step))
+            model.train()  # only the loss forward runs in train mode (LoRA dropout)
             result = policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, old_logp,
-                                   ref_logp, normalizers, cfg.max_grad_norm)
+                                   ref_logp, normalizers, cfg.max_grad_norm, all_sum=world.sum_tree)
+            model.eval()
             update += 1
             if result.applied:
                 nan_streak = 0
@@ -318,6 +355,7 @@ def main(argv=None):
             metrics = {"step": step + 1, "epoch": data.epoch, "lr": lr, "nan_events": nan_events,
                        **step_metrics(cfg, train_task, completions, texts, answers, rewards, result, rollout_stats),
                        "time/step": time.perf_counter() - step_start, "memory/peak_gb": peak_memory_gb()}
+            metrics = reduce_step_metrics(world, metrics, len(completions))
             logger.log(update, metrics)
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['train/accuracy']:.2f}",
@@ -341,7 +379,7 @@ def main(argv=None):
     before, after = eval_history[0]["eval/accuracy"], eval_history[-1]["eval/accuracy"]
     print(f"[done] {cfg.eval_split} accuracy {before:.2%} -> {after:.2%} on {len(eval_task.prompts)} questions; "
           f"run folder {run_dir}")
-    if cfg.plot:
+    if cfg.plot and world.is_main:
         from utils.plot import plot_run
 
         for path in plot_run(run_dir):

@@ -53,6 +53,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 REPORT_TO = ("tensorboard", "wandb")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 QUANT_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
+TRAIN_TYPES = ("full", "lora", "dora")
 
 
 class ConfigError(ValueError):
@@ -82,7 +83,7 @@ class GRPOConfig:
     compute_dtype: str = "float32"  # float32 | bfloat16 for forward passes; master weights stay float32
     use_compile: bool = True  # mx.compile the loss/grad step
     max_nan_steps: int = 5  # stop the run after this many non-finite (skipped) updates in a row
-    prompts_per_step: int = 0  # prompts per optimizer update; 0 = batch_size * gradient_accumulation_steps
+    prompts_per_step: int = 0  # prompts per step (one generation batch); 0 = batch_size * gradient_accumulation_steps
     micro_batch_size: int = 0  # completions per forward/backward; 0 = batch_size * num_generations
 
     # --- GRPO rollouts and loss ---
@@ -106,6 +107,16 @@ class GRPOConfig:
     rollout_quant_bits: int = 4  # 2 | 3 | 4 | 5 | 6 | 8
     rollout_quant_group_size: int = 64  # 32 | 64 | 128
 
+    # --- LoRA / DoRA / QLoRA (utils/lora.py: mlx-lm's adapter layers) ---
+    train_type: str = "full"  # full | lora | dora; lora/dora train only adapters on a frozen base
+    lora_rank: int = 8  # adapter rank r
+    lora_scale: float = 20.0  # mlx-lm's scale: the update is scale * x A B (PEFT's alpha = scale * rank)
+    lora_dropout: float = 0.0  # dropout on the adapter input, in the loss forward only
+    lora_layers: int = -1  # adapt the top N blocks; -1 = all
+    lora_keys: list[str] = field(default_factory=list)  # layers relative to a block, e.g. ["attn.c_q"]; [] = all linears
+    base_quant_bits: int = 0  # QLoRA: quantize the frozen base to 2|3|4|5|6|8 bits; 0 = no
+    base_quant_group_size: int = 64  # 32 | 64 | 128
+
     # --- rewards and prompt format ---
     reward_funcs: list[str] = field(default_factory=list)  # [] = the prompt format's defaults
     reward_weights: list[float] = field(default_factory=list)  # [] = weight 1 for every reward
@@ -124,18 +135,18 @@ class GRPOConfig:
     shuffle: bool = True  # shuffle training prompts each epoch (seeded)
 
     # --- evaluation ---
-    eval_steps: int = 50  # evaluate every N updates (alias eval_every_updates); 0 = only before/after
+    eval_steps: int = 50  # evaluate every N steps (= updates when num_iterations is 1; alias eval_every_updates); 0 = only before/after
     eval_samples: int = 200  # eval questions (alias eval_subset_size); 0 = the whole eval split
     eval_max_new_tokens: int = 128
     eval_pass_k: int = 0  # 0 = off; k sampled answers per question for pass@1..k
     eval_temperature: float = 1.0  # sampling temperature for pass@k
 
     # --- saving and logging ---
-    save_steps: int = 100  # checkpoint every N updates; 0 = only the final save
+    save_steps: int = 100  # checkpoint every N steps (generation batches); 0 = only the final save
     keep_last: int = 0  # checkpoints to keep; 0 = keep all
     logging_steps: int = 1  # print metrics every N updates
-    log_jsonl: bool = True  # write training_log.jsonl in the run dir
-    completions_log_steps: int = 10  # write sample completions every N updates; 0 = never
+    log_jsonl: bool = True  # write metrics.jsonl and completions.jsonl in the run dir
+    completions_log_steps: int = 10  # write sample completions every N steps; 0 = never
     completions_log_count: int = 4  # completions written each time
     report_to: list[str] = field(default_factory=list)  # extra loggers: tensorboard, wandb
     plot: bool = True  # write PNG plots of the metrics at the end
@@ -485,6 +496,18 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
              f"{len(cfg.reward_funcs)}; give one weight per reward function")
     need(cfg.use_calculator is not True or cfg.prompt_format != "xml",
          "use_calculator = true needs the nanochat prompt format (its tool tokens), but prompt_format is 'xml'")
+
+    one_of("train_type", TRAIN_TYPES)
+    at_least("lora_rank", 1)
+    positive("lora_scale")
+    need(0.0 <= cfg.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {cfg.lora_dropout!r}")
+    need(cfg.lora_layers == -1 or cfg.lora_layers >= 1,
+         f"lora_layers must be -1 (all blocks) or >= 1 (the top N blocks), got {cfg.lora_layers!r}")
+    need(cfg.base_quant_bits in (0,) + QUANT_BITS,
+         f"base_quant_bits must be one of 0|{'|'.join(map(str, QUANT_BITS))}, got {cfg.base_quant_bits!r}")
+    one_of("base_quant_group_size", QUANT_GROUP_SIZES)
+    need(cfg.base_quant_bits == 0 or cfg.train_type != "full",
+         "base_quant_bits > 0 (QLoRA) quantizes a frozen base: set train_type = \"lora\" (or \"dora\")")
 
     if errors:
         raise ConfigError("; ".join(errors))

@@ -43,7 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python utils/inference.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", help="model folder, training checkpoint or run folder, or hub id "
-                        f"(default: the newest checkpoint under {DEFAULT_OUTPUTS_DIR}/*/checkpoints/)")
+                        f"(default: the newest checkpoint under {DEFAULT_OUTPUTS_DIR}/*/checkpoints/); a LoRA "
+                        "checkpoint (adapter_config.json) loads its base from the recorded model_name")
+    parser.add_argument("--adapter-path", help="LoRA/DoRA adapters (adapters.safetensors + adapter_config.json, "
+                        "e.g. a LoRA training checkpoint) applied to --model as the base")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="multi-turn chat in the terminal (the default mode)")
     mode.add_argument("--prompt", help="answer one prompt (chat template applied unless --raw)")
@@ -209,6 +212,7 @@ def main(argv=None) -> int:
 
     from utils.chat_session import GenerationOptions, InferenceError
     from utils.checkpoint import CheckpointError
+    from utils.lora import is_adapter_folder, load_adapted_model
     from utils.model_loading import ModelLoadError, load_model
     from utils.nanochat import NanochatCheckpointError
 
@@ -220,7 +224,10 @@ def main(argv=None) -> int:
         model_name = resolve_model(args.model)
         if args.model is None:
             print(f"[model] {model_name} (newest checkpoint; --model picks another)", file=sys.stderr)
-        model, tokenizer = load_model(model_name)
+        if args.adapter_path is not None or is_adapter_folder(model_name):  # base + LoRA adapters
+            model, tokenizer = load_adapted_model(model_name, args.adapter_path)
+        else:
+            model, tokenizer = load_model(model_name)
         if args.seed is not None:
             mx.random.seed(args.seed)
         if args.prompt is not None:

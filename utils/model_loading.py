@@ -30,6 +30,10 @@ def load_model(path: str | Path, *, lazy: bool = False, return_config: bool = Fa
     The tokenizer is an mlx_lm TokenizerWrapper in both cases, so mlx_lm.generate and
     stream_generate work on either.
     """
+    if (Path(path).expanduser() / "adapter_config.json").is_file():  # a LoRA checkpoint: adapters only
+        raise ModelLoadError(f"{path} holds LoRA adapters, not a model: load it with utils.lora.load_adapted_model "
+                             f"(utils/inference.py does), or fuse it first: python utils/fuse.py --checkpoint "
+                             f"{path} --output DIR")
     if is_nanochat_folder(path):
         folder = Path(path).expanduser()
         model, config = load_nanochat_model(folder, lazy=lazy)
@@ -55,9 +59,11 @@ def _load_with_mlx_lm(path: str, lazy: bool) -> tuple[nn.Module, object, dict]:
         ) from e
 
 
-def save_model_folder(folder: str | Path, model: nn.Module, tokenizer, source: str | Path) -> Path:
+def save_model_folder(folder: str | Path, model: nn.Module, tokenizer, source: str | Path,
+                      config: dict | None = None) -> Path:
     """Write `model` (as loaded from `source` by load_model, possibly trained since) to a folder
-    that load_model reads back: config and tokenizer files are taken from `source`.
+    that load_model reads back: config and tokenizer files are taken from `source`; `config`
+    replaces source's config.json content when the model's layout changed (e.g. fused, dequantized).
 
     nanochat: config.json, model.safetensors, tokenizer.pkl and nanochat_meta.json (with
     "parent": source). Other mlx-lm models: what mlx_lm.utils.save writes, minus the model card.
@@ -68,13 +74,14 @@ def save_model_folder(folder: str | Path, model: nn.Module, tokenizer, source: s
     src = Path(source).expanduser()
     if nanochat_tokenizer(tokenizer) is not None:
         meta = {**read_nanochat_meta(src), "parent": str(source)}
-        return save_nanochat_folder(folder, model, load_config(src), src / TOKENIZER_FILE, extra_meta=meta)
+        return save_nanochat_folder(folder, model, dict(config or load_config(src)), src / TOKENIZER_FILE,
+                                    extra_meta=meta)
     if not src.exists():
         src = hf_repo_to_path(str(source))  # in the local HF cache: the model was loaded from there
     folder.mkdir(parents=True, exist_ok=True)
     # mlx_lm.utils.save minus its model card, which fetches the source card from the hub.
     save_model(folder, model)
-    save_config(load_config(src), folder / "config.json")
+    save_config(dict(config or load_config(src)), folder / "config.json")
     tokenizer.save_pretrained(folder)
     for pattern in ("*.py", "generation_config.json"):
         for path in src.glob(pattern):

@@ -97,7 +97,22 @@ def make_lr_schedule(learning_rate, total_updates, warmup_ratio, kind):
 
 
 def add_grads(accumulated, grads):
-    return grads if accumulated is None else tree_map(mx.add, accumulated, grads)
+    """accumulated += grads, leaf by leaf in place: the peak holds two gradient trees, not three."""
+    mx.eval(grads)
+    if accumulated is None:
+        return grads
+
+    def add_into(total, new):
+        keys = total.keys() if isinstance(total, dict) else range(len(total))
+        for key in keys:
+            if isinstance(total[key], (dict, list)):
+                add_into(total[key], new[key])
+            else:
+                total[key] = total[key] + new[key]
+                mx.eval(total[key])  # the old leaf's last reference is gone: its memory is freed now
+
+    add_into(accumulated, grads)
+    return accumulated
 
 
 def all_finite(tree) -> mx.array:
@@ -108,12 +123,20 @@ def global_norm(tree) -> mx.array:
     return mx.sqrt(tree_reduce(lambda total, x: total + mx.sum(x.astype(mx.float32) ** 2), tree, mx.array(0.0)))
 
 
-def ensure_float32(model: nn.Module):
-    """Trained weights stay float32: in bf16 an Adam step of ~1e-6 rounds away and nothing learns."""
+def ensure_float32(model: nn.Module, adapters_only: bool = False):
+    """Trained weights stay float32: in bf16 an Adam step of ~1e-6 rounds away and nothing learns.
+
+    adapters_only (train_type lora/dora): only the trainable adapters are cast; the frozen base may
+    be quantized (QLoRA) and keeps its dtype.
+    """
+    if adapters_only:
+        model.update(tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters()))
+        return
     for name, value in tree_flatten(model.parameters()):
         if value.dtype in (mx.uint32, mx.int32):
             raise ValueError(f"the trained model is quantized ({name}); train a full-precision model "
-                             "(convert without --q-bits) and use quantize_for_rollouts for speed")
+                             "(convert without --q-bits) and use quantize_for_rollouts for speed, or train "
+                             "adapters on it (train_type = \"lora\")")
     model.set_dtype(mx.float32)
 
 
@@ -159,8 +182,10 @@ def make_loss_and_grad(model, *, temperature, loss_type, epsilon, epsilon_high, 
     stat_names = []
     value_and_grad = nn.value_and_grad(model, loss_fn)
     if use_compile:
-        # The model's state is an implicit input and output of the compiled graph (mlx's pattern).
-        value_and_grad = mx.compile(value_and_grad, inputs=[model.state], outputs=[model.state])
+        # The model's state is an implicit input and output of the compiled graph (mlx's pattern);
+        # so is the RNG state, or LoRA dropout would reuse one mask on every step.
+        state = [model.state, mx.random.state]
+        value_and_grad = mx.compile(value_and_grad, inputs=state, outputs=state)
 
     def loss_and_grad(*args):
         (loss, stacked), grads = value_and_grad(*args)
@@ -179,8 +204,12 @@ class UpdateResult:
 
 
 def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, old_logp, ref_logp,
-                  normalizers, max_grad_norm):
-    """One optimizer step over all micro-batches of a generation batch (gradients summed)."""
+                  normalizers, max_grad_norm, all_sum=None):
+    """One optimizer step over all micro-batches of a generation batch (gradients summed).
+
+    all_sum(tree) -> tree summed over the data-parallel processes (distributed.World.sum_tree;
+    the normalizers must then be global): every process then takes the same step.
+    """
     import time
 
     start = time.perf_counter()
@@ -195,6 +224,8 @@ def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
         loss = loss + mb_loss
         stats = {k: stats.get(k, 0.0) + v for k, v in mb_stats.items()}
         mx.eval(grads, loss, stats)  # bound memory to one micro-batch's activations
+    if all_sum is not None:  # add the other processes' micro-batches
+        grads, loss, stats = all_sum((grads, loss, stats))
     grad_norm = global_norm(grads)
     applied = bool(all_finite(grads)) and bool(mx.isfinite(loss))
     if applied:
