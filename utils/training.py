@@ -97,22 +97,7 @@ def make_lr_schedule(learning_rate, total_updates, warmup_ratio, kind):
 
 
 def add_grads(accumulated, grads):
-    """accumulated += grads, leaf by leaf in place: the peak holds two gradient trees, not three."""
-    mx.eval(grads)
-    if accumulated is None:
-        return grads
-
-    def add_into(total, new):
-        keys = total.keys() if isinstance(total, dict) else range(len(total))
-        for key in keys:
-            if isinstance(total[key], (dict, list)):
-                add_into(total[key], new[key])
-            else:
-                total[key] = total[key] + new[key]
-                mx.eval(total[key])  # the old leaf's last reference is gone: its memory is freed now
-
-    add_into(accumulated, grads)
-    return accumulated
+    return grads if accumulated is None else tree_map(mx.add, accumulated, grads)
 
 
 def all_finite(tree) -> mx.array:
