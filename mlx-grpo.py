@@ -297,7 +297,7 @@ def main(argv=None):
         # 1. Rollouts: every prompt x num_generations in one batch, from a quantized or compute_dtype
         #    copy of the float32 policy (decode is memory-bound: fewer bytes are faster), or the policy.
         while True:
-            if rollouts_quantized or compute_dtype != mx.float32:
+            if rollouts_quantized or (compute_dtype != mx.float32 and adapters is None):  # a LoRA base is in compute_dtype already
                 rollout_policy = rollout_copy(model, cfg.rollout_quant_bits if rollouts_quantized else None,
                                               cfg.rollout_quant_group_size, compute_dtype)
             else:

@@ -22,7 +22,9 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.models.nanochat import Model, ModelArgs  # noqa: E402
 
+from utils.config import GRPOConfig  # noqa: E402
 from utils.grpo_loss import group_advantages  # noqa: E402
+from utils.lora import add_adapters, base_policy, rollout_copy  # noqa: E402
 from utils.rollout import generate_completions, make_rollout_sampler  # noqa: E402
 from utils.training import (  # noqa: E402
     frozen_copy, frozen_logprobs, make_loss_and_grad, pack_micro_batches, policy_update,
@@ -46,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--num-iterations", type=int, default=1, help="> 1 takes old-policy log-probs")
     p.add_argument("--quant-bits", type=int, default=0, help="rollouts from a quantized copy (0 = off)")
     p.add_argument("--compile", action="store_true", help="compile the loss and gradient")
+    p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
+    p.add_argument("--base-quant-bits", type=int, default=0, help="QLoRA: quantize the frozen base (0 = no)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth for the bound (H100: 3.35)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
@@ -87,13 +91,21 @@ def main(argv=None):
     compute_dtype = getattr(mx, args.compute_dtype)
     model = build_model(args.depth)
     params = count_params(model)
-    reference = frozen_copy(model, args.quant_bits or None, 64, dtype=compute_dtype) if args.beta > 0 else None
+    lora = args.train_type != "full"
+    if lora:  # the trainer's LoRA setup: float32 adapters on a frozen compute_dtype (or quantized) base
+        add_adapters(model, GRPOConfig(train_type=args.train_type, compute_dtype=args.compute_dtype,
+                                       base_quant_bits=args.base_quant_bits))
+    reference = None
+    if args.beta > 0:
+        reference = base_policy(model) if lora else frozen_copy(model, args.quant_bits or None, 64, dtype=compute_dtype)
     sampler = make_rollout_sampler(args.temperature, top_k=args.top_k)
     loss_and_grad = make_loss_and_grad(
         model, temperature=args.temperature, loss_type="dapo", epsilon=0.2, epsilon_high=0.2, beta=args.beta,
         importance_sampling_level="token", max_completion_length=args.new_tokens, compute_dtype=compute_dtype,
         use_compile=args.compile)
     optimizer = optim.AdamW(learning_rate=1e-6)
+    if lora:
+        model.train()
     width = 64 * args.depth
 
     results = []
@@ -104,8 +116,8 @@ def main(argv=None):
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         # Rollouts from a bf16 (or quantized) copy of the float32 master weights, as the trainer does.
-        copy_needed = args.quant_bits or compute_dtype != mx.float32
-        policy = frozen_copy(model, args.quant_bits or None, 64, dtype=compute_dtype) if copy_needed else model
+        copy_needed = args.quant_bits or (compute_dtype != mx.float32 and not lora)
+        policy = rollout_copy(model, args.quant_bits or None, 64, dtype=compute_dtype) if copy_needed else model
         completions, rollout_stats = generate_completions(
             policy, prompts, group_size=args.group, max_new_tokens=args.new_tokens, sampler=sampler,
             stop_token_ids=set())
