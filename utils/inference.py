@@ -17,14 +17,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as `python utils/inference.py`: Python put utils/ first on sys.path; put the repo root
-    # there instead, so `import utils` works and utils' modules cannot shadow top-level ones.
-    _here = Path(__file__).resolve().parent
-    if sys.path and Path(sys.path[0] or ".").resolve() == _here:
-        sys.path[0] = str(_here.parent)
-    elif str(_here.parent) not in sys.path:
-        sys.path.insert(0, str(_here.parent))
+if __package__ in (None, ""):  # run as `python utils/<script>.py`: the repo root, not utils/, comes first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import json

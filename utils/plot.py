@@ -10,10 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: import `utils` from the repo root, not this folder
-    _here = str(Path(__file__).resolve().parent)
-    sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != Path(_here)]
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as `python utils/<script>.py`: the repo root, not utils/, comes first
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import re
