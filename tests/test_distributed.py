@@ -10,7 +10,6 @@ Run as a worker: python tests/test_distributed.py MODEL_DIR OUT_DIR  (under mlx.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -301,12 +300,9 @@ def test_two_rank_run_keeps_ranks_identical_writes_on_rank_0_only_and_resumes_ex
     assert state["process_rng_states"][0] != state["process_rng_states"][1]  # seed + rank
 
     # Resume after step 1 on 2 ranks: the same metrics and weights as the uninterrupted run.
-    part = tmp_path / "out" / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_000001", part / "checkpoints" / "step_000001")
-    shutil.copy(full / "config.resolved.json", part)
-    (part / "metrics.jsonl").write_text("".join(line for line in open(full / "metrics.jsonl")
-                                                if json.loads(line)["update"] <= 1))
+    from test_trainer import interrupted_copy
+
+    part = interrupted_copy(full, tmp_path / "out" / "part", step=1, update=1)
     code, output = launch(trainer_args(tmp_path, tiny_model_dir, "part", "--resume"), tmp_path / "part.log")
     assert code == 0, output[-3000:]
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rs]

@@ -1,14 +1,13 @@
 """LoRA / DoRA / QLoRA on the tiny fixture: what trains, the reference, fuse, resume, inference."""
 
 import json
-import shutil
 
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_trainer import TOY_REWARD, comparable, read_records, run, train_records
+from test_trainer import TOY_REWARD, comparable, interrupted_copy, read_records, run, train_records
 
 from utils import fuse, inference
 from utils.config import ConfigError, GRPOConfig
@@ -159,12 +158,8 @@ def test_a_lora_checkpoint_holds_only_the_adapters_in_mlx_lm_format(lora_run, ti
 
 def test_resume_of_a_lora_run_continues_exactly(lora_run, tiny_model_dir):
     tmp, settings = lora_run
-    full, part = tmp / "out" / "full", tmp / "out" / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_000002", part / "checkpoints" / "step_000002")
-    shutil.copy(full / "config.resolved.json", part)
-    (part / "metrics.jsonl").write_text("".join(line for line in open(full / "metrics.jsonl")
-                                                if json.loads(line)["update"] <= 4))
+    full = tmp / "out" / "full"
+    part = interrupted_copy(full, tmp / "out" / "part", step=2, update=4)
     run(tmp, tiny_model_dir, *settings, run_name="part", extra_args=["--resume"])
 
     assert comparable(read_records(part)) == comparable(read_records(full))

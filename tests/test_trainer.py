@@ -102,6 +102,17 @@ def comparable(records):
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in records]
 
 
+def interrupted_copy(full, part, step, update):
+    """The run folder `full` as it was right after its checkpoint of `step` (update `update`)."""
+    (part / "checkpoints").mkdir(parents=True)
+    name = f"step_{step:06d}"
+    shutil.copytree(full / "checkpoints" / name, part / "checkpoints" / name)
+    shutil.copy(full / "config.resolved.json", part)
+    (part / "metrics.jsonl").write_text("".join(line for line in open(full / "metrics.jsonl")
+                                                if json.loads(line)["update"] <= update))
+    return part
+
+
 def test_resume_continues_exactly(tmp_path, tiny_model_dir):
     """A run stopped after step 2 and resumed logs the same metrics for steps 3-4 as an uninterrupted one."""
     reward_file = tmp_path / "toy_reward.py"
@@ -112,13 +123,7 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir):
     run(tmp_path, tiny_model_dir, *settings, run_name="full")
     full = tmp_path / "out" / "full"
 
-    # The interrupted run: what the full run had on disk right after its step-2 checkpoint.
-    part = tmp_path / "out" / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_000002", part / "checkpoints" / "step_000002")
-    shutil.copy(full / "config.resolved.json", part)
-    (part / "metrics.jsonl").write_text("".join(line for line in open(full / "metrics.jsonl")
-                                                if json.loads(line)["update"] <= 4))
+    part = interrupted_copy(full, tmp_path / "out" / "part", step=2, update=4)
     run(tmp_path, tiny_model_dir, *settings, run_name="part", extra_args=["--resume"])
 
     assert comparable(read_records(part)) == comparable(read_records(full))
