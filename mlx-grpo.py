@@ -47,6 +47,7 @@ USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError, CheckpointEr
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.toml"
+DEMO_MODEL = "demo/model"  # configs/demo.toml's model, made by utils/make_demo_model.py
 
 
 def parse_args(argv=None):
@@ -383,6 +384,9 @@ def main(argv=None):
 
         for path in plot_run(run_dir):
             print(f"[plot] {path}")
+    if cfg.model_name == DEMO_MODEL:
+        print("[next] That was the demo model. Train a real nanochat: pip install -e \".[convert]\", then "
+              "python convert_nanochat.py && python mlx-grpo.py --config configs/nanochat_d32.toml")
     return eval_history
 
 
