@@ -144,6 +144,7 @@ def step_metrics(cfg, task, completions, texts, answers, rewards, update_result,
         "tokens_per_sec/rollout": rollout_stats.tokens_per_sec,
         "tokens_per_sec/train": trained_tokens / max(update_result.seconds, 1e-9),
         "time/rollout": rollout_stats.seconds,
+        "time/rollout_prefill": rollout_stats.prefill_seconds,
         "time/update": update_result.seconds,
     }
 

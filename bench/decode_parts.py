@@ -35,8 +35,16 @@ def main():
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--part", default="steps", choices=["steps", "attention", "context"])
+    p.add_argument("--part", default="steps", choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop"])
     args = p.parse_args()
+    if args.part == "loop":
+        return rollout_loop(depth=args.depth, rows=args.rows, steps=args.steps)
+    if args.part == "ops":
+        return op_costs(depth=args.depth, rows=args.rows, context=args.context)
+    if args.part == "sampling":
+        return sampling_variants(rows=args.rows, steps=args.steps)
+    if args.part == "decoder":
+        return decoder_by_context(depth=args.depth, rows=args.rows)
     if args.part == "attention":
         return attention_variants(rows=args.rows, context=args.context)
     if args.part == "context":
@@ -88,6 +96,8 @@ def attention_variants(rows=256, heads=10, context=200, layers=20, steps=32):
     sdpa = mx.fast.scaled_dot_product_attention
     timed("sdpa, no mask (x layers)", lambda: mx.eval([sdpa(q, ks, vs, scale=scale) for _ in range(layers)]), steps)
     timed("sdpa, bool mask (x layers)", lambda: mx.eval([sdpa(q, ks, vs, scale=scale, mask=mask) for _ in range(layers)]), steps)
+    additive = mx.zeros((rows, 1, 1, context), dtype=mx.bfloat16)
+    timed("sdpa, additive bf16 mask (x layers)", lambda: mx.eval([sdpa(q, ks, vs, scale=scale, mask=additive) for _ in range(layers)]), steps)
     kc, vc = mx.contiguous(ks), mx.contiguous(vs)
     mx.eval(kc, vc)
     timed("sdpa, contiguous kv, mask (x layers)", lambda: mx.eval([sdpa(q, kc, vc, scale=scale, mask=mask) for _ in range(layers)]), steps)
@@ -114,6 +124,120 @@ def forward_by_context(depth=20, rows=256, steps=16):
             for c in cache:
                 c.trim(1)
         timed(f"forward, context {context}", step, steps)
+
+
+def sampling_variants(rows=256, vocab=65536, steps=32, k=50):
+    """Temperature + top-k sampling of one decode step's logits, three ways."""
+    from mlx_lm.sample_utils import make_sampler
+
+    logits = (15 * mx.tanh(mx.random.normal((rows, vocab)) * 3 / 15)).astype(mx.bfloat16)
+    mlx_lm_top_k = make_sampler(temp=1.0, top_k=k)
+    fused = make_rollout_sampler(1.0, top_k=k)
+
+    def topk_threshold():
+        kth = mx.topk(logits, k, axis=-1).min(axis=-1, keepdims=True)
+        return mx.random.categorical(mx.where(logits >= kth, logits.astype(mx.float32), -mx.inf))
+
+    timed("mlx-lm top-k sampler (argpartition)", lambda: mx.eval(mlx_lm_top_k(logits - mx.logsumexp(logits, -1, keepdims=True))), steps)
+    timed("mx.topk threshold + categorical", lambda: mx.eval(topk_threshold()), steps)
+    timed("fused (bisection threshold, compiled)", lambda: mx.eval(fused(logits)), steps)
+    timed("greedy (compiled argmax)", lambda: mx.eval(make_rollout_sampler(0.0)(logits)), steps)
+
+
+def rollout_loop(depth=20, rows=256, steps=256, prompts=16):
+    """The rollout's decode loop with and without the host's per-row bookkeeping."""
+    from utils.nanochat_decode import NanochatDecoder
+    from utils.rollout import generate_completions
+
+    model = build_model(depth)
+    model.set_dtype(mx.bfloat16)
+    prompt_ids = [[1 + i] * (100 - i % 5) for i in range(prompts)]
+    sampler = make_rollout_sampler(1.0, top_k=50)
+    for _ in range(2):
+        _, stats = generate_completions(model, prompt_ids, group_size=rows // prompts, max_new_tokens=steps,
+                                        sampler=sampler, stop_token_ids=set())
+    print(f"generate_completions: {stats.seconds:.3f} s, prefill {stats.prefill_seconds:.3f} s, "
+          f"{(stats.seconds - stats.prefill_seconds) / steps * 1e3:.3f} ms per decode step")
+    for read_back in (True, False):
+        decoder = NanochatDecoder(model, prompt_ids, rows // prompts, steps)
+        tokens = mx.zeros((rows,), dtype=mx.int32)
+        mx.synchronize()
+        start = time.perf_counter()
+        pending = None
+        for _ in range(steps):
+            tokens = sampler(decoder.step(tokens))
+            mx.async_eval(tokens)
+            if read_back and pending is not None:
+                pending.tolist()
+            pending = tokens
+        mx.eval(tokens)
+        label = "bare loop, tokens read back" if read_back else "bare loop, no read-back"
+        print(f"{label:<40} {(time.perf_counter() - start) / steps * 1e3:8.3f} ms per decode step")
+
+
+def op_costs(depth=20, rows=256, context=100, repeats=50):
+    """GPU time of each op of a decode step (a chain of `repeats` copies evaluated at once), and the
+    host time to build one step's graph, to tell launch/host cost from device work."""
+    from utils.nanochat_decode import NanochatDecoder
+
+    width = 64 * depth
+    x = mx.random.normal((rows, 1, width)).astype(mx.bfloat16)
+    w = {n: (mx.random.normal((o, i)) * 0.02).astype(mx.bfloat16)
+         for n, (o, i) in {"qkv": (3 * width, width), "proj": (width, width), "fc": (4 * width, width),
+                           "fc_proj": (width, 4 * width), "head": (65536, width)}.items()}
+    h = mx.random.normal((rows, 1, 4 * width)).astype(mx.bfloat16)
+    mx.eval(x, w, h)
+
+    def chain(label, fn):
+        timed(f"{label} (one op)", lambda: mx.eval([fn(i) for i in range(repeats)]), 5)
+
+    # Each op's result depends on i so copies are not merged; the ms printed are for `repeats` ops.
+    chain(f"x{repeats} qkv matmul", lambda i: (x + i) @ w["qkv"].T)
+    chain(f"x{repeats} proj matmul", lambda i: (x + i) @ w["proj"].T)
+    chain(f"x{repeats} fc matmul", lambda i: (x + i) @ w["fc"].T)
+    chain(f"x{repeats} fc_proj matmul", lambda i: (h + i) @ w["fc_proj"].T)
+    chain(f"x{repeats} lm_head matmul", lambda i: (x + i) @ w["head"].T)
+    chain(f"x{repeats} add", lambda i: x + i)
+    chain(f"x{repeats} rms_norm", lambda i: mx.fast.rms_norm(x + i, None, 1e-5))
+    model = build_model(depth)
+    model.set_dtype(mx.bfloat16)
+    prompt_ids = [[1] * (context - i % 3) for i in range(16)]
+    decoder = NanochatDecoder(model, prompt_ids, rows // 16, 64)
+    tokens = mx.zeros((rows,), dtype=mx.int32)
+    mx.eval(decoder.step(tokens))
+    start = time.perf_counter()
+    for _ in range(10):
+        out = decoder.step(tokens)
+    build = (time.perf_counter() - start) / 10 * 1e3
+    mx.eval(out)
+    print(f"host time to build one step's graph        {build:8.3f} ms")
+    pipelined = []
+    for _ in range(3):
+        mx.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            out = decoder.step(tokens)
+            mx.async_eval(out)
+        mx.eval(out)
+        pipelined.append((time.perf_counter() - start) / 10 * 1e3)
+    print(f"decode step, async (pipelined)             {min(pipelined):8.3f} ms")
+
+
+def decoder_by_context(depth=20, rows=256, steps=16, prompts=16):
+    """One decode step (logits only) of utils/nanochat_decode.py against mlx-lm's model call."""
+    from utils.rollout import MlxLmDecoder
+    from utils.nanochat_decode import NanochatDecoder
+
+    model = build_model(depth)
+    model.set_dtype(mx.bfloat16)
+    tokens = mx.zeros((rows,), dtype=mx.int32)
+    for context in (8, 100, 200, 300):
+        prompt_ids = [[1] * (context - i % 3) for i in range(prompts)]  # a little left padding
+        for name, make in (("mlx-lm", lambda: MlxLmDecoder(model, prompt_ids, rows // prompts)),
+                           ("fast", lambda: NanochatDecoder(model, prompt_ids, rows // prompts, steps + 2))):
+            decoder = make()
+            timed(f"{name} decode step, context {context}", lambda: mx.eval(decoder.step(tokens)), steps)
+            del decoder
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--num-iterations", type=int, default=1, help="> 1 takes old-policy log-probs")
     p.add_argument("--quant-bits", type=int, default=0, help="rollouts from a quantized copy (0 = off)")
     p.add_argument("--compile", action="store_true", help="compile the loss and gradient")
+    p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast nanochat decoder")
     p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
     p.add_argument("--base-quant-bits", type=int, default=0, help="QLoRA: quantize the frozen base (0 = no)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
@@ -120,7 +121,7 @@ def main(argv=None):
         policy = rollout_copy(model, args.quant_bits or None, 64, dtype=compute_dtype) if copy_needed else model
         completions, rollout_stats = generate_completions(
             policy, prompts, group_size=args.group, max_new_tokens=args.new_tokens, sampler=sampler,
-            stop_token_ids=set())
+            stop_token_ids=set(), fast_decode=not args.mlx_lm_decode)
         slices, batches = pack_micro_batches(prompts, completions, args.micro_batch_size)
         mx.synchronize()
         t1 = time.perf_counter()
@@ -133,6 +134,8 @@ def main(argv=None):
         ref_logp = frozen_logprobs(reference, batches, args.temperature) if reference is not None else None
         mx.synchronize()
         t3 = time.perf_counter()
+        rollout_peak = mx.get_peak_memory()  # rollout, old policy and reference
+        mx.reset_peak_memory()
         rewards = mx.array(rng.random(len(completions)), dtype=mx.float32)
         advantages = group_advantages(rewards, args.group, "group")
         normalizers = {"num_sequences_total": len(completions),
@@ -152,14 +155,15 @@ def main(argv=None):
         row = {
             "step": step, "depth": args.depth, "params": params,
             "shape": f"{args.prompts}x{args.group}x{args.new_tokens}",
-            "step_s": t4 - t0, "rollout_s": t1 - t0, "old_policy_s": t2 - t1, "reference_s": t3 - t2,
+            "step_s": t4 - t0, "rollout_s": t1 - t0, "prefill_s": rollout_stats.prefill_seconds, "old_policy_s": t2 - t1, "reference_s": t3 - t2,
             "update_s": t4 - t3,
             "rollout_tok_s": generated / (t1 - t0),
             "rollout_vs_bandwidth_bound": bound / (t1 - t0),
             "train_tok_s": trained / (t4 - t3),
             "train_tflops": flops_per_token * trained / (t4 - t3) / 1e12,
             "train_frac_of_peak": flops_per_token * trained / (t4 - t3) / 1e12 / args.peak_tflops,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "peak_memory_gb": max(rollout_peak, mx.get_peak_memory()) / 1e9,
+            "rollout_ref_peak_gb": rollout_peak / 1e9, "update_peak_gb": mx.get_peak_memory() / 1e9,
         }
         label = "warm-up" if step == 0 else f"step {step}"
         print(f"[{label}] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),

@@ -9,7 +9,8 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
 
 from utils.model_loading import load_model
 from utils.rollout import Completion
@@ -208,3 +209,31 @@ def test_compiled_and_bf16_updates_agree_with_the_plain_float32_one(tiny_model_d
     bf16_result, bf16_weights = results["bf16"]
     assert bf16_result.grad_norm == pytest.approx(plain_result.grad_norm, rel=0.1)
     assert all(v.dtype == mx.float32 for v in bf16_weights.values())  # master weights stay float32
+
+
+def test_bf16_compute_gradients_equal_those_of_the_float32_weights_through_a_cast(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir)
+    inputs = mx.array([[1, 2, 3, 10, 11, 12]])
+    targets = mx.array([[2, 3, 10, 11, 12, 13]])
+    mask = mx.array([[0, 0, 1, 1, 1, 1]], dtype=mx.float32)
+    args = (inputs, targets, mask, mx.array([1.0]), None, None, mx.array(1.0), mx.array(4.0), mx.array(1.0))
+    loss_and_grad = make_loss_and_grad(
+        model, temperature=1.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.2, beta=0.0,
+        importance_sampling_level="token", max_completion_length=8, compute_dtype=mx.bfloat16)
+    with loss_and_grad.compute_weights(model):
+        (loss, _), grads = loss_and_grad(*args)
+        assert all(g.dtype == mx.bfloat16 for _, g in tree_flatten(grads))
+    assert all(p.dtype == mx.float32 for _, p in tree_flatten(model.parameters()))  # master restored
+
+    def through_cast(*args):  # the same loss with the float32 weights cast inside the graph
+        master = model.trainable_parameters()
+        model.update(tree_map(lambda p: p.astype(mx.bfloat16), master))
+        loss, _ = loss_and_grad.loss_fn(*args)
+        model.update(master)
+        return loss
+
+    reference_loss, reference = nn.value_and_grad(model, through_cast)(*args)
+    assert loss.item() == reference_loss.item()
+    for (name, g), (_, r) in zip(tree_flatten(grads), tree_flatten(reference)):
+        assert r.dtype == mx.float32
+        np.testing.assert_array_equal(np.array(g.astype(mx.float32)), np.array(r), err_msg=name)

@@ -1,7 +1,8 @@
 """Batched rollouts: every prompt x num_generations sampled together, with nanochat's calculator tool.
 
 mlx-lm's BatchGenerator samples batches well, but it cannot force tool-output tokens into a row
-mid-generation, so the decode loop is written here on top of mlx-lm's KV caches and samplers.
+mid-generation, so the decode loop is written here: on mlx-lm's model and KV caches for any model,
+or on utils/nanochat_decode.py's faster decode step for nanochat models.
 """
 
 import time
@@ -11,9 +12,10 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
 
+from . import nanochat_decode
 from .calculator import evaluate_expression
+from .sampling import RolloutSampler, make_rollout_sampler  # noqa: F401 (re-exported for callers)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Completion:
 class RolloutStats:
     generated_tokens: int  # tokens appended to completions (sampled + forced)
     seconds: float
+    prefill_seconds: float = 0.0  # of `seconds`: prompts through the model, caches built
 
     @property
     def tokens_per_sec(self) -> float:
@@ -64,11 +67,6 @@ class CalculatorTool:
         if result is None:
             return None
         return [self.output_start, *self.tokenizer.encode(result), self.output_end]
-
-
-def make_rollout_sampler(temperature, top_p=1.0, top_k=0, min_p=0.0):
-    """mlx-lm's sampler; temperature 0 is greedy."""
-    return make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
 
 
 class _Rows:
@@ -120,6 +118,21 @@ class _Rows:
                 self.expression[index].append(token)
 
 
+class MlxLmDecoder:
+    """Any mlx-lm model on its own batch KV cache: `step(tokens)` -> next-token logits."""
+
+    def __init__(self, model, prompts, group_size):
+        self.model = model
+        self.cache = _prefill_shared(model, prompts, group_size)
+
+    def step(self, tokens):
+        return self.model(tokens[:, None], cache=self.cache)[:, -1, :]
+
+    def filter(self, keep):
+        for layer_cache in self.cache:
+            layer_cache.filter(keep)
+
+
 def _prefill_shared(model, prompts, group_size):
     """Prefill each prompt once (all but its last token) and share the cache across its group."""
     per_prompt = []
@@ -134,6 +147,13 @@ def _prefill_shared(model, prompts, group_size):
     return [rows[0][layer].merge([row[layer] for row in rows]) for layer in range(len(rows[0]))]
 
 
+def make_decoder(model, prompts, group_size, max_new_tokens, fast_decode=True):
+    """The fast nanochat decoder where it applies (nanochat, no adapters), else mlx-lm's model call."""
+    if fast_decode and nanochat_decode.supports(model):
+        return nanochat_decode.NanochatDecoder(model, prompts, group_size, max_new_tokens)
+    return MlxLmDecoder(model, prompts, group_size)
+
+
 def generate_completions(
     model,
     prompts,
@@ -144,25 +164,29 @@ def generate_completions(
     stop_token_ids,
     calculator=None,
     compact_fraction=0.25,
+    fast_decode=True,
 ):
     """Sample `group_size` completions for every prompt (token id lists), all in one batch.
 
     Returns (completions ordered prompt by prompt, group contiguous; RolloutStats).
-    Every row samples its own first token from the shared prefix.
+    Every row samples its own first token from the shared prefix. `sampler` maps (rows, vocab)
+    logits to token ids (make_rollout_sampler); fast_decode=False forces mlx-lm's model call.
     """
     start = time.perf_counter()
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate_completions: got an empty prompt; every prompt needs at least one token")
     completions = [Completion(prompt_index=i) for i in range(len(prompts)) for _ in range(group_size)]
     rows = _Rows(completions, set(stop_token_ids), calculator)
-    cache = _prefill_shared(model, prompts, group_size)
+    decoder = make_decoder(model, prompts, group_size, max_new_tokens, fast_decode)
+    prefilled = time.perf_counter()
     first_inputs = [prompts[c.prompt_index][-1] for c in completions]
-    _decode_general(model, cache, first_inputs, rows, max_new_tokens, sampler, compact_fraction)
-    return completions, RolloutStats(rows.generated, time.perf_counter() - start)
+    _decode(decoder, first_inputs, rows, max_new_tokens, sampler, compact_fraction)
+    end = time.perf_counter()
+    return completions, RolloutStats(rows.generated, end - start, prefilled - start)
 
 
-def _decode_general(model, cache, first_inputs, rows, max_new_tokens, sampler, compact_fraction):
-    """Decode on mlx-lm's BatchKVCache with the device one step ahead of the host.
+def _decode(decoder, first_inputs, rows, max_new_tokens, sampler, compact_fraction):
+    """Decode with the device one step ahead of the host.
 
     Step t's input is step t-1's sampled token unless a forced (tool-output) token is due at t-1,
     which the host knows from tokens up to t-2: so step t is queued before step t-1 is read back,
@@ -177,8 +201,7 @@ def _decode_general(model, cache, first_inputs, rows, max_new_tokens, sampler, c
         if t < max_new_tokens:
             if pending is not None:
                 inputs = pending if pending_forced is None else mx.where(pending_forced[0], pending_forced[1], pending)
-            logits = model(inputs[:, None], cache=cache)[:, -1, :]
-            sampled = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).astype(mx.int32)
+            sampled = sampler(decoder.step(inputs))
             mx.async_eval(sampled)
         if pending is not None:  # the host catches up with step t-1 while step t runs
             for row, token in enumerate(np.array(pending).tolist()):
@@ -190,8 +213,7 @@ def _decode_general(model, cache, first_inputs, rows, max_new_tokens, sampler, c
                 break
             if t < max_new_tokens and stopped.sum() >= compact_fraction * len(active):
                 keep = mx.array(np.flatnonzero(~stopped))
-                for layer_cache in cache:
-                    layer_cache.filter(keep)
+                decoder.filter(keep)
                 sampled, active = sampled[keep], active[~stopped]
         if t < max_new_tokens:
             pending, pending_forced = sampled, _forced_arrays(rows, active)

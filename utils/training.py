@@ -1,6 +1,7 @@
 """The pieces of a GRPO update: packing rollouts into arrays, log-probs, the policy copies, the LR schedule."""
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -97,7 +98,10 @@ def make_lr_schedule(learning_rate, total_updates, warmup_ratio, kind):
 
 
 def add_grads(accumulated, grads):
-    return grads if accumulated is None else tree_map(mx.add, accumulated, grads)
+    """accumulated + grads in float32 (micro-batch gradients may arrive in bfloat16)."""
+    if accumulated is None:
+        return tree_map(lambda g: g.astype(mx.float32), grads)
+    return tree_map(lambda a, g: a + g.astype(mx.float32), accumulated, grads)
 
 
 def all_finite(tree) -> mx.array:
@@ -139,22 +143,44 @@ def masked_all_finite(arrays, batches) -> bool:
     return all(bool(mx.all(mx.isfinite(mx.where(b.mask > 0, a, 0.0)))) for a, b in zip(arrays, batches))
 
 
+class LossAndGrad:
+    """loss_and_grad(batch arrays..., normalizers) -> ((loss, stats), grads of the trainable weights).
+
+    Gradients come in the dtype the trainable weights have at call time. policy_update runs the
+    micro-batches inside `compute_weights(model)`: the float32 master weights are cast to
+    compute_dtype once per update (not per micro-batch) and gradients arrive in compute_dtype, half
+    the memory of float32 ones. They are the same numbers: the gradient of a float32 weight through
+    a cast is the compute_dtype gradient, upcast.
+    """
+
+    def __init__(self, model, loss_fn, value_and_grad, stat_names, compute_dtype):
+        self.model, self.loss_fn, self.value_and_grad, self.stat_names = model, loss_fn, value_and_grad, stat_names
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, *args):
+        (loss, stacked), grads = self.value_and_grad(*args)
+        return (loss, dict(zip(self.stat_names, stacked))), grads
+
+    @contextmanager
+    def compute_weights(self, model):
+        master = model.trainable_parameters()
+        if self.compute_dtype != mx.float32:
+            model.update(tree_map(lambda p: p.astype(self.compute_dtype), master))
+        try:
+            yield
+        finally:
+            model.update(master)  # the float32 master weights are what the optimizer updates
+
+
 def make_loss_and_grad(model, *, temperature, loss_type, epsilon, epsilon_high, beta,
                        importance_sampling_level, max_completion_length, compute_dtype=mx.float32,
-                       use_compile=False):
-    """loss_and_grad(batch arrays..., normalizers) -> ((loss, stats), grads w.r.t. the float32 weights).
-
-    The forward runs in compute_dtype: the float32 master weights are cast inside the graph, so
-    gradients arrive in float32. Normalizers are arrays so a compiled graph is reused across steps.
-    """
+                       use_compile=False) -> LossAndGrad:
+    """The GRPO loss and its gradient for `model`; normalizers are arrays so a compiled graph is
+    reused across steps. See LossAndGrad for the dtypes."""
 
     def loss_fn(inputs, targets, mask, advantages, old_logp, ref_logp,
                 num_sequences_total, num_tokens_total, num_micro_batches):
-        master = model.trainable_parameters()
-        if compute_dtype != mx.float32:
-            model.update(tree_map(lambda p: p.astype(compute_dtype), master))
         logp, entropy = token_logprobs_and_entropy(model(inputs), targets, temperature)
-        model.update(master)  # the float32 master weights stay in place
         loss, stats = grpo_loss(
             logp, old_logp, ref_logp, advantages, mask, loss_type=loss_type, epsilon=epsilon,
             epsilon_high=epsilon_high, beta=beta, importance_sampling_level=importance_sampling_level,
@@ -171,12 +197,18 @@ def make_loss_and_grad(model, *, temperature, loss_type, epsilon, epsilon_high, 
         # so is the RNG state, or LoRA dropout would reuse one mask on every step.
         state = [model.state, mx.random.state]
         value_and_grad = mx.compile(value_and_grad, inputs=state, outputs=state)
+    return LossAndGrad(model, loss_fn, value_and_grad, stat_names, compute_dtype)
 
-    def loss_and_grad(*args):
-        (loss, stacked), grads = value_and_grad(*args)
-        return (loss, dict(zip(stat_names, stacked))), grads
 
-    return loss_and_grad
+def eval_update_leaf_by_leaf(model, optimizer):
+    """Run a lazy optimizer update one parameter at a time.
+
+    Evaluated at once, the update holds the old and the new weights and moments of every parameter
+    together (for d32 in float32: ~22 GB more); one at a time, only one parameter's.
+    """
+    for _, param in tree_flatten(model.trainable_parameters()):
+        mx.eval(param)
+    mx.eval(model.parameters(), optimizer.state)
 
 
 @dataclass
@@ -201,14 +233,16 @@ def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
     norm_args = [mx.array(normalizers[k], dtype=mx.float32)
                  for k in ("num_sequences_total", "num_tokens_total", "num_micro_batches")]
     grads, loss, stats = None, mx.array(0.0), {}
-    for i, (rows, batch) in enumerate(zip(slices, batches)):
-        (mb_loss, mb_stats), mb_grads = loss_and_grad(
-            batch.inputs, batch.targets, batch.mask, advantages[rows],
-            None if old_logp is None else old_logp[i], None if ref_logp is None else ref_logp[i], *norm_args)
-        grads = add_grads(grads, mb_grads)
-        loss = loss + mb_loss
-        stats = {k: stats.get(k, 0.0) + v for k, v in mb_stats.items()}
-        mx.eval(grads, loss, stats)  # bound memory to one micro-batch's activations
+    with loss_and_grad.compute_weights(model):
+        for i, (rows, batch) in enumerate(zip(slices, batches)):
+            (mb_loss, mb_stats), mb_grads = loss_and_grad(
+                batch.inputs, batch.targets, batch.mask, advantages[rows],
+                None if old_logp is None else old_logp[i], None if ref_logp is None else ref_logp[i], *norm_args)
+            grads = add_grads(grads, mb_grads)
+            del mb_grads  # now only the sum's graph holds them: each leaf is freed once it is added
+            loss = loss + mb_loss
+            stats = {k: stats.get(k, 0.0) + v for k, v in mb_stats.items()}
+            mx.eval(grads, loss, stats)  # bound memory to one micro-batch's activations
     if all_sum is not None:  # add the other processes' micro-batches
         grads, loss, stats = all_sum((grads, loss, stats))
     grad_norm = global_norm(grads)
@@ -217,6 +251,7 @@ def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
         if max_grad_norm > 0:
             grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
         optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
+        del grads
+        eval_update_leaf_by_leaf(model, optimizer)
     return UpdateResult(float(loss), float(grad_norm), applied, {k: float(v) for k, v in stats.items()},
                         time.perf_counter() - start)

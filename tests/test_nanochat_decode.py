@@ -1,0 +1,75 @@
+"""The fast nanochat decode step against mlx-lm's own model call on the same caches."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from utils import nanochat_decode
+from utils.config import GRPOConfig
+from utils.lora import add_adapters
+from utils.model_loading import load_model
+from utils.rollout import MlxLmDecoder, generate_completions, make_rollout_sampler
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir)[0]
+
+
+PROMPTS = [[1, 5, 9, 11, 3], [2, 7], [4, 4, 8, 1]]  # three lengths: left padding is exercised
+
+
+def run_steps(decoder, tokens, steps, keep_after=None, keep=None):
+    out = []
+    for t in range(steps):
+        if t == keep_after:
+            decoder.filter(mx.array(keep))
+            tokens = tokens[mx.array(keep)]
+        logits = decoder.step(tokens)
+        out.append(np.array(logits))
+        tokens = mx.argmax(logits, axis=-1).astype(mx.int32)
+    return out
+
+
+def test_fast_decode_logits_equal_mlx_lm(model):
+    assert nanochat_decode.supports(model)
+    first = mx.array([p[-1] for p in PROMPTS for _ in range(2)], dtype=mx.int32)
+    fast = run_steps(nanochat_decode.NanochatDecoder(model, PROMPTS, 2, 8), first, 8, keep_after=4, keep=[0, 3, 5])
+    slow = run_steps(MlxLmDecoder(model, PROMPTS, 2), first, 8, keep_after=4, keep=[0, 3, 5])
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_one_token_prompts_decode(model):
+    prompts = [[3], [5, 6]]
+    first = mx.array([3, 3, 6, 6], dtype=mx.int32)
+    fast = run_steps(nanochat_decode.NanochatDecoder(model, prompts, 2, 3), first, 3)
+    slow = run_steps(MlxLmDecoder(model, prompts, 2), first, 3)
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_quantized_model_decodes_fast_and_matches(tiny_model_dir):
+    model = load_model(tiny_model_dir)[0]
+    nn.quantize(model, group_size=32, bits=8)
+    assert nanochat_decode.supports(model)
+    first = mx.array([p[-1] for p in PROMPTS], dtype=mx.int32)
+    fast = run_steps(nanochat_decode.NanochatDecoder(model, PROMPTS, 1, 4), first, 4)
+    slow = run_steps(MlxLmDecoder(model, PROMPTS, 1), first, 4)
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a, b, atol=2e-3, rtol=1e-3)
+
+
+def test_adapters_fall_back_to_mlx_lm(tiny_model_dir):
+    model = load_model(tiny_model_dir)[0]
+    add_adapters(model, GRPOConfig(model_name=str(tiny_model_dir), train_type="lora"))
+    assert not nanochat_decode.supports(model)
+
+
+def test_greedy_rollouts_are_the_same_on_both_paths(model):
+    kwargs = dict(group_size=2, max_new_tokens=10, sampler=make_rollout_sampler(0.0), stop_token_ids={7})
+    fast, _ = generate_completions(model, PROMPTS, **kwargs)
+    slow, _ = generate_completions(model, PROMPTS, fast_decode=False, **kwargs)
+    assert [c.tokens for c in fast] == [c.tokens for c in slow]
+    assert [c.stopped for c in fast] == [c.stopped for c in slow]

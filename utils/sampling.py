@@ -1,0 +1,89 @@
+"""Token sampling for rollouts: one compiled kernel chain for greedy and temperature + top-k.
+
+mlx-lm's top-k sampler partitions the whole vocabulary (argpartition) for every decode step: with
+256 rows x 65,536 logits that costs more than the model's matmuls, so the common case
+(temperature with top-k, no top-p/min-p) is done here without a sort: the k-th largest logit of
+each row is found by bisection on its bits, and a Gumbel-max draw picks among the logits at or
+above it. Anything else (top-p, min-p) goes to mlx-lm's sampler.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+# Low bits that are always zero when a logit of this dtype is widened to float32 (bisection skips them).
+_ZERO_LOW_BITS = {mx.bfloat16: 16, mx.float16: 13, mx.float32: 0}
+
+
+def ordered_keys(x: mx.array) -> mx.array:
+    """uint32 keys that sort like the float32 values of x (sign-flip trick for IEEE floats)."""
+    bits = x.astype(mx.float32).view(mx.uint32)
+    negative = bits >= 0x80000000
+    return mx.where(negative, ~bits, bits | 0x80000000)
+
+
+def kth_largest_keys(keys: mx.array, k: int, zero_low_bits: int = 0) -> mx.array:
+    """Per row, the ordered key of the k-th largest value (exact): the largest t with count(keys >= t) >= k.
+
+    Built bit by bit from the top; `zero_low_bits` low bits are known to be zero and skipped.
+    """
+    threshold = mx.zeros(keys.shape[:-1] + (1,), dtype=mx.uint32)
+    for bit in range(31, zero_low_bits - 1, -1):
+        candidate = threshold | (1 << bit)
+        enough = (keys >= candidate).sum(axis=-1, keepdims=True) >= k
+        threshold = mx.where(enough, candidate, threshold)
+    return threshold
+
+
+def top_k_mask(logits: mx.array, k: int) -> mx.array:
+    """True where a logit is among the row's k largest; ties with the k-th value are all kept
+    (as Hugging Face's top-k warper does), so a row can keep slightly more than k."""
+    keys = ordered_keys(logits)
+    return keys >= kth_largest_keys(keys, k, _ZERO_LOW_BITS.get(logits.dtype, 0))
+
+
+@lru_cache(maxsize=None)
+def _compiled_top_k_sampler(temperature: float, top_k: int):
+    def sample(logits):
+        scaled = logits.astype(mx.float32) * (1.0 / temperature)
+        if 0 < top_k < logits.shape[-1]:
+            scaled = mx.where(top_k_mask(logits, top_k), scaled, -mx.inf)
+        return mx.random.categorical(scaled, axis=-1).astype(mx.int32)
+
+    # The RNG state is an input and output of the compiled graph, or every step would reuse one draw.
+    return mx.compile(sample, inputs=[mx.random.state], outputs=[mx.random.state])
+
+
+@lru_cache(maxsize=None)
+def _compiled_greedy():
+    return mx.compile(lambda logits: mx.argmax(logits, axis=-1).astype(mx.int32))
+
+
+@dataclass(frozen=True)
+class RolloutSampler:
+    """How rollouts pick tokens: temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 are off."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    @property
+    def fused(self) -> bool:
+        """Greedy or temperature + top-k: sampled by the compiled path here, not by mlx-lm."""
+        return self.temperature == 0 or (self.top_p >= 1.0 and self.min_p <= 0.0)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """(rows, vocab) logits -> (rows,) int32 token ids."""
+        if self.temperature == 0:
+            return _compiled_greedy()(logits)
+        if self.fused:
+            return _compiled_top_k_sampler(float(self.temperature), int(self.top_k))(logits)
+        sampler = make_sampler(temp=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).astype(mx.int32)
+
+
+def make_rollout_sampler(temperature, top_p=1.0, top_k=0, min_p=0.0) -> RolloutSampler:
+    return RolloutSampler(float(temperature), float(top_p), int(top_k), float(min_p))
