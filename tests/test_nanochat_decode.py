@@ -41,9 +41,9 @@ def test_fast_decode_logits_equal_mlx_lm(model):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
 
 
-def test_one_token_prompts_decode(model):
-    prompts = [[3], [5, 6]]
-    first = mx.array([3, 3, 6, 6], dtype=mx.int32)
+@pytest.mark.parametrize("prompts", [[[3], [5, 6]], [[3], [4]]])
+def test_one_token_prompts_decode(model, prompts):
+    first = mx.array([p[-1] for p in prompts for _ in range(2)], dtype=mx.int32)
     fast = run_steps(nanochat_decode.NanochatDecoder(model, prompts, 2, 3), first, 3)
     slow = run_steps(MlxLmDecoder(model, prompts, 2), first, 3)
     for a, b in zip(fast, slow):

@@ -101,8 +101,8 @@ class _LayerArrays:
 class NanochatDecoder:
     """Decode `group_size` rows per prompt in one batch; `step(tokens)` -> next-token logits.
 
-    Every prompt is prefilled once (all but its last token) and its cache copied to its group's rows,
-    left-padded to the longest prompt. Row r's token at decode step t sits at buffer column
+    The prompts are prefilled together, once each (all but their last token), and each prompt's cache
+    is copied to its group's rows, left-padded to the longest prompt. Row r's token at decode step t sits at buffer column
     prefix_len + t and at RoPE position len(prompt_r) - 1 + t.
     """
 
@@ -124,43 +124,44 @@ class NanochatDecoder:
 
     def _prefill(self, prompts, group_size, max_new_tokens):
         prefix_lens = [len(p) - 1 for p in prompts]
-        self.prefix_len = max(prefix_lens)
-        # Each prompt's prefix keys/values, left-padded to prefix_len: one (prompts, heads, P, dim) per layer.
-        padded = [[] for _ in self.layers]
-        for prompt, n in zip(prompts, prefix_lens):
-            cache = make_prompt_cache(self.model)
-            if n > 0:
-                self.model(mx.array(prompt[:-1])[None], cache=cache)
-            for layer, c in enumerate(cache):
-                keys, values = (c.keys, c.values) if n > 0 else (None, None)
-                pad = self.prefix_len - n
-                padded[layer].append(self._left_pad(keys, values, n, pad))
-            mx.eval([p[-1] for p in padded])
-        capacity = self.prefix_len + max_new_tokens
+        self.prefix_len = width = max(prefix_lens)
+        capacity = width + max_new_tokens
+        dtype = self.model.transformer.wte(mx.array([[0]])).dtype  # the cache's dtype
+        prefix = self._batched_prefill(prompts, prefix_lens) if width > 0 else None
         self.keys, self.values = [], []
-        for per_prompt in padded:
-            keys = mx.repeat(mx.concatenate([k for k, _ in per_prompt]), group_size, axis=0)
-            values = mx.repeat(mx.concatenate([v for _, v in per_prompt]), group_size, axis=0)
-            free = (keys.shape[0], self.n_kv_heads, capacity - self.prefix_len, self.head_dim)
-            self.keys.append(mx.concatenate([keys, mx.zeros(free, keys.dtype)], axis=2))
-            self.values.append(mx.concatenate([values, mx.zeros(free, values.dtype)], axis=2))
+        for layer in range(len(self.layers)):
+            if prefix is None:  # only one-token prompts: nothing to prefill
+                keys = values = mx.zeros((len(prompts), self.n_kv_heads, 0, self.head_dim), dtype)
+            else:
+                keys, values = prefix[layer]
+            keys, values = mx.repeat(keys, group_size, axis=0), mx.repeat(values, group_size, axis=0)
+            free = mx.zeros((keys.shape[0], self.n_kv_heads, capacity - width, self.head_dim), keys.dtype)
+            self.keys.append(mx.concatenate([keys, free], axis=2))
+            self.values.append(mx.concatenate([values, free], axis=2))
             mx.eval(self.keys[-1], self.values[-1])
         lens = [n for n in prefix_lens for _ in range(group_size)]
         self.start_positions = mx.array(lens, dtype=mx.int32)  # RoPE position of each row's first decoded token
-        self.left_padding = mx.array([self.prefix_len - n for n in lens], dtype=mx.int32)
-        self.padded = any(n != self.prefix_len for n in lens)
+        self.left_padding = mx.array([width - n for n in lens], dtype=mx.int32)
+        self.padded = any(n != width for n in lens)
         self.t = 0
 
-    def _left_pad(self, keys, values, n, pad):
-        if keys is None:  # a one-token prompt: nothing to prefill
-            dtype = self.model.transformer.wte(mx.array([[0]])).dtype  # the cache's dtype
-            keys = values = mx.zeros((1, self.n_kv_heads, 0, self.head_dim), dtype)
-        else:
-            keys, values = keys[..., :n, :], values[..., :n, :]
-        if pad:
-            zeros = mx.zeros((1, self.n_kv_heads, pad, self.head_dim), keys.dtype)
-            keys, values = mx.concatenate([zeros, keys], axis=2), mx.concatenate([zeros, values], axis=2)
-        return keys, values
+    def _batched_prefill(self, prompts, prefix_lens):
+        """All prompts (but their last token) in one forward, right-padded so the causal mask is the
+        only mask and every real token sits at its true position; then each row's keys and values
+        are rolled right so they end at column prefix_len (the padding's values wrap to the front,
+        where the decode mask hides them)."""
+        width = self.prefix_len
+        tokens = mx.array([p[:n] + [0] * (width - n) for p, n in zip(prompts, prefix_lens)], dtype=mx.int32)
+        cache = make_prompt_cache(self.model)
+        self.model(tokens, cache=cache)
+        shift = mx.array([width - n for n in prefix_lens], dtype=mx.int32)
+        source = ((mx.arange(width)[None] - shift[:, None]) % width)[:, None, :, None]  # (prompts, 1, width, 1)
+        out = []
+        for c in cache:
+            keys, values = c.keys[..., :width, :], c.values[..., :width, :]
+            out.append((mx.take_along_axis(keys, source, axis=2), mx.take_along_axis(values, source, axis=2)))
+        mx.eval(out)
+        return out
 
     def step(self, tokens):
         """(rows,) int32 tokens at decode step t -> (rows, vocab) logits for step t + 1."""
