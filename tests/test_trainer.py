@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_map
 from utils.model_loading import load_model
 from utils.rollout import Completion
 from utils.training import (
+    eval_update_in_chunks,
     make_loss_and_grad, make_lr_schedule, micro_batch_slices, pack_micro_batches, pack_rows, policy_update,
 )
 
@@ -237,3 +238,19 @@ def test_bf16_compute_gradients_equal_those_of_the_float32_weights_through_a_cas
     for (name, g), (_, r) in zip(tree_flatten(grads), tree_flatten(reference)):
         assert r.dtype == mx.float32
         np.testing.assert_array_equal(np.array(g.astype(mx.float32)), np.array(r), err_msg=name)
+
+
+def test_update_in_chunks_equals_the_update_at_once(tiny_model_dir):
+    results = []
+    for chunk_bytes in (None, 1):  # None: one eval of everything; 1 byte: one parameter per chunk
+        model, _ = load_model(tiny_model_dir)
+        optimizer = optim.AdamW(learning_rate=1e-2)
+        grads = tree_map(lambda p: mx.ones_like(p) * 0.1, model.trainable_parameters())
+        optimizer.update(model, grads)
+        if chunk_bytes is None:
+            mx.eval(model.parameters(), optimizer.state)
+        else:
+            eval_update_in_chunks(model, optimizer, chunk_bytes)
+        results.append(dict(tree_flatten(model.parameters())))
+    for name, value in results[0].items():
+        np.testing.assert_array_equal(np.array(value), np.array(results[1][name]), err_msg=name)

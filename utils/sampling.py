@@ -13,25 +13,22 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-# Low bits that are always zero when a logit of this dtype is widened to float32 (bisection skips them).
-_ZERO_LOW_BITS = {mx.bfloat16: 16, mx.float16: 13, mx.float32: 0}
-
-
 def ordered_keys(x: mx.array) -> mx.array:
-    """uint32 keys that sort like the float32 values of x (sign-flip trick for IEEE floats)."""
-    bits = x.astype(mx.float32).view(mx.uint32)
-    negative = bits >= 0x80000000
-    return mx.where(negative, ~bits, bits | 0x80000000)
+    """Unsigned keys that sort like the values of x (the sign-flip trick for IEEE floats):
+    uint16 for bfloat16/float16 logits (half the bytes to scan), uint32 otherwise."""
+    if x.dtype in (mx.bfloat16, mx.float16):
+        bits, unsigned, sign = x.view(mx.uint16), mx.uint16, 0x8000
+    else:
+        bits, unsigned, sign = x.astype(mx.float32).view(mx.uint32), mx.uint32, 0x80000000
+    return mx.where(bits >= mx.array(sign, unsigned), ~bits, bits | mx.array(sign, unsigned))
 
 
-def kth_largest_keys(keys: mx.array, k: int, zero_low_bits: int = 0) -> mx.array:
-    """Per row, the ordered key of the k-th largest value (exact): the largest t with count(keys >= t) >= k.
-
-    Built bit by bit from the top; `zero_low_bits` low bits are known to be zero and skipped.
-    """
-    threshold = mx.zeros(keys.shape[:-1] + (1,), dtype=mx.uint32)
-    for bit in range(31, zero_low_bits - 1, -1):
-        candidate = threshold | (1 << bit)
+def kth_largest_keys(keys: mx.array, k: int) -> mx.array:
+    """Per row, the ordered key of the k-th largest value (exact): the largest t with count(keys >= t) >= k,
+    built bit by bit from the top (16 or 32 passes over the row, no sort)."""
+    threshold = mx.zeros(keys.shape[:-1] + (1,), dtype=keys.dtype)
+    for bit in range(keys.dtype.size * 8 - 1, -1, -1):
+        candidate = threshold | mx.array(1 << bit, keys.dtype)
         enough = (keys >= candidate).sum(axis=-1, keepdims=True) >= k
         threshold = mx.where(enough, candidate, threshold)
     return threshold
@@ -41,7 +38,7 @@ def top_k_mask(logits: mx.array, k: int) -> mx.array:
     """True where a logit is among the row's k largest; ties with the k-th value are all kept
     (as Hugging Face's top-k warper does), so a row can keep slightly more than k."""
     keys = ordered_keys(logits)
-    return keys >= kth_largest_keys(keys, k, _ZERO_LOW_BITS.get(logits.dtype, 0))
+    return keys >= kth_largest_keys(keys, k)
 
 
 @lru_cache(maxsize=None)

@@ -200,15 +200,24 @@ def make_loss_and_grad(model, *, temperature, loss_type, epsilon, epsilon_high, 
     return LossAndGrad(model, loss_fn, value_and_grad, stat_names, compute_dtype)
 
 
-def eval_update_leaf_by_leaf(model, optimizer):
-    """Run a lazy optimizer update one parameter at a time.
+UPDATE_CHUNK_BYTES = 256 << 20
+
+
+def eval_update_in_chunks(model, optimizer, chunk_bytes=UPDATE_CHUNK_BYTES):
+    """Run a lazy optimizer update a chunk of parameters (~256 MB of weights) at a time.
 
     Evaluated at once, the update holds the old and the new weights and moments of every parameter
-    together (for d32 in float32: ~22 GB more); one at a time, only one parameter's.
+    together (for d32 in float32: ~22 GB more); in chunks, only one chunk's. Chunks rather than
+    single parameters keep the number of host syncs small.
     """
+    chunk, size = [], 0
     for _, param in tree_flatten(model.trainable_parameters()):
-        mx.eval(param)
-    mx.eval(model.parameters(), optimizer.state)
+        chunk.append(param)
+        size += param.nbytes
+        if size >= chunk_bytes:
+            mx.eval(chunk)
+            chunk, size = [], 0
+    mx.eval(chunk, model.parameters(), optimizer.state)
 
 
 @dataclass
@@ -252,6 +261,6 @@ def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
             grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
         optimizer.update(model, grads)
         del grads
-        eval_update_leaf_by_leaf(model, optimizer)
+        eval_update_in_chunks(model, optimizer)
     return UpdateResult(float(loss), float(grad_norm), applied, {k: float(v) for k, v in stats.items()},
                         time.perf_counter() - start)
