@@ -73,3 +73,25 @@ def test_greedy_rollouts_are_the_same_on_both_paths(model):
     slow, _ = generate_completions(model, PROMPTS, fast_decode=False, **kwargs)
     assert [c.tokens for c in fast] == [c.tokens for c in slow]
     assert [c.stopped for c in fast] == [c.stopped for c in slow]
+
+
+def test_cache_dtype_follows_the_keys_not_the_embedding(tiny_model_dir):
+    model = load_model(tiny_model_dir)[0]
+    model.transformer.wte.set_dtype(mx.bfloat16)  # nanochat's own layout: bf16 embedding, float32 layers
+    prompts = [[1], [4]]  # one-token prompts: nothing is prefilled
+    decoder = nanochat_decode.NanochatDecoder(model, prompts, 1, 2)
+    assert decoder.keys[0].dtype == mx.float32
+    first = mx.array([1, 4], dtype=mx.int32)
+    fast = run_steps(decoder, first, 2)
+    slow = run_steps(MlxLmDecoder(model, prompts, 1), first, 2)
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_stepping_past_the_capacity_is_an_error(model):
+    decoder = nanochat_decode.NanochatDecoder(model, [[1, 2, 3], [4, 5, 6]], 1, 2)
+    tokens = mx.array([3, 6], dtype=mx.int32)
+    decoder.step(tokens)
+    decoder.step(tokens)
+    with pytest.raises(ValueError, match="larger max_new_tokens"):
+        decoder.step(tokens)

@@ -32,6 +32,8 @@ def test_kth_largest_is_exact_for_every_k(dtype):
 def test_ties_at_the_kth_value_are_kept():
     logits = mx.array([[5.0, 1.0, 3.0, 3.0, 3.0, 0.0]])
     assert np.array(top_k_mask(logits, 2)).tolist() == [[True, False, True, True, True, False]]
+    zeros = mx.array([[1.0, 0.0, -0.0, -1.0]])  # -0.0 ties with +0.0
+    assert np.array(top_k_mask(zeros, 2)).tolist() == [[True, True, True, False]]
     keys = ordered_keys(logits)
     assert np.array(kth_largest_keys(keys, 1)).item() == np.array(ordered_keys(mx.array(5.0))).item()
 

@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from utils.model_loading import load_model

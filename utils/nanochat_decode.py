@@ -126,7 +126,9 @@ class NanochatDecoder:
         prefix_lens = [len(p) - 1 for p in prompts]
         self.prefix_len = width = max(prefix_lens)
         capacity = width + max_new_tokens
-        dtype = self.model.transformer.wte(mx.array([[0]])).dtype  # the cache's dtype
+        # The cache's dtype is that of the keys a decode step writes (dtype inference only: not evaluated).
+        probe = mx.fast.rms_norm(self.model.transformer.wte(mx.array([0])), None, EPS)
+        dtype = self.functions[0](probe, self.layers[0].qkv, self.rope_freqs, mx.array([0]))[1].dtype
         prefix = self._batched_prefill(prompts, prefix_lens) if width > 0 else None
         self.keys, self.values = [], []
         for layer in range(len(self.layers)):
@@ -167,6 +169,9 @@ class NanochatDecoder:
         """(rows,) int32 tokens at decode step t -> (rows, vocab) logits for step t + 1."""
         attention_inputs, block_output, logits = self.functions
         column = self.prefix_len + self.t
+        if column >= self.keys[0].shape[2]:  # mlx would silently drop a write past the buffer's end
+            raise ValueError(f"NanochatDecoder.step: all {self.t} decode steps of this batch are used; "
+                             f"make a decoder with a larger max_new_tokens")
         positions = self.start_positions + self.t
         mask = None
         if self.padded:  # the left padding of shorter prompts is not attended to

@@ -13,9 +13,12 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
+
 def ordered_keys(x: mx.array) -> mx.array:
     """Unsigned keys that sort like the values of x (the sign-flip trick for IEEE floats):
-    uint16 for bfloat16/float16 logits (half the bytes to scan), uint32 otherwise."""
+    uint16 for bfloat16/float16 logits (half the bytes to scan), uint32 otherwise. A NaN sorts past
+    +inf or -inf by its sign bit (mlx-lm's sampler has no better answer for NaN logits)."""
+    x = x + 0.0  # -0.0 -> +0.0, so the two zeros tie as their values do
     if x.dtype in (mx.bfloat16, mx.float16):
         bits, unsigned, sign = x.view(mx.uint16), mx.uint16, 0x8000
     else:
@@ -73,7 +76,7 @@ class RolloutSampler:
         return self.temperature == 0 or (self.top_p >= 1.0 and self.min_p <= 0.0)
 
     def __call__(self, logits: mx.array) -> mx.array:
-        """(rows, vocab) logits -> (rows,) int32 token ids."""
+        """(rows, vocab) raw logits (not log-probs) -> (rows,) int32 token ids."""
         if self.temperature == 0:
             return _compiled_greedy()(logits)
         if self.fused:

@@ -146,7 +146,8 @@ def masked_all_finite(arrays, batches) -> bool:
 class LossAndGrad:
     """loss_and_grad(batch arrays..., normalizers) -> ((loss, stats), grads of the trainable weights).
 
-    Gradients come in the dtype the trainable weights have at call time. policy_update runs the
+    Gradients come in the dtype the trainable weights have at call time (called outside
+    compute_weights, the forward runs in float32). policy_update runs the
     micro-batches inside `compute_weights(model)`: the float32 master weights are cast to
     compute_dtype once per update (not per micro-batch) and gradients arrive in compute_dtype, half
     the memory of float32 ones. They are the same numbers: the gradient of a float32 weight through
