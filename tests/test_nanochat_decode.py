@@ -32,33 +32,31 @@ def run_steps(decoder, tokens, steps, keep_after=None, keep=None):
     return out
 
 
+def assert_same_logits(model, prompts, group_size, steps, atol=2e-4, rtol=1e-4, **filtering):
+    """Greedy decode on both decoders from the same first tokens; every step's logits must agree."""
+    first = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.int32)
+    fast = nanochat_decode.NanochatDecoder(model, prompts, group_size, steps)
+    slow = MlxLmDecoder(model, prompts, group_size)
+    for a, b in zip(run_steps(fast, first, steps, **filtering), run_steps(slow, first, steps, **filtering)):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=rtol)
+    return fast
+
+
 def test_fast_decode_logits_equal_mlx_lm(model):
     assert nanochat_decode.supports(model)
-    first = mx.array([p[-1] for p in PROMPTS for _ in range(2)], dtype=mx.int32)
-    fast = run_steps(nanochat_decode.NanochatDecoder(model, PROMPTS, 2, 8), first, 8, keep_after=4, keep=[0, 3, 5])
-    slow = run_steps(MlxLmDecoder(model, PROMPTS, 2), first, 8, keep_after=4, keep=[0, 3, 5])
-    for a, b in zip(fast, slow):
-        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+    assert_same_logits(model, PROMPTS, 2, 8, keep_after=4, keep=[0, 3, 5])
 
 
 @pytest.mark.parametrize("prompts", [[[3], [5, 6]], [[3], [4]]])
 def test_one_token_prompts_decode(model, prompts):
-    first = mx.array([p[-1] for p in prompts for _ in range(2)], dtype=mx.int32)
-    fast = run_steps(nanochat_decode.NanochatDecoder(model, prompts, 2, 3), first, 3)
-    slow = run_steps(MlxLmDecoder(model, prompts, 2), first, 3)
-    for a, b in zip(fast, slow):
-        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+    assert_same_logits(model, prompts, 2, 3)
 
 
 def test_quantized_model_decodes_fast_and_matches(tiny_model_dir):
     model = load_model(tiny_model_dir)[0]
     nn.quantize(model, group_size=32, bits=8)
     assert nanochat_decode.supports(model)
-    first = mx.array([p[-1] for p in PROMPTS], dtype=mx.int32)
-    fast = run_steps(nanochat_decode.NanochatDecoder(model, PROMPTS, 1, 4), first, 4)
-    slow = run_steps(MlxLmDecoder(model, PROMPTS, 1), first, 4)
-    for a, b in zip(fast, slow):
-        np.testing.assert_allclose(a, b, atol=2e-3, rtol=1e-3)
+    assert_same_logits(model, PROMPTS, 1, 4, atol=2e-3, rtol=1e-3)
 
 
 def test_adapters_fall_back_to_mlx_lm(tiny_model_dir):
@@ -78,14 +76,8 @@ def test_greedy_rollouts_are_the_same_on_both_paths(model):
 def test_cache_dtype_follows_the_keys_not_the_embedding(tiny_model_dir):
     model = load_model(tiny_model_dir)[0]
     model.transformer.wte.set_dtype(mx.bfloat16)  # nanochat's own layout: bf16 embedding, float32 layers
-    prompts = [[1], [4]]  # one-token prompts: nothing is prefilled
-    decoder = nanochat_decode.NanochatDecoder(model, prompts, 1, 2)
+    decoder = assert_same_logits(model, [[1], [4]], 1, 2)  # one-token prompts: nothing is prefilled
     assert decoder.keys[0].dtype == mx.float32
-    first = mx.array([1, 4], dtype=mx.int32)
-    fast = run_steps(decoder, first, 2)
-    slow = run_steps(MlxLmDecoder(model, prompts, 1), first, 2)
-    for a, b in zip(fast, slow):
-        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
 
 
 def test_stepping_past_the_capacity_is_an_error(model):
