@@ -237,7 +237,7 @@ def decoder_by_context(depth=20, rows=256, steps=16, prompts=16):
                            ("fast", lambda: NanochatDecoder(model, prompt_ids, rows // prompts, steps + 2))):
             decoder = make()
             timed(f"{name} decode step, context {context}", lambda: mx.eval(decoder.step(tokens)), steps)
-            del decoder
+            decoder = None  # free this cache before the next is built
 
 
 if __name__ == "__main__":
