@@ -34,7 +34,8 @@ from utils.lora import add_adapters, base_policy, load_adapter_weights, rollout_
 from utils.metrics import MetricsLogger, format_console_line
 from utils.model_loading import ModelLoadError, load_model, save_model_folder
 from utils.rewards import BUILTIN_REWARDS, RewardError, compute_rewards, default_reward_names, resolve_reward_functions
-from utils.rollout import CalculatorTool, generate_completions, make_rollout_sampler
+from utils.rollout import CalculatorTool, generate_completions
+from utils.sampling import make_rollout_sampler
 from utils.tokenizer import nanochat_tokenizer
 from utils.training import (
     ensure_float32, frozen_copy, frozen_logprobs, make_loss_and_grad, make_lr_schedule,

@@ -14,7 +14,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 
 from bench.grpo_step import build_model  # noqa: E402
-from utils.rollout import make_rollout_sampler  # noqa: E402
+from utils.sampling import make_rollout_sampler  # noqa: E402
 
 
 def timed(label, fn, steps):

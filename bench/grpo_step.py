@@ -19,13 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.models.nanochat import Model, ModelArgs  # noqa: E402
 
 from utils.config import GRPOConfig  # noqa: E402
 from utils.grpo_loss import group_advantages  # noqa: E402
 from utils.lora import add_adapters, base_policy, rollout_copy  # noqa: E402
-from utils.rollout import generate_completions, make_rollout_sampler  # noqa: E402
+from utils.rollout import generate_completions  # noqa: E402
+from utils.sampling import make_rollout_sampler  # noqa: E402
 from utils.training import (  # noqa: E402
     frozen_copy, frozen_logprobs, make_loss_and_grad, pack_micro_batches, policy_update,
 )
@@ -69,7 +71,7 @@ def build_model(depth):
 
 
 def count_params(model):
-    return sum(v.size for _, v in __import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(model.parameters()))
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
 def decode_bound_seconds(args, depth, params, prompt_lens, bytes_per_weight):

@@ -54,7 +54,7 @@ def main():
         use_compile=True)
     norms = [mx.array(float(args.rows)), mx.array(float(tokens)), mx.array(1.0)]
     advantages = mx.random.normal((args.rows,))
-    with loss_and_grad.compute_weights(model):
+    with loss_and_grad.compute_weights():
         timed("forward (bf16 logits)", lambda: model(inputs), flops=forward_flops)
         timed("forward + token log-probs (float32 logsumexp)", lambda: token_logprobs(model(inputs), targets))
         timed("forward + log-probs + entropy", lambda: token_logprobs_and_entropy(model(inputs), targets))

@@ -9,7 +9,8 @@ from utils import nanochat_decode
 from utils.config import GRPOConfig
 from utils.lora import add_adapters
 from utils.model_loading import load_model
-from utils.rollout import MlxLmDecoder, generate_completions, make_rollout_sampler
+from utils.rollout import MlxLmDecoder, generate_completions
+from utils.sampling import make_rollout_sampler
 
 
 @pytest.fixture(scope="module")

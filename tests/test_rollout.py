@@ -7,7 +7,8 @@ from pathlib import Path
 from mlx_lm.models.cache import KVCache
 
 from utils.model_loading import load_model
-from utils.rollout import CalculatorTool, Completion, _Rows, generate_completions, make_rollout_sampler
+from utils.rollout import CalculatorTool, Completion, _Rows, generate_completions
+from utils.sampling import make_rollout_sampler
 from utils.tokenizer import nanochat_tokenizer
 
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .rollout import generate_completions, make_rollout_sampler
+from .rollout import generate_completions
+from .sampling import make_rollout_sampler
 
 
 @dataclass

@@ -15,7 +15,6 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from . import nanochat_decode
 from .calculator import evaluate_expression
-from .sampling import RolloutSampler, make_rollout_sampler  # noqa: F401 (re-exported for callers)
 
 
 @dataclass
@@ -70,7 +69,7 @@ class CalculatorTool:
 
 
 class _Rows:
-    """Per-completion bookkeeping shared by both decode loops: forced tokens, stops, tool calls."""
+    """Per-completion bookkeeping of the decode loop: forced tokens, stops, tool calls."""
 
     def __init__(self, completions, stop_token_ids, calculator):
         self.completions = completions
@@ -86,7 +85,7 @@ class _Rows:
         return queue[0] if queue else None
 
     def record(self, index, sampled_token):
-        """Append this step's token (forced if due, else sampled); returns it. Row must not be stopped."""
+        """Append this step's token (forced if due, else sampled). Row must not be stopped."""
         c = self.completions[index]
         if self.forced[index]:
             token, was_sampled = self.forced[index].popleft(), 0
@@ -99,7 +98,6 @@ class _Rows:
             c.stopped = True
         elif self.calculator is not None and was_sampled:
             self._observe_tool_token(index, token)
-        return token
 
     def _observe_tool_token(self, index, token):
         calc = self.calculator
@@ -170,7 +168,7 @@ def generate_completions(
 
     Returns (completions ordered prompt by prompt, group contiguous; RolloutStats).
     Every row samples its own first token from the shared prefix. `sampler` maps (rows, vocab)
-    logits to token ids (make_rollout_sampler); fast_decode=False forces mlx-lm's model call.
+    logits to token ids (utils.sampling.make_rollout_sampler); fast_decode=False forces mlx-lm's model call.
     """
     start = time.perf_counter()
     if any(len(p) == 0 for p in prompts):

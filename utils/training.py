@@ -148,7 +148,7 @@ class LossAndGrad:
 
     Gradients come in the dtype the trainable weights have at call time (called outside
     compute_weights, the forward runs in float32). policy_update runs the
-    micro-batches inside `compute_weights(model)`: the float32 master weights are cast to
+    micro-batches inside `compute_weights()`: the float32 master weights are cast to
     compute_dtype once per update (not per micro-batch) and gradients arrive in compute_dtype, half
     the memory of float32 ones. They are the same numbers: the gradient of a float32 weight through
     a cast is the compute_dtype gradient, upcast.
@@ -163,7 +163,8 @@ class LossAndGrad:
         return (loss, dict(zip(self.stat_names, stacked))), grads
 
     @contextmanager
-    def compute_weights(self, model):
+    def compute_weights(self):
+        model = self.model
         master = model.trainable_parameters()
         if self.compute_dtype != mx.float32:
             model.update(tree_map(lambda p: p.astype(self.compute_dtype), master))
@@ -243,7 +244,7 @@ def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
     norm_args = [mx.array(normalizers[k], dtype=mx.float32)
                  for k in ("num_sequences_total", "num_tokens_total", "num_micro_batches")]
     grads, loss, stats = None, mx.array(0.0), {}
-    with loss_and_grad.compute_weights(model):
+    with loss_and_grad.compute_weights():
         for i, (rows, batch) in enumerate(zip(slices, batches)):
             (mb_loss, mb_stats), mb_grads = loss_and_grad(
                 batch.inputs, batch.targets, batch.mask, advantages[rows],
