@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten
 if __package__ in (None, ""):  # run as a file (python utils/make_demo_model.py): make `utils` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.data import gsm8k_solution_to_nanochat_parts, load_gsm8k
+from utils.data import build_messages, encode_prompt, gsm8k_solution_to_nanochat_parts, load_gsm8k
 from utils.nanochat import build_model, convert_checkpoint, find_checkpoint, mlx_config
 from utils.rewards import BUILTIN_REWARDS
 from utils.synthetic_math import generate_problems, without_calculator, write_dataset
@@ -129,27 +129,16 @@ def render_sft_example(tok: TiktokenTokenizerWrapper, question: str, solution: s
     Those are the assistant's text and python calls and <|assistant_end|>; the user turn,
     <|assistant_start|> and the tool outputs (<|output_start|> ... <|output_end|>) get 0.
     """
-    parts = gsm8k_solution_to_nanochat_parts(solution)
-    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-    mask = [0] * len(ids)
-    for part in parts:
-        body = tok.encode(part["text"])
-        if part["type"] == "text":
-            piece, trained = body, 1
-        elif part["type"] == "python":
-            piece, trained = [tok.python_start_id, *body, tok.python_end_id], 1
-        else:
-            piece, trained = [tok.output_start_id, *body, tok.output_end_id], 0
-        ids += piece
-        mask += [trained] * len(piece)
-    ids.append(tok.assistant_end_id)
-    mask.append(1)
-    # The mask is built part by part; the ids must still be exactly the chat template's.
-    full = tok.apply_chat_template(
-        [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
-    )
-    if full != ids:
-        raise ValueError("render_sft_example disagrees with the tokenizer's chat template; fix one of them")
+    conversation = [{"role": "user", "content": question},
+                    {"role": "assistant", "content": gsm8k_solution_to_nanochat_parts(solution)}]
+    ids = tok.apply_chat_template(conversation)
+    prompt_len = len(tok.apply_chat_template(conversation[:1], add_generation_prompt=True))
+    mask, in_tool_output = [], False
+    for position, token in enumerate(ids):
+        in_tool_output = in_tool_output or token == tok.output_start_id
+        mask.append(int(position >= prompt_len and not in_tool_output))
+        if token == tok.output_end_id:
+            in_tool_output = False
     return ids, mask
 
 
@@ -219,7 +208,7 @@ def round_embedding_to_bf16(model: nn.Module) -> None:
 
 
 def sft(model, rows, settings: DemoSettings, log=partial(print, flush=True), on_eval=None, eval_every: int = 0):
-    """Masked next-token cross-entropy with AdamW, linear warmup then constant LR."""
+    """Masked next-token cross-entropy with AdamW: linear warmup, constant, linear decay to 0."""
 
     def loss_fn(model, inputs, targets, mask):
         logits = model(inputs)
@@ -266,9 +255,8 @@ def greedy_accuracy(model, tok: TiktokenTokenizerWrapper, examples, max_new_toke
     from utils.evaluation import evaluate
     from utils.rollout import CalculatorTool
 
-    calculator = CalculatorTool(tok, tok.python_start_id, tok.python_end_id, tok.output_start_id, tok.output_end_id)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": e.question}], add_generation_prompt=True)
-               for e in examples]
+    calculator = CalculatorTool.for_tokenizer(tok)
+    prompts = [encode_prompt(tok, build_messages(e.question, "nanochat")) for e in examples]
     check = BUILTIN_REWARDS["gsm8k"]
     result = evaluate(
         model, prompts, [e.answer for e in examples],
@@ -309,9 +297,8 @@ def make_demo(out_dir: Path, settings: DemoSettings, eval_every: int = 0, log=pa
     start = time.perf_counter()
     mx.random.seed(settings.seed)
     data_dir, model_dir = out_dir / "data", out_dir / "model"
-    write_dataset(data_dir, settings.num_train, settings.num_test, settings.seed)
-    train = load_gsm8k(dataset_path=str(data_dir), split="train")
-    test = load_gsm8k(dataset_path=str(data_dir), split="test")
+    train, _ = write_dataset(data_dir, settings.num_train, settings.num_test, settings.seed)
+    test = load_gsm8k(dataset_path=str(data_dir), split="test")  # read back the way the trainer reads it
     log(f"[data] {len(train)} train / {len(test)} test problems in {data_dir}")
 
     # Many fresh problems rather than epochs over a few: the model must learn to copy numbers, not memorize.
