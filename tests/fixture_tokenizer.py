@@ -7,10 +7,9 @@ generated text, so tests exercise the real tokenizer.pkl format without download
 import os
 import pickle
 
-import rustbpe
 import tiktoken
 
-from utils.tokenizer import NANOCHAT_SPECIAL_TOKENS, NANOCHAT_SPLIT_PATTERN, TOKENIZER_FILENAME
+from utils.tokenizer import TOKENIZER_FILENAME, train_tokenizer
 
 _NAMES = ["Natalia", "Weng", "Betty", "Julie", "James", "Zoë", "José", "Hiro", "Amélie", "Kenji"]
 _ITEMS = ["clips", "apples", "pages", "marbles", "cookies", "tickets", "pencils", "flowers", "stamps"]
@@ -43,23 +42,7 @@ def build_tiny_tokenizer(out_dir, vocab_size: int = 512) -> tiktoken.Encoding:
     vocab_size counts the 256 byte tokens, the merges and the 9 nanochat specials, which take
     the last 9 ids in nanochat's order. Deterministic: same arguments, same file.
     """
-    ranks_size = vocab_size - len(NANOCHAT_SPECIAL_TOKENS)
-    if ranks_size < 256:
-        raise ValueError(f"vocab_size={vocab_size} is too small: it needs 256 byte tokens + 9 specials")
-    trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(_training_text()), ranks_size, pattern=NANOCHAT_SPLIT_PATTERN)
-    mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
-    if len(mergeable_ranks) != ranks_size:
-        raise ValueError(
-            f"the fixture text only supports {len(mergeable_ranks)} BPE ranks, not {ranks_size}: lower vocab_size"
-        )
-    special_tokens = {name: ranks_size + i for i, name in enumerate(NANOCHAT_SPECIAL_TOKENS)}
-    encoding = tiktoken.Encoding(
-        name="rustbpe",
-        pat_str=trainer.get_pattern(),
-        mergeable_ranks=mergeable_ranks,
-        special_tokens=special_tokens,
-    )
+    encoding = train_tokenizer(_training_text(), vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, TOKENIZER_FILENAME), "wb") as f:
         pickle.dump(encoding, f)

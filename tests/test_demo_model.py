@@ -16,13 +16,12 @@ from utils.make_demo_model import (
     render_sft_example,
     round_embedding_to_bf16,
     tokenizer_texts,
-    train_tokenizer,
     write_nanochat_checkpoint,
 )
 from utils.model_loading import load_model
 from utils.nanochat import build_model, convert_checkpoint, find_checkpoint, mlx_config, read_nanochat_meta
 from utils.synthetic_math import generate_problem, generate_problems, write_dataset
-from utils.tokenizer import NANOCHAT_SPECIAL_TOKENS, TiktokenTokenizerWrapper, nanochat_tokenizer
+from utils.tokenizer import NANOCHAT_SPECIAL_TOKENS, TiktokenTokenizerWrapper, nanochat_tokenizer, train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO_ROOT / "demo" / "model"

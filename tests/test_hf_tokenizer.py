@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import regex
-import rustbpe
 import tiktoken
 from fixture_tokenizer import _training_text
 
@@ -29,6 +28,7 @@ from utils.tokenizer import (
     _byte_to_unicode,
     load_tiktoken_encoding,
     nanochat_tokenizer,
+    train_tokenizer,
 )
 
 GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k"
@@ -91,11 +91,7 @@ def _corpus() -> list:
 
 def _gsm8k_trained_encoding() -> tiktoken.Encoding:
     """A 4096-token nanochat-style tokenizer trained on GSM8K train: many more merges than the fixture."""
-    trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(_gsm8k_lines("train")), 4096 - len(NANOCHAT_SPECIAL_TOKENS), pattern=NANOCHAT_SPLIT_PATTERN)
-    ranks = {bytes(t): r for t, r in trainer.get_mergeable_ranks()}
-    specials = {t: len(ranks) + i for i, t in enumerate(NANOCHAT_SPECIAL_TOKENS)}
-    return tiktoken.Encoding(name="rustbpe", pat_str=trainer.get_pattern(), mergeable_ranks=ranks, special_tokens=specials)
+    return train_tokenizer(_gsm8k_lines("train"), 4096)
 
 
 @pytest.fixture(scope="module")

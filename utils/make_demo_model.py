@@ -47,12 +47,7 @@ from utils.data import build_messages, encode_prompt, gsm8k_solution_to_nanochat
 from utils.nanochat import build_model, convert_checkpoint, find_checkpoint, mlx_config
 from utils.rewards import BUILTIN_REWARDS
 from utils.synthetic_math import generate_problems, without_calculator, write_dataset
-from utils.tokenizer import (
-    NANOCHAT_SPECIAL_TOKENS,
-    NANOCHAT_SPLIT_PATTERN,
-    TOKENIZER_FILENAME,
-    TiktokenTokenizerWrapper,
-)
+from utils.tokenizer import TOKENIZER_FILENAME, TiktokenTokenizerWrapper, train_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,34 +75,6 @@ class DemoSettings:
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A tiktoken.Encoding trained with rustbpe like nanochat's RustBPETokenizer.train_from_iterator.
-
-    vocab_size counts the 256 byte tokens, the merges and the 9 specials (the last 9 ids).
-    """
-    import rustbpe
-    import tiktoken
-
-    ranks_size = vocab_size - len(NANOCHAT_SPECIAL_TOKENS)
-    if ranks_size < 256:
-        raise ValueError(f"vocab_size={vocab_size} is too small: it needs 256 byte tokens + 9 specials")
-    trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter(texts), ranks_size, pattern=NANOCHAT_SPLIT_PATTERN)
-    mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
-    if len(mergeable_ranks) != ranks_size:
-        raise ValueError(
-            f"the training text supports only {len(mergeable_ranks)} BPE ranks, not {ranks_size}: "
-            f"lower vocab_size to at most {len(mergeable_ranks) + len(NANOCHAT_SPECIAL_TOKENS)}"
-        )
-    special_tokens = {name: ranks_size + i for i, name in enumerate(NANOCHAT_SPECIAL_TOKENS)}
-    return tiktoken.Encoding(
-        name="rustbpe",
-        pat_str=trainer.get_pattern(),
-        mergeable_ranks=mergeable_ranks,
-        special_tokens=special_tokens,
-    )
 
 
 def tokenizer_texts(examples) -> list[str]:

@@ -127,6 +127,33 @@ def load_tiktoken_encoding(path: Union[str, os.PathLike]) -> tiktoken.Encoding:
 # The nanochat tokenizer
 
 
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A tiktoken.Encoding trained with rustbpe like nanochat's RustBPETokenizer.train_from_iterator.
+
+    vocab_size counts the 256 byte tokens, the merges and the 9 specials (the last 9 ids).
+    """
+    import rustbpe  # only needed to train one (utils/make_demo_model.py, tests)
+
+    ranks_size = vocab_size - len(NANOCHAT_SPECIAL_TOKENS)
+    if ranks_size < 256:
+        raise ValueError(f"vocab_size={vocab_size} is too small: it needs 256 byte tokens + 9 specials")
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter(texts), ranks_size, pattern=NANOCHAT_SPLIT_PATTERN)
+    mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+    if len(mergeable_ranks) != ranks_size:
+        raise ValueError(
+            f"the training text supports only {len(mergeable_ranks)} BPE ranks, not {ranks_size}: "
+            f"lower vocab_size to at most {len(mergeable_ranks) + len(NANOCHAT_SPECIAL_TOKENS)}"
+        )
+    special_tokens = {name: ranks_size + i for i, name in enumerate(NANOCHAT_SPECIAL_TOKENS)}
+    return tiktoken.Encoding(
+        name="rustbpe",
+        pat_str=trainer.get_pattern(),
+        mergeable_ranks=mergeable_ranks,
+        special_tokens=special_tokens,
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def _byte_to_unicode() -> dict:
     """GPT-2's byte -> printable character table, the token-string form HF byte-level BPE uses.
