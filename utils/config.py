@@ -503,8 +503,7 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     need(0.0 <= cfg.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {cfg.lora_dropout!r}")
     need(cfg.lora_layers == -1 or cfg.lora_layers >= 1,
          f"lora_layers must be -1 (all blocks) or >= 1 (the top N blocks), got {cfg.lora_layers!r}")
-    need(cfg.base_quant_bits in (0,) + QUANT_BITS,
-         f"base_quant_bits must be one of 0|{'|'.join(map(str, QUANT_BITS))}, got {cfg.base_quant_bits!r}")
+    one_of("base_quant_bits", (0,) + QUANT_BITS)
     one_of("base_quant_group_size", QUANT_GROUP_SIZES)
     need(cfg.base_quant_bits == 0 or cfg.train_type != "full",
          "base_quant_bits > 0 (QLoRA) quantizes a frozen base: set train_type = \"lora\" (or \"dora\")")

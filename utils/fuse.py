@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     from utils.checkpoint import CHECKPOINTS_DIRNAME, CheckpointError, find_latest_checkpoint
-    from utils.lora import ADAPTER_CONFIG_FILE, is_adapter_folder
+    from utils.model_loading import ADAPTER_CONFIG_FILE, is_adapter_folder
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -57,14 +57,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def fuse_checkpoint(checkpoint: str | Path, output: str | Path, *, base: str | None = None,
                     keep_quantized: bool = False) -> Path:
     """Load base + adapters, merge them (mlx-lm's fuse) and write a loadable model folder; return it."""
-    from utils.lora import fuse_adapters, load_adapted_model, read_adapter_config
+    from utils.lora import adapter_base, fuse_adapters, load_adapted_model
     from utils.model_loading import ModelLoadError, save_model_folder
 
     checkpoint = resolve_checkpoint(checkpoint)
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise ModelLoadError(f"output folder {output} is not empty; choose a new folder")
-    base = base or read_adapter_config(checkpoint)["model"]
+    base = base or adapter_base(checkpoint)
     model, tokenizer, config = load_adapted_model(base, checkpoint, return_config=True)
     config = fuse_adapters(model, config, dequantize=not keep_quantized)
     return save_model_folder(output, model, tokenizer, base, config=config)

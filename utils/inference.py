@@ -206,8 +206,8 @@ def main(argv=None) -> int:
 
     from utils.chat_session import GenerationOptions, InferenceError
     from utils.checkpoint import CheckpointError
-    from utils.lora import is_adapter_folder, load_adapted_model
-    from utils.model_loading import ModelLoadError, load_model
+    from utils.lora import load_adapted_model
+    from utils.model_loading import ModelLoadError, is_adapter_folder, load_model
     from utils.nanochat import NanochatCheckpointError
 
     try:

@@ -26,11 +26,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from utils.config import ConfigError
-from utils.model_loading import ModelLoadError, load_model
+from utils.model_loading import ADAPTER_CONFIG_FILE, ModelLoadError, is_adapter_folder, load_model
 from utils.training import frozen_copy
 
 ADAPTER_FILE = "adapters.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_TRAIN_TYPES = ("lora", "dora")
 # The trainable leaves of mlx-lm's adapter layers (DoRA's magnitude "m" too); mlx-lm's load_adapters uses the same.
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
@@ -51,11 +50,6 @@ def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def has_adapters(model: nn.Module) -> bool:
     return bool(adapter_modules(model))
-
-
-def is_adapter_folder(path: str | Path) -> bool:
-    """A LoRA checkpoint or mlx-lm adapter folder (adapter_config.json, no model weights of its own)."""
-    return (Path(path).expanduser() / ADAPTER_CONFIG_FILE).is_file()
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -265,6 +259,15 @@ def read_adapter_config(folder: str | Path) -> dict:
     return config
 
 
+def adapter_base(folder: str | Path) -> str:
+    """The base model an adapter folder was trained on (its adapter_config.json's "model")."""
+    base = read_adapter_config(folder).get("model")
+    if not base:
+        raise ModelLoadError(f"{Path(folder) / ADAPTER_CONFIG_FILE} does not name its base model; "
+                             "pass the base with --model and the adapters with --adapter-path")
+    return base
+
+
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
     """Load folder/adapters.safetensors into a model whose adapters add_adapters built (resume); strict."""
     from utils.checkpoint import CheckpointError
@@ -301,11 +304,7 @@ def load_adapted_model(model: str | Path, adapter_path: str | Path | None = None
     from mlx_lm.tuner.utils import load_adapters
 
     if adapter_path is None and is_adapter_folder(model):
-        adapter_path = model
-        model = read_adapter_config(adapter_path).get("model")
-        if not model:
-            raise ModelLoadError(f"{Path(adapter_path) / ADAPTER_CONFIG_FILE} does not name its base model; "
-                                 "pass the base with --model and the adapters with --adapter-path")
+        adapter_path, model = model, adapter_base(model)
     elif adapter_path is not None and is_adapter_folder(model):
         raise ModelLoadError(f"{model} is itself an adapter folder; pass the base model with --model")
     base, tokenizer, config = load_model(model, return_config=True)

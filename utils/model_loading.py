@@ -15,6 +15,8 @@ import mlx.nn as nn
 from utils.nanochat import TOKENIZER_FILE, load_nanochat_model, read_nanochat_meta, save_nanochat_folder
 from utils.tokenizer import TiktokenTokenizerWrapper, nanochat_tokenizer
 
+ADAPTER_CONFIG_FILE = "adapter_config.json"  # marks a LoRA checkpoint / mlx-lm adapter folder
+
 
 class ModelLoadError(ValueError):
     """A model that cannot be loaded; the message says what to pass instead."""
@@ -24,13 +26,18 @@ def is_nanochat_folder(path: str | Path) -> bool:
     return (Path(path).expanduser() / TOKENIZER_FILE).is_file()
 
 
+def is_adapter_folder(path: str | Path) -> bool:
+    """A LoRA checkpoint or mlx-lm adapter folder (adapter_config.json, no model weights of its own)."""
+    return (Path(path).expanduser() / ADAPTER_CONFIG_FILE).is_file()
+
+
 def load_model(path: str | Path, *, lazy: bool = False, return_config: bool = False):
     """(model, tokenizer), or (model, tokenizer, config) with return_config.
 
     The tokenizer is an mlx_lm TokenizerWrapper in both cases, so mlx_lm.generate and
     stream_generate work on either.
     """
-    if (Path(path).expanduser() / "adapter_config.json").is_file():  # a LoRA checkpoint: adapters only
+    if is_adapter_folder(path):  # a LoRA checkpoint: adapters only
         raise ModelLoadError(f"{path} holds LoRA adapters, not a model: load it with utils.lora.load_adapted_model "
                              f"(utils/inference.py does), or fuse it first: python utils/fuse.py --checkpoint "
                              f"{path} --output DIR")
