@@ -4,7 +4,8 @@ mlx-lm's top-k sampler partitions the whole vocabulary (argpartition) for every 
 256 rows x 65,536 logits that costs more than the model's matmuls, so the common case
 (temperature with top-k, no top-p/min-p) is done here without a sort: the k-th largest logit of
 each row is found by bisection on its bits, and a Gumbel-max draw picks among the logits at or
-above it. Anything else (top-p, min-p) goes to mlx-lm's sampler.
+above it. On MLX's CUDA backend the same draw is one kernel launch (utils/cuda_sampling.py).
+Anything else (top-p, min-p) goes to mlx-lm's sampler.
 """
 
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from functools import lru_cache
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
+
+from utils import cuda_sampling
 
 
 def ordered_keys(x: mx.array) -> mx.array:
@@ -80,6 +83,9 @@ class RolloutSampler:
         if self.temperature == 0:
             return _compiled_greedy()(logits)
         if self.fused:
+            if cuda_sampling.available():  # the Philox key comes from MLX's RNG, so mx.random.seed still rules
+                return cuda_sampling.sample_top_k(logits, self.temperature, self.top_k,
+                                                 mx.random.randint(0, 2**31 - 1, (1,), dtype=mx.uint32))
             return _compiled_top_k_sampler(float(self.temperature), int(self.top_k))(logits)
         sampler = make_sampler(temp=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).astype(mx.int32)
