@@ -14,6 +14,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 
 from bench.grpo_step import build_model  # noqa: E402
+from utils import cuda_decode, cuda_sampling  # noqa: E402
 from utils.sampling import make_rollout_sampler  # noqa: E402
 
 
@@ -36,7 +37,10 @@ def main():
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--part", default="steps", choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop"])
+    p.add_argument("--no-cuda-kernels", action="store_true", help="rollouts without utils/cuda_decode.py's and utils/cuda_sampling.py's kernels")
     args = p.parse_args()
+    if args.no_cuda_kernels:
+        cuda_decode.available = cuda_sampling.available = lambda: False
     if args.part == "loop":
         return rollout_loop(depth=args.depth, rows=args.rows, steps=args.steps)
     if args.part == "ops":
@@ -156,6 +160,7 @@ def rollout_loop(depth=20, rows=256, steps=256, prompts=16):
     for _ in range(2):
         _, stats = generate_completions(model, prompt_ids, group_size=rows // prompts, max_new_tokens=steps,
                                         sampler=sampler, stop_token_ids=set())
+    print(f"CUDA decode kernel: {cuda_decode.available()}")
     print(f"generate_completions: {stats.seconds:.3f} s, prefill {stats.prefill_seconds:.3f} s, "
           f"{(stats.seconds - stats.prefill_seconds) / steps * 1e3:.3f} ms per decode step")
     for read_back in (True, False):

@@ -23,6 +23,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.models.nanochat import Model, ModelArgs  # noqa: E402
 
+from utils import cuda_decode, cuda_sampling  # noqa: E402
 from utils.config import GRPOConfig  # noqa: E402
 from utils.grpo_loss import group_advantages  # noqa: E402
 from utils.lora import add_adapters, base_policy, rollout_copy  # noqa: E402
@@ -51,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--quant-bits", type=int, default=0, help="rollouts from a quantized copy (0 = off)")
     p.add_argument("--compile", action="store_true", help="compile the loss and gradient")
     p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast nanochat decoder")
+    p.add_argument("--no-cuda-kernels", action="store_true", help="rollouts without utils/cuda_decode.py's and utils/cuda_sampling.py's kernels")
     p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
     p.add_argument("--base-quant-bits", type=int, default=0, help="QLoRA: quantize the frozen base (0 = no)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
@@ -92,6 +94,8 @@ def main(argv=None):
     mx.random.seed(0)
     rng = np.random.default_rng(0)
     compute_dtype = getattr(mx, args.compute_dtype)
+    if args.no_cuda_kernels:
+        cuda_decode.available = cuda_sampling.available = lambda: False
     model = build_model(args.depth)
     params = count_params(model)
     lora = args.train_type != "full"
@@ -157,7 +161,8 @@ def main(argv=None):
         row = {
             "step": step, "depth": args.depth, "params": params,
             "shape": f"{args.prompts}x{args.group}x{args.new_tokens}",
-            "step_s": t4 - t0, "rollout_s": t1 - t0, "prefill_s": rollout_stats.prefill_seconds, "old_policy_s": t2 - t1, "reference_s": t3 - t2,
+            "step_s": t4 - t0, "rollout_s": t1 - t0, "prefill_s": rollout_stats.prefill_seconds,
+            "generate_s": rollout_stats.seconds, "generate_tok_s": generated / rollout_stats.seconds, "old_policy_s": t2 - t1, "reference_s": t3 - t2,
             "update_s": t4 - t3,
             "rollout_tok_s": generated / (t1 - t0),
             "rollout_vs_bandwidth_bound": bound / (t1 - t0),

@@ -4,8 +4,10 @@ mlx-lm's model call builds ~25 small ops per layer from Python for every token, 
 cache adds more (offsets, masks) per layer; at 256 rows a decode step is bound by building and
 launching those ops, not by the GPU. Here the per-layer work on each side of attention runs as two
 compiled functions of fixed shape (shapes do not change between decode steps, so they trace once),
-q/k/v come from one fused matmul, RoPE and the QK norm run once for q and k together, and the KV
-cache is one preallocated buffer per layer written in place. The math is mlx-lm's nanochat model.
+q/k/v come from one fused matmul, and the KV cache is preallocated. On MLX's CUDA backend the
+attention part (RoPE, QK norm, cache write, attention over the prompt stored once per group) is one
+kernel, utils/cuda_decode.py; elsewhere RoPE and the QK norm run once for q and k together and
+MLX's fused attention reads a per-row cache filled by slice writes. The math is mlx-lm's nanochat model.
 """
 
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
+
+from utils import cuda_decode
 
 EPS = 1e-5  # nanochat's RMSNorm epsilon (mlx-lm's nanochat.rms_norm)
 SOFTCAP = 15.0  # nanochat's logit softcap
@@ -78,6 +82,9 @@ def _step_functions(n_heads, n_kv_heads, head_dim, quantization):
         qk = mx.fast.rms_norm(qk, None, EPS)  # nanochat's QK norm, after RoPE
         return qk[:, :n_heads], qk[:, n_heads:], qkv[:, qk_heads:]
 
+    def qkv_projection(x, qkv_arrays):  # for utils/cuda_decode.py, which does RoPE and the QK norm itself
+        return _matmul(mx.fast.rms_norm(x, None, EPS), qkv_arrays, quantization)
+
     def block_output(x, attention, proj_arrays, fc_arrays, fc_proj_arrays):
         h = _residual_matmul(x, attention.reshape(x.shape[0], -1), proj_arrays, quantization)
         mlp = _matmul(mx.fast.rms_norm(h, None, EPS), fc_arrays, quantization)
@@ -87,7 +94,8 @@ def _step_functions(n_heads, n_kv_heads, head_dim, quantization):
         out = _matmul(mx.fast.rms_norm(x, None, EPS), head_arrays, quantization)
         return SOFTCAP * mx.tanh(out / SOFTCAP)
 
-    return mx.compile(attention_inputs), mx.compile(block_output), mx.compile(logits)
+    return (mx.compile(attention_inputs), mx.compile(block_output), mx.compile(logits),
+            mx.compile(qkv_projection))
 
 
 @dataclass
@@ -101,12 +109,15 @@ class _LayerArrays:
 class NanochatDecoder:
     """Decode `group_size` rows per prompt in one batch; `step(tokens)` -> next-token logits.
 
-    The prompts are prefilled together, once each (all but their last token), and each prompt's cache
-    is copied to its group's rows, left-padded to the longest prompt. Row r's token at decode step t sits at buffer column
-    prefix_len + t and at RoPE position len(prompt_r) - 1 + t.
+    The prompts are prefilled together, once each (all but their last token). Row r's token at
+    decode step t sits at RoPE position len(prompt_r) - 1 + t. Two cache layouts:
+    - with utils/cuda_decode.py's kernel (MLX's CUDA backend): each prompt's keys are stored once and
+      each row's generated keys on their own, so nothing is padded or masked;
+    - elsewhere: each prompt's cache is copied to its group's rows, left-padded to the longest
+      prompt, and MLX's fused attention runs with a mask over the padding.
     """
 
-    def __init__(self, model, prompts, group_size, max_new_tokens):
+    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None):
         attn = model.transformer.h[0].attn
         self.model = model
         self.n_heads, self.n_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -120,16 +131,57 @@ class NanochatDecoder:
             for b in model.transformer.h
         ]
         self.head = _linear_arrays([model.lm_head])
-        self._prefill(prompts, group_size, max_new_tokens)
-
-    def _prefill(self, prompts, group_size, max_new_tokens):
+        kernel_fits = cuda_decode.supports_shape(self.n_heads, self.n_kv_heads, self.head_dim, self.scale)
+        if use_kernel is None:
+            use_kernel = cuda_decode.available() and kernel_fits
+        elif use_kernel and not (cuda_decode.available() and kernel_fits):
+            raise ValueError("NanochatDecoder: use_kernel=True needs MLX's CUDA backend on the GPU and a head "
+                             "shape utils/cuda_decode.py supports; pass use_kernel=None to choose automatically")
+        self.use_kernel = use_kernel
+        self.t = 0
         prefix_lens = [len(p) - 1 for p in prompts]
-        self.prefix_len = width = max(prefix_lens)
-        capacity = width + max_new_tokens
-        # The cache's dtype is that of the keys a decode step writes (dtype inference only: not evaluated).
+        self.prefix_len = max(prefix_lens)
+        self.capacity = max_new_tokens
+        self.cache_dtype = self._cache_dtype()
+        if self.use_kernel:
+            self._cache_per_prompt(prompts, prefix_lens, group_size, max_new_tokens)
+        else:
+            self._cache_per_row(prompts, prefix_lens, group_size, max_new_tokens)
+
+    def _cache_dtype(self):
+        """The dtype of the keys a decode step writes (dtype inference only: nothing is evaluated)."""
         probe = mx.fast.rms_norm(self.model.transformer.wte(mx.array([0])), None, EPS)
-        dtype = self.functions[0](probe, self.layers[0].qkv, self.rope_freqs, mx.array([0]))[1].dtype
-        prefix = self._batched_prefill(prompts, prefix_lens) if width > 0 else None
+        return self.functions[0](probe, self.layers[0].qkv, self.rope_freqs, mx.array([0]))[1].dtype
+
+    def _prefill(self, prompts, prefix_lens):
+        """All prompts (but their last token) in one forward, right-padded so the causal mask is the
+        only mask and every real token sits at its true position: each layer's (keys, values) of
+        shape (prompts, kv_heads, prefix_len, head_dim), prompt p's in columns [0, prefix_lens[p])."""
+        width = self.prefix_len
+        tokens = mx.array([p[:n] + [0] * (width - n) for p, n in zip(prompts, prefix_lens)], dtype=mx.int32)
+        cache = make_prompt_cache(self.model)
+        self.model(tokens, cache=cache)
+        return [(c.keys[..., :width, :], c.values[..., :width, :]) for c in cache]
+
+    def _cache_per_prompt(self, prompts, prefix_lens, group_size, max_new_tokens):
+        dtype = self.cache_dtype
+        empty = mx.zeros((len(prompts), self.n_kv_heads, 1, self.head_dim), dtype)  # only one-token prompts
+        prefix = self._prefill(prompts, prefix_lens) if self.prefix_len > 0 else [(empty, empty)] * len(self.layers)
+        self.prompt_kv = [(mx.contiguous(k.astype(dtype)), mx.contiguous(v.astype(dtype))) for k, v in prefix]
+        rows = len(prompts) * group_size
+        self.generated_kv = []
+        for keys, values in self.prompt_kv:
+            self.generated_kv.append(mx.zeros((rows, 2, self.n_kv_heads, max_new_tokens, self.head_dim), dtype))
+            mx.eval(keys, values, self.generated_kv[-1])
+        self.row_prompt = mx.array([p for p in range(len(prompts)) for _ in range(group_size)], dtype=mx.int32)
+        self.prompt_lens = mx.array(prefix_lens, dtype=mx.int32)
+        self.inv_freq = (1.0 / self.rope_freqs).astype(mx.float32)  # mx.fast.rope's angle per position
+
+    def _cache_per_row(self, prompts, prefix_lens, group_size, max_new_tokens):
+        width = self.prefix_len
+        capacity = width + max_new_tokens
+        dtype = self.cache_dtype
+        prefix = self._rolled_prefill(prompts, prefix_lens) if width > 0 else None
         self.keys, self.values = [], []
         for layer in range(len(self.layers)):
             if prefix is None:  # only one-token prompts: nothing to prefill
@@ -145,50 +197,54 @@ class NanochatDecoder:
         self.start_positions = mx.array(lens, dtype=mx.int32)  # RoPE position of each row's first decoded token
         self.left_padding = mx.array([width - n for n in lens], dtype=mx.int32)
         self.padded = any(n != width for n in lens)
-        self.t = 0
 
-    def _batched_prefill(self, prompts, prefix_lens):
-        """All prompts (but their last token) in one forward, right-padded so the causal mask is the
-        only mask and every real token sits at its true position; then each row's keys and values
-        are rolled right so they end at column prefix_len (the padding's values wrap to the front,
-        where the decode mask hides them)."""
+    def _rolled_prefill(self, prompts, prefix_lens):
+        """The prefill with each row's keys and values rolled right so they end at column prefix_len
+        (the padding's values wrap to the front, where the decode mask hides them)."""
         width = self.prefix_len
-        tokens = mx.array([p[:n] + [0] * (width - n) for p, n in zip(prompts, prefix_lens)], dtype=mx.int32)
-        cache = make_prompt_cache(self.model)
-        self.model(tokens, cache=cache)
         shift = mx.array([width - n for n in prefix_lens], dtype=mx.int32)
         source = ((mx.arange(width)[None] - shift[:, None]) % width)[:, None, :, None]  # (prompts, 1, width, 1)
-        out = []
-        for c in cache:
-            keys, values = c.keys[..., :width, :], c.values[..., :width, :]
-            out.append((mx.take_along_axis(keys, source, axis=2), mx.take_along_axis(values, source, axis=2)))
+        out = [(mx.take_along_axis(k, source, axis=2), mx.take_along_axis(v, source, axis=2))
+               for k, v in self._prefill(prompts, prefix_lens)]
         mx.eval(out)
         return out
 
     def step(self, tokens):
         """(rows,) int32 tokens at decode step t -> (rows, vocab) logits for step t + 1."""
-        attention_inputs, block_output, logits = self.functions
-        column = self.prefix_len + self.t
-        if column >= self.keys[0].shape[2]:  # mlx would silently drop a write past the buffer's end
+        if self.t >= self.capacity:  # mlx would silently drop a write past the buffer's end
             raise ValueError(f"NanochatDecoder.step: all {self.t} decode steps of this batch are used; "
                              f"make a decoder with a larger max_new_tokens")
-        positions = self.start_positions + self.t
-        mask = None
-        if self.padded:  # the left padding of shorter prompts is not attended to
-            mask = (mx.arange(column + 1) >= self.left_padding[:, None])[:, None, None, :]
+        attention_inputs, block_output, logits, qkv_projection = self.functions
         x = mx.fast.rms_norm(self.model.transformer.wte(tokens), None, EPS)
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            q, k, v = attention_inputs(x, layer.qkv, self.rope_freqs, positions)
-            keys[..., column:column + 1, :] = k
-            values[..., column:column + 1, :] = v
-            attention = mx.fast.scaled_dot_product_attention(
-                q, keys[..., :column + 1, :], values[..., :column + 1, :], scale=self.scale, mask=mask)
-            x = block_output(x, attention, layer.proj, layer.fc, layer.fc_proj)
+        if self.use_kernel:
+            step = mx.array([self.t], dtype=mx.int32)
+            for layer, (prompt_k, prompt_v), generated_kv in zip(self.layers, self.prompt_kv, self.generated_kv):
+                attention = cuda_decode.decode_attention(
+                    qkv_projection(x, layer.qkv), self.inv_freq, step, self.row_prompt, self.prompt_lens,
+                    prompt_k, prompt_v, generated_kv, self.n_heads, self.n_kv_heads, self.head_dim)
+                x = block_output(x, attention, layer.proj, layer.fc, layer.fc_proj)
+        else:
+            column = self.prefix_len + self.t
+            positions = self.start_positions + self.t
+            mask = None
+            if self.padded:  # the left padding of shorter prompts is not attended to
+                mask = (mx.arange(column + 1) >= self.left_padding[:, None])[:, None, None, :]
+            for layer, keys, values in zip(self.layers, self.keys, self.values):
+                q, k, v = attention_inputs(x, layer.qkv, self.rope_freqs, positions)
+                keys[..., column:column + 1, :] = k
+                values[..., column:column + 1, :] = v
+                attention = mx.fast.scaled_dot_product_attention(
+                    q, keys[..., :column + 1, :], values[..., :column + 1, :], scale=self.scale, mask=mask)
+                x = block_output(x, attention, layer.proj, layer.fc, layer.fc_proj)
         self.t += 1
         return logits(x, self.head)
 
     def filter(self, keep):
         """Keep only these batch rows (an int array of row indices)."""
+        if self.use_kernel:
+            self.generated_kv = [g[keep] for g in self.generated_kv]
+            self.row_prompt = self.row_prompt[keep]
+            return
         self.keys = [k[keep] for k in self.keys]
         self.values = [v[keep] for v in self.values]
         self.start_positions = self.start_positions[keep]

@@ -1,0 +1,124 @@
+"""utils/cuda_decode.py: the kernel's math (emulated here) against MLX's own ops; the kernel itself and
+the decoder that uses it only where MLX's CUDA backend runs (the GPU machine)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from utils import cuda_decode, nanochat_decode
+from utils.model_loading import load_model
+
+on_cuda = pytest.mark.skipif(not cuda_decode.available(), reason="needs MLX's CUDA backend")
+
+
+def emulate(qkv, inv_freq, t, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, heads, kv_heads, head_dim):
+    """The kernel's arithmetic in float64 NumPy: (attention output, new keys, new values)."""
+    rows, half, group = qkv.shape[0], head_dim // 2, heads // kv_heads
+    x = qkv.reshape(rows, heads + 2 * kv_heads, head_dim).astype(np.float64)
+    angle = (prompt_len[row_prompt] + t)[:, None, None] * inv_freq[None, None, :].astype(np.float64)
+    a, b = x[:, :heads + kv_heads, :half], x[:, :heads + kv_heads, half:]
+    rotated = np.concatenate([a * np.cos(angle) - b * np.sin(angle), a * np.sin(angle) + b * np.cos(angle)], -1)
+    normed = rotated / np.sqrt((rotated ** 2).mean(-1, keepdims=True) + cuda_decode.EPS)
+    q, k_new, v_new = normed[:, :heads], normed[:, heads:], x[:, heads + kv_heads:]
+    out = np.zeros((rows, heads, head_dim))
+    for r in range(rows):
+        p = row_prompt[r]
+        for h in range(heads):
+            kvh = h // group
+            keys = np.concatenate([prompt_k[p, kvh, :prompt_len[p]], generated_kv[r, 0, kvh, :t], k_new[r, kvh][None]])
+            values = np.concatenate([prompt_v[p, kvh, :prompt_len[p]], generated_kv[r, 1, kvh, :t], v_new[r, kvh][None]])
+            scores = keys.astype(np.float64) @ q[r, h] / np.sqrt(head_dim)
+            weights = np.exp(scores - scores.max())
+            out[r, h] = weights @ values.astype(np.float64) / weights.sum()
+    return out.reshape(rows, -1), k_new, v_new
+
+
+def random_case(dtype=np.float32, heads=4, kv_heads=2, head_dim=32, prompts=3, group=2, t=5, seed=0):
+    rng = np.random.default_rng(seed)
+    rows, lmax, capacity = prompts * group, 7, 9
+    case = dict(
+        qkv=rng.normal(size=(rows, (heads + 2 * kv_heads) * head_dim)).astype(dtype),
+        inv_freq=(1.0 / -np.exp(np.arange(head_dim // 2) * np.log(10000.0) / (head_dim // 2))).astype(np.float32),
+        t=t, row_prompt=np.repeat(np.arange(prompts), group).astype(np.int32),
+        prompt_len=np.array([7, 0, 4][:prompts], dtype=np.int32),
+        prompt_k=rng.normal(size=(prompts, kv_heads, lmax, head_dim)).astype(dtype),
+        prompt_v=rng.normal(size=(prompts, kv_heads, lmax, head_dim)).astype(dtype),
+        generated_kv=rng.normal(size=(rows, 2, kv_heads, capacity, head_dim)).astype(dtype),
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    return case
+
+
+def test_emulation_matches_mlx_rope_norm_and_attention():
+    """The kernel's formulas (RoPE from inverse frequencies, QK norm, attention over prompt + own keys)
+    are those of mlx-lm's nanochat attention: checked against mx.fast.rope / rms_norm / sdpa."""
+    c = random_case()
+    out, k_new, v_new = emulate(**c)
+    heads, kv_heads, hd = c["heads"], c["kv_heads"], c["head_dim"]
+    rows = c["qkv"].shape[0]
+    x = mx.array(c["qkv"]).reshape(rows, heads + 2 * kv_heads, 1, hd)
+    freqs = mx.array(1.0 / c["inv_freq"])  # mlx-lm's nanochat passes (negated) periods as freqs
+    positions = mx.array(c["prompt_len"][c["row_prompt"]] + c["t"])
+    qk = mx.fast.rms_norm(mx.fast.rope(x[:, :heads + kv_heads], hd, traditional=False, base=None, scale=1.0,
+                                       offset=positions, freqs=freqs), None, cuda_decode.EPS)
+    np.testing.assert_allclose(np.array(qk[:, heads:, 0]), k_new, atol=2e-5)
+    for r in range(rows):
+        p = c["row_prompt"][r]
+        n = c["prompt_len"][p]
+        keys = mx.concatenate([mx.array(c["prompt_k"][p, :, :n]), mx.array(c["generated_kv"][r, 0, :, :c["t"]]),
+                               qk[r, heads:]], axis=1)
+        values = mx.concatenate([mx.array(c["prompt_v"][p, :, :n]), mx.array(c["generated_kv"][r, 1, :, :c["t"]]),
+                                 x[r, heads + kv_heads:]], axis=1)
+        keys, values = mx.repeat(keys, heads // kv_heads, axis=0), mx.repeat(values, heads // kv_heads, axis=0)
+        ref = mx.fast.scaled_dot_product_attention(qk[r:r + 1, :heads], keys[None], values[None], scale=hd ** -0.5)
+        np.testing.assert_allclose(np.array(ref).reshape(-1), out[r], atol=2e-5)
+
+
+@pytest.mark.skipif(cuda_decode.available(), reason="this machine has MLX's CUDA backend")
+def test_use_kernel_true_needs_cuda(tiny_model_dir):
+    model = load_model(tiny_model_dir)[0]
+    with pytest.raises(ValueError, match="use_kernel=True needs MLX's CUDA backend"):
+        nanochat_decode.NanochatDecoder(model, [[1, 2, 3]], 2, 4, use_kernel=True)
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_kernel_matches_emulation_and_writes_its_column(dtype):
+    c = random_case(np.float32)
+    arrays = {k: mx.array(v) for k, v in c.items() if isinstance(v, np.ndarray)}
+    if dtype == "bfloat16":
+        for k in ("qkv", "prompt_k", "prompt_v", "generated_kv"):
+            arrays[k] = arrays[k].astype(mx.bfloat16)
+            c[k] = np.array(arrays[k].astype(mx.float32))
+    generated = arrays["generated_kv"]
+    out = cuda_decode.decode_attention(arrays["qkv"], arrays["inv_freq"], mx.array([c["t"]], dtype=mx.int32),
+                                       arrays["row_prompt"], arrays["prompt_len"], arrays["prompt_k"],
+                                       arrays["prompt_v"], generated, c["heads"], c["kv_heads"], c["head_dim"])
+    mx.eval(out)
+    expected, k_new, v_new = emulate(**c)
+    tol = 1e-4 if dtype == np.float32 else 3e-2
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), expected, atol=tol, rtol=tol)
+    written = np.array(generated.astype(mx.float32))
+    np.testing.assert_allclose(written[:, 0, :, c["t"]], k_new, atol=tol, rtol=tol)
+    np.testing.assert_allclose(written[:, 1, :, c["t"]], v_new, atol=tol, rtol=tol)
+    np.testing.assert_array_equal(written[:, :, :, :c["t"]], c["generated_kv"][:, :, :, :c["t"]])
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_decoder_with_kernel_matches_portable_decoder(tiny_model_dir, dtype):
+    model = load_model(tiny_model_dir)[0]
+    model.set_dtype(dtype)
+    prompts, group, steps = [[1, 5, 9, 11, 3], [2, 7], [4]], 2, 8
+    decoders = [nanochat_decode.NanochatDecoder(model, prompts, group, steps, use_kernel=k) for k in (True, False)]
+    assert decoders[0].use_kernel and not decoders[1].use_kernel
+    tokens = mx.array([p[-1] for p in prompts for _ in range(group)], dtype=mx.int32)
+    tol = 1e-2 if dtype == mx.float32 else 0.15  # MLX's CUDA attention and matmuls run float32 at TF32-like precision
+    for t in range(steps):
+        if t == 4:  # rows leave the batch
+            keep = mx.array([0, 3, 5])
+            tokens = tokens[keep]
+            for d in decoders:
+                d.filter(keep)
+        fast, slow = (d.step(tokens) for d in decoders)
+        np.testing.assert_allclose(np.array(fast.astype(mx.float32)), np.array(slow.astype(mx.float32)), atol=tol)
+        tokens = mx.argmax(slow, axis=-1).astype(mx.int32)

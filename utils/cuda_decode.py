@@ -1,0 +1,185 @@
+"""One CUDA kernel for a nanochat layer's attention in a decode step (MLX's CUDA backend only).
+
+On MLX's CUDA backend every kernel costs ~11 us however little it does, and the decode step's
+attention part took ~6 kernels per layer (RoPE, QK norm, two cache writes, the padding mask,
+attention), with the prompt's keys copied to and read from all 16 rows of its group. This kernel
+does it in one: RoPE and the QK norm of the row's new q and k, attention over the prompt's keys
+(stored once per prompt, read by the group's rows together, so mostly from L2), the row's own
+generated keys and the new key, and it writes the new key and value into the row's cache. Rows
+carry their prompt's length, so there is no left padding and no mask.
+
+The cache write is in place: `generated_kv` is an input that MLX treats as read-only, and the kernel
+writes column `step` of it (every other column it only reads). MLX would otherwise copy the whole
+buffer each step (a slice update of a buffer still in use by the step before is not done in place
+when the device runs ahead of the host). This is sound because these buffers belong to one decoder,
+are touched only by this kernel (and by `filter`'s gather, a later graph on the same stream), and
+step t + 1's kernel depends on step t's through the sampled tokens.
+
+Elsewhere (Metal, CPU) utils/nanochat_decode.py keeps MLX's fused attention.
+"""
+
+import hashlib
+from functools import lru_cache
+
+import mlx.core as mx
+
+from utils.cuda_sampling import available  # noqa: F401  (one test for where the CUDA kernels run)
+
+EPS = 1e-5  # nanochat's RMSNorm epsilon
+
+_HEADER = r"""
+template <typename V> __device__ inline float ck_float(V x) { return static_cast<float>(x); }
+__device__ inline float ck_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+"""
+
+# One block per (head, row) with one thread per head dimension. Template constants: H, KV (heads),
+# HD (head dim), T (the cache dtype); buffer lengths are read from the shapes MLX passes (one compiled
+# kernel serves every prompt length and capacity: compiling one costs ~1 s).
+_SOURCE = r"""
+  constexpr int HALF = HD / 2;
+  constexpr int NW = HD / 32;   // warps per block
+  constexpr int EPL = HD / 32;  // head dims per lane when a warp scores one key
+  constexpr int GROUP = H / KV;
+  constexpr int WIDTH = (H + 2 * KV) * HD;
+  constexpr float EPS_ = 1e-5f;
+  const int head = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
+  const int lane = d & 31, warp = d >> 5, kvh = head / GROUP;
+  const size_t LMAX = prompt_k_shape[2], GCAP = generated_kv_shape[3];
+  const int t = step[0];
+  const int p = row_prompt[row];
+  const int plen = prompt_len[p];
+
+  __shared__ float q_s[HD], k_s[HD], v_s[HD], red_q[NW], red_k[NW], m_s[NW], l_s[NW];
+  __shared__ float acc_s[NW][HD];
+
+  // RoPE (rotate-half form, rounded to T as mx.fast.rope's output is), then the QK RMSNorm.
+  const T* src = qkv + (size_t)row * WIDTH;
+  const int i = d < HALF ? d : d - HALF;
+  float sn, cs;
+  sincosf((float)(plen + t) * inv_freq[i], &sn, &cs);
+  const float qa = ck_float(src[head * HD + i]), qb = ck_float(src[head * HD + i + HALF]);
+  const float ka = ck_float(src[(H + kvh) * HD + i]), kb = ck_float(src[(H + kvh) * HD + i + HALF]);
+  const float qr = ck_float(T(d < HALF ? qa * cs - qb * sn : qa * sn + qb * cs));
+  const float kr = ck_float(T(d < HALF ? ka * cs - kb * sn : ka * sn + kb * cs));
+  const float sq_w = ck_warp_sum(qr * qr), sk_w = ck_warp_sum(kr * kr);
+  if (lane == 0) { red_q[warp] = sq_w; red_k[warp] = sk_w; }
+  __syncthreads();
+  float sq = 0.f, sk = 0.f;
+  for (int w = 0; w < NW; ++w) { sq += red_q[w]; sk += red_k[w]; }
+  const float qn = ck_float(T(qr * rsqrtf(sq / HD + EPS_)));
+  const float kn = ck_float(T(kr * rsqrtf(sk / HD + EPS_)));
+  const float vn = ck_float(src[(H + KV + kvh) * HD + d]);
+  q_s[d] = qn * (rsqrtf((float)HD) * 1.4426950408889634f);  // softmax scale and log2(e): exp2 below
+  k_s[d] = kn;
+  v_s[d] = vn;
+
+  // The new key and value go to column t of the row's cache (see the module docstring).
+  const size_t k_base = (((size_t)row * 2) * KV + kvh) * GCAP * HD;
+  const size_t v_base = (((size_t)row * 2 + 1) * KV + kvh) * GCAP * HD;
+  if (head % GROUP == 0) {
+    T* cache = const_cast<T*>(generated_kv);
+    cache[k_base + (size_t)t * HD + d] = T(kn);
+    cache[v_base + (size_t)t * HD + d] = T(vn);
+  }
+  __syncthreads();
+
+  // Each warp scores every NW-th key with an online softmax; lanes hold EPL dims of q and of the output.
+  float qv[EPL], acc[EPL];
+  for (int e = 0; e < EPL; ++e) { qv[e] = q_s[lane * EPL + e]; acc[e] = 0.f; }
+  float m = -__int_as_float(0x7f800000), l = 0.f;  // -inf
+  auto visit = [&](const T* key, const T* value) {
+    float s = 0.f;
+    for (int e = 0; e < EPL; ++e) s += qv[e] * ck_float(key[lane * EPL + e]);
+    s = ck_warp_sum(s);
+    const float m_new = fmaxf(m, s);
+    const float correction = exp2f(m - m_new), weight = exp2f(s - m_new);
+    l = l * correction + weight;
+    for (int e = 0; e < EPL; ++e) acc[e] = acc[e] * correction + weight * ck_float(value[lane * EPL + e]);
+    m = m_new;
+  };
+  const T* pk = prompt_k + ((size_t)p * KV + kvh) * LMAX * HD;
+  const T* pv = prompt_v + ((size_t)p * KV + kvh) * LMAX * HD;
+#pragma unroll 4
+  for (int j = warp; j < plen; j += NW) visit(pk + (size_t)j * HD, pv + (size_t)j * HD);
+#pragma unroll 4
+  for (int j = warp; j < t; j += NW) visit(generated_kv + k_base + (size_t)j * HD, generated_kv + v_base + (size_t)j * HD);
+  if (warp == NW - 1) {  // the new token attends to itself
+    float s = 0.f;
+    for (int e = 0; e < EPL; ++e) s += qv[e] * k_s[lane * EPL + e];
+    s = ck_warp_sum(s);
+    const float m_new = fmaxf(m, s);
+    const float correction = exp2f(m - m_new), weight = exp2f(s - m_new);
+    l = l * correction + weight;
+    for (int e = 0; e < EPL; ++e) acc[e] = acc[e] * correction + weight * v_s[lane * EPL + e];
+    m = m_new;
+  }
+
+  // Merge the warps' partial softmaxes.
+  if (lane == 0) { m_s[warp] = m; l_s[warp] = l; }
+  for (int e = 0; e < EPL; ++e) acc_s[warp][lane * EPL + e] = acc[e];
+  __syncthreads();
+  float m_all = m_s[0];
+  for (int w = 1; w < NW; ++w) m_all = fmaxf(m_all, m_s[w]);
+  float total = 0.f, o = 0.f;
+  for (int w = 0; w < NW; ++w) {
+    const float f = exp2f(m_s[w] - m_all);
+    total += l_s[w] * f;
+    o += acc_s[w][d] * f;
+  }
+  out[(size_t)row * H * HD + head * HD + d] = T(o / total);
+"""
+
+_INPUTS = ["qkv", "inv_freq", "step", "row_prompt", "prompt_len", "prompt_k", "prompt_v", "generated_kv"]
+_NAME = "nanochat_decode_attention_" + hashlib.sha1((_HEADER + _SOURCE).encode()).hexdigest()[:10]
+
+
+def supports_shape(n_heads: int, n_kv_heads: int, head_dim: int, scale: float) -> bool:
+    """The kernel's assumptions: whole warps per head, whole groups of query heads, scale 1/sqrt(head_dim)."""
+    return (head_dim % 32 == 0 and 32 <= head_dim <= 1024 and n_heads % n_kv_heads == 0
+            and abs(scale - head_dim ** -0.5) < 1e-7)
+
+
+@lru_cache(maxsize=None)
+def _kernel():
+    return mx.fast.cuda_kernel(name=_NAME, input_names=_INPUTS, output_names=["out"], source=_SOURCE,
+                               header=_HEADER)
+
+
+def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv,
+                     n_heads, n_kv_heads, head_dim):
+    """Attention output (rows, n_heads * head_dim) of one decode step; writes column step[0] of generated_kv.
+
+    qkv: (rows, (n_heads + 2 n_kv_heads) head_dim), the step's q/k/v before RoPE and the QK norm.
+    inv_freq: (head_dim / 2,) float32 RoPE angle per position. step: (1,) int32, the decode step t.
+    row_prompt: (rows,) int32 prompt of each row. prompt_len: (prompts,) int32 cached prompt tokens.
+    prompt_k, prompt_v: (prompts, n_kv_heads, prompt capacity, head_dim), each prompt's keys from column 0.
+    generated_kv: (rows, 2, n_kv_heads, capacity, head_dim): keys then values of the generated tokens.
+    A row's token at step t sits at RoPE position prompt_len + t.
+    """
+    rows = qkv.shape[0]
+    template = [("T", qkv.dtype), ("H", n_heads), ("KV", n_kv_heads), ("HD", head_dim)]
+    return _kernel()(
+        inputs=[qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv],
+        template=template, grid=(n_heads * head_dim, rows, 1), threadgroup=(head_dim, 1, 1),
+        output_shapes=[(rows, n_heads * head_dim)], output_dtypes=[qkv.dtype])[0]
+
+
+def kernel_sources_for_check(head_dim=128, n_heads=10, n_kv_heads=10):
+    """The source MLX generates for this kernel (its signature layout), for compiling without a GPU."""
+    types = ["__nv_bfloat16", "float", "int32_t", "int32_t", "int32_t", "__nv_bfloat16", "__nv_bfloat16",
+             "__nv_bfloat16"]
+    args = []
+    for t, n in zip(types, _INPUTS):
+        args.append(f"    const {t}* {n}")
+        if f"{n}_shape" in _SOURCE:
+            args.append(f"    const __grid_constant__ Shape {n}_shape")
+    args = ",\n".join(args + ["    __nv_bfloat16* out"])
+    consts = (f"  using T = __nv_bfloat16;\n  constexpr int H = {n_heads};\n  constexpr int KV = {n_kv_heads};\n"
+              f"  constexpr int HD = {head_dim};\n")
+    source = ('#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n' + _HEADER +
+              "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+              f"__global__ void custom_kernel_{_NAME}(\n{args}) {{\n{consts}\n{_SOURCE}\n}}\n\n}}\n")
+    return [(_NAME, source)]
