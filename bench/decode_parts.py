@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 from mlx_lm.models.cache import BatchKVCache  # noqa: E402
 
 from bench.grpo_step import build_model  # noqa: E402
@@ -163,6 +164,13 @@ def rollout_loop(depth=20, rows=256, steps=256, prompts=16):
     print(f"CUDA decode kernel: {cuda_decode.available()}")
     print(f"generate_completions: {stats.seconds:.3f} s, prefill {stats.prefill_seconds:.3f} s, "
           f"{(stats.seconds - stats.prefill_seconds) / steps * 1e3:.3f} ms per decode step")
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # as bench/grpo_step.py: new random prompts of 80-120 tokens each call
+        random_prompts = [rng.integers(0, 65_000, size=n).tolist() for n in rng.integers(80, 121, size=prompts)]
+        _, stats = generate_completions(model, random_prompts, group_size=rows // prompts, max_new_tokens=steps,
+                                        sampler=sampler, stop_token_ids=set())
+        print(f"generate_completions, random prompts of 80-120 tokens: {stats.seconds:.3f} s, "
+              f"prefill {stats.prefill_seconds:.3f} s")
     for read_back in (True, False):
         decoder = NanochatDecoder(model, prompt_ids, rows // prompts, steps)
         tokens = mx.zeros((rows,), dtype=mx.int32)

@@ -174,6 +174,9 @@ def generate_completions(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate_completions: got an empty prompt; every prompt needs at least one token")
     completions = [Completion(prompt_index=i) for i in range(len(prompts)) for _ in range(group_size)]
+    # Hand back the buffers the last phase left in MLX's cache (a GRPO update leaves tens of GB):
+    # with the cache full, the decode's small allocations free cached buffers one by one.
+    mx.clear_cache()
     rows = _Rows(completions, set(stop_token_ids), calculator)
     decoder = make_decoder(model, prompts, group_size, max_new_tokens, fast_decode)
     prefilled = time.perf_counter()
