@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from utils.cuda_sampling import available  # noqa: F401  (one test for where the CUDA kernels run)
+from utils.cuda_kernels import available, generated_source  # noqa: F401  (available: for callers)
 
 EPS = 1e-5  # nanochat's RMSNorm epsilon
 
@@ -168,18 +168,7 @@ def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prom
 
 
 def kernel_sources_for_check(head_dim=128, n_heads=10, n_kv_heads=10):
-    """The source MLX generates for this kernel (its signature layout), for compiling without a GPU."""
-    types = ["__nv_bfloat16", "float", "int32_t", "int32_t", "int32_t", "__nv_bfloat16", "__nv_bfloat16",
-             "__nv_bfloat16"]
-    args = []
-    for t, n in zip(types, _INPUTS):
-        args.append(f"    const {t}* {n}")
-        if f"{n}_shape" in _SOURCE:
-            args.append(f"    const __grid_constant__ Shape {n}_shape")
-    args = ",\n".join(args + ["    __nv_bfloat16* out"])
-    consts = (f"  using T = __nv_bfloat16;\n  constexpr int H = {n_heads};\n  constexpr int KV = {n_kv_heads};\n"
-              f"  constexpr int HD = {head_dim};\n")
-    source = ('#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n' + _HEADER +
-              "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-              f"__global__ void custom_kernel_{_NAME}(\n{args}) {{\n{consts}\n{_SOURCE}\n}}\n\n}}\n")
-    return [(_NAME, source)]
+    """[(name, full source)] of the kernel for a d20 shape in bfloat16, for an NVRTC compile check."""
+    dtypes = (mx.bfloat16, mx.float32, mx.int32, mx.int32, mx.int32, mx.bfloat16, mx.bfloat16, mx.bfloat16)
+    template = [("T", mx.bfloat16), ("H", n_heads), ("KV", n_kv_heads), ("HD", head_dim)]
+    return [generated_source(_NAME, _HEADER, _SOURCE, list(zip(_INPUTS, dtypes)), [("out", mx.bfloat16)], template)]

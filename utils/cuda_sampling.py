@@ -21,7 +21,9 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-_SUPPORTED_DTYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float"}
+from utils.cuda_kernels import available, generated_source
+
+_SUPPORTED_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 _PHILOX_KEY_HI = 0x5EED0C0D  # second Philox key word (the first is the caller's seed)
 
 _HEADER = r"""
@@ -272,20 +274,6 @@ _INPUT_NAMES = ["logits", "seed", "inv_temperature"]
 _OUTPUT_NAMES = ["token"]
 # The source's hash is in the name: MLX caches compiled kernels on disk by name and template values.
 _KERNEL_NAME = "topk_sample_" + hashlib.sha1((_HEADER + _SOURCE).encode()).hexdigest()[:8]
-_MLX_DEFAULT_HEADER = """
-#include "mlx/backend/cuda/device/utils.cuh"
-
-#include <cooperative_groups.h>
-
-"""
-
-
-def available() -> bool:
-    """True when MLX runs on its CUDA backend with the GPU as the default device."""
-    cuda = getattr(mx, "cuda", None)
-    return cuda is not None and cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu
-
-
 def _block_size(rows: int) -> int:
     # One block per row; smaller blocks measured faster once the rows fill the GPU (H100: 256 rows).
     return 512 if rows < 128 else 256
@@ -350,19 +338,10 @@ def sample_top_k(logits: mx.array, temperature: float, top_k: int, seed: mx.arra
 
 
 def _generated_source(dtype, vocab: int, top_k: int, block: int) -> tuple:
-    """(kernel name, full source) as mx.fast.cuda_kernel generates them (mlx/backend/cuda/custom_kernel.cpp)."""
-    template = _template(dtype, vocab, top_k, block)
-    type_names = {mx.bfloat16: "bfloat16_t", mx.float16: "float16_t", mx.float32: "float"}  # MLX's get_type_string
-    name = f"custom_kernel_{_KERNEL_NAME}_" + "_".join(
-        type_names[v] if isinstance(v, mx.Dtype) else str(v) for _, v in template)
-    params = [f"    const {_SUPPORTED_DTYPES[dtype]}* logits,", "    const uint32_t* seed,",
-              "    const float* inv_temperature,", "    int32_t* token) {"]
-    constants = "".join(f"  using {k} = {_SUPPORTED_DTYPES[v]};\n" if isinstance(v, mx.Dtype)
-                        else f"  constexpr int {k} = {v};\n" for k, v in template)
-    source = (_MLX_DEFAULT_HEADER + _HEADER + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-              + f"__global__ void {name}(\n" + "\n".join(params) + "\n" + constants + "\n"
-              + _SOURCE + "\n}\n\n} // namespace mlx::core::cu\n")
-    return name, source
+    """(kernel name, full source) as mx.fast.cuda_kernel generates them."""
+    inputs = list(zip(_INPUT_NAMES, (dtype, mx.uint32, mx.float32)))
+    return generated_source(_KERNEL_NAME, _HEADER, _SOURCE, inputs, [(_OUTPUT_NAMES[0], mx.int32)],
+                            _template(dtype, vocab, top_k, block))
 
 
 def kernel_sources_for_check() -> list:

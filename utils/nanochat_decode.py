@@ -74,17 +74,16 @@ def _step_functions(n_heads, n_kv_heads, head_dim, quantization):
     """The compiled pieces of a decode step around attention, for one model shape."""
     qk_heads = n_heads + n_kv_heads
 
+    def qkv_projection(x, qkv_arrays):  # alone for utils/cuda_decode.py, which does RoPE and the QK norm itself
+        return _matmul(mx.fast.rms_norm(x, None, EPS), qkv_arrays, quantization)
+
     # Rows are (rows, width) and heads (rows, heads, 1, head_dim): with one token per row no transposes.
     def attention_inputs(x, qkv_arrays, rope_freqs, positions):
-        qkv = _matmul(mx.fast.rms_norm(x, None, EPS), qkv_arrays, quantization)
-        qkv = qkv.reshape(x.shape[0], qk_heads + n_kv_heads, 1, head_dim)
+        qkv = qkv_projection(x, qkv_arrays).reshape(x.shape[0], qk_heads + n_kv_heads, 1, head_dim)
         qk = mx.fast.rope(qkv[:, :qk_heads], head_dim, traditional=False, base=None, scale=1.0,
                           offset=positions, freqs=rope_freqs)
         qk = mx.fast.rms_norm(qk, None, EPS)  # nanochat's QK norm, after RoPE
         return qk[:, :n_heads], qk[:, n_heads:], qkv[:, qk_heads:]
-
-    def qkv_projection(x, qkv_arrays):  # for utils/cuda_decode.py, which does RoPE and the QK norm itself
-        return _matmul(mx.fast.rms_norm(x, None, EPS), qkv_arrays, quantization)
 
     def block_output(x, attention, proj_arrays, fc_arrays, fc_proj_arrays):
         h = _residual_matmul(x, attention.reshape(x.shape[0], -1), proj_arrays, quantization)
@@ -145,9 +144,9 @@ class NanochatDecoder:
         self.capacity = max_new_tokens
         self.cache_dtype = self._cache_dtype()
         if self.use_kernel:
-            self._cache_per_prompt(prompts, prefix_lens, group_size, max_new_tokens)
+            self._cache_per_prompt(prompts, prefix_lens, group_size)
         else:
-            self._cache_per_row(prompts, prefix_lens, group_size, max_new_tokens)
+            self._cache_per_row(prompts, prefix_lens, group_size)
 
     def _cache_dtype(self):
         """The dtype of the keys a decode step writes (dtype inference only: nothing is evaluated)."""
@@ -167,7 +166,7 @@ class NanochatDecoder:
         self.model(tokens, cache=cache)
         return [(c.keys[..., :width, :], c.values[..., :width, :]) for c in cache]
 
-    def _cache_per_prompt(self, prompts, prefix_lens, group_size, max_new_tokens):
+    def _cache_per_prompt(self, prompts, prefix_lens, group_size):
         dtype = self.cache_dtype
         empty = mx.zeros((len(prompts), self.n_kv_heads, 1, self.head_dim), dtype)  # only one-token prompts
         prefix = self._prefill(prompts, prefix_lens) if self.prefix_len > 0 else [(empty, empty)] * len(self.layers)
@@ -175,15 +174,15 @@ class NanochatDecoder:
         rows = len(prompts) * group_size
         self.generated_kv = []
         for keys, values in self.prompt_kv:
-            self.generated_kv.append(mx.zeros((rows, 2, self.n_kv_heads, max_new_tokens, self.head_dim), dtype))
+            self.generated_kv.append(mx.zeros((rows, 2, self.n_kv_heads, self.capacity, self.head_dim), dtype))
             mx.eval(keys, values, self.generated_kv[-1])
         self.row_prompt = mx.array([p for p in range(len(prompts)) for _ in range(group_size)], dtype=mx.int32)
         self.prompt_lens = mx.array(prefix_lens, dtype=mx.int32)
         self.inv_freq = (1.0 / self.rope_freqs).astype(mx.float32)  # mx.fast.rope's angle per position
 
-    def _cache_per_row(self, prompts, prefix_lens, group_size, max_new_tokens):
+    def _cache_per_row(self, prompts, prefix_lens, group_size):
         width = self.prefix_len
-        capacity = width + max_new_tokens
+        capacity = width + self.capacity
         dtype = self.cache_dtype
         prefix = self._rolled_prefill(prompts, prefix_lens) if width > 0 else None
         self.keys, self.values = [], []
