@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 
 from utils.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
@@ -38,7 +37,7 @@ from utils.rollout import CalculatorTool, generate_completions
 from utils.sampling import make_rollout_sampler
 from utils.tokenizer import nanochat_tokenizer
 from utils.training import (
-    ensure_float32, frozen_copy, frozen_logprobs, make_loss_and_grad, make_lr_schedule,
+    FusedAdamW, ensure_float32, frozen_copy, frozen_logprobs, make_loss_and_grad, make_lr_schedule,
     masked_all_finite, pack_micro_batches, policy_update,
 )
 
@@ -225,8 +224,8 @@ def main(argv=None):
 
     # The optimizer: AdamW with warmup and decay sized on the real number of updates.
     schedule = make_lr_schedule(cfg.learning_rate, total_updates, cfg.warmup_ratio, cfg.lr_scheduler_type)
-    optimizer = optim.AdamW(learning_rate=schedule, betas=[cfg.adam_beta1, cfg.adam_beta2],
-                            weight_decay=cfg.weight_decay)
+    optimizer = FusedAdamW(learning_rate=schedule, betas=[cfg.adam_beta1, cfg.adam_beta2],
+                           weight_decay=cfg.weight_decay)
     loss_and_grad = make_loss_and_grad(
         model, temperature=cfg.temperature, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
         epsilon_high=cfg.effective_epsilon_high, beta=cfg.beta,
@@ -308,7 +307,7 @@ def main(argv=None):
                 rollout_policy, prompts, group_size=cfg.num_generations, max_new_tokens=cfg.generation_limit,
                 sampler=rollout_sampler, stop_token_ids=stop_ids, calculator=calculator)
             slices, batches = pack_micro_batches(prompts, completions, cfg.effective_micro_batch_size,
-                                                 cfg.mask_truncated_completions)
+                                                 cfg.mask_truncated_completions, pad_multiple=cfg.pad_to_multiple_of)
             # 2. Old-policy log-probs: the policy that sampled (a quantized copy), or the policy
             #    before this step's first update when it is reused num_iterations times.
             old_logp = None

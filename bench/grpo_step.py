@@ -18,7 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx_lm.models.nanochat import Model, ModelArgs  # noqa: E402
@@ -30,7 +29,7 @@ from utils.lora import add_adapters, base_policy, rollout_copy  # noqa: E402
 from utils.rollout import generate_completions  # noqa: E402
 from utils.sampling import make_rollout_sampler  # noqa: E402
 from utils.training import (  # noqa: E402
-    frozen_copy, frozen_logprobs, make_loss_and_grad, pack_micro_batches, policy_update,
+    FusedAdamW, frozen_copy, frozen_logprobs, make_loss_and_grad, pack_micro_batches, policy_update,
 )
 
 VOCAB = 65536
@@ -46,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--micro-batch-size", type=int, default=16, help="completions per forward/backward")
+    p.add_argument("--pad-multiple", type=int, default=64, help="row widths rounded up to this (pad_to_multiple_of)")
     p.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0 runs a reference model)")
     p.add_argument("--num-iterations", type=int, default=1, help="> 1 takes old-policy log-probs")
@@ -110,7 +110,7 @@ def main(argv=None):
         model, temperature=args.temperature, loss_type="dapo", epsilon=0.2, epsilon_high=0.2, beta=args.beta,
         importance_sampling_level="token", max_completion_length=args.new_tokens, compute_dtype=compute_dtype,
         use_compile=args.compile)
-    optimizer = optim.AdamW(learning_rate=1e-6)
+    optimizer = FusedAdamW(learning_rate=1e-6)
     if lora:
         model.train()
     width = 64 * args.depth
@@ -128,7 +128,7 @@ def main(argv=None):
         completions, rollout_stats = generate_completions(
             policy, prompts, group_size=args.group, max_new_tokens=args.new_tokens, sampler=sampler,
             stop_token_ids=set(), fast_decode=not args.mlx_lm_decode)
-        slices, batches = pack_micro_batches(prompts, completions, args.micro_batch_size)
+        slices, batches = pack_micro_batches(prompts, completions, args.micro_batch_size, pad_multiple=args.pad_multiple)
         mx.synchronize()
         t1 = time.perf_counter()
         old_logp = None
@@ -154,7 +154,8 @@ def main(argv=None):
         t4 = time.perf_counter()
 
         generated = rollout_stats.generated_tokens
-        trained = sum(b.inputs.size for b in batches) * args.num_iterations
+        # Model FLOPs count the real tokens of each row (prompt + completion), not the padding.
+        trained = sum(len(prompts[c.prompt_index]) + len(c.tokens) - 1 for c in completions) * args.num_iterations
         seq_len = args.prompt_len + args.new_tokens
         flops_per_token = 6 * (params - VOCAB * width) + 12 * args.depth * width * seq_len  # nanochat's estimate
         bound = decode_bound_seconds(args, args.depth, params, prompt_lens, 2 if not args.quant_bits else args.quant_bits / 8)

@@ -1,12 +1,16 @@
 """Where one training micro-batch spends its time: the model's forward and backward vs. the loss head.
 
     python bench/loss_parts.py --depth 20 --rows 64 --length 356
+    python bench/loss_parts.py --depth 20 --rows 64 --length 384 --ops   # one layer's ops, one by one
 
 Times (after a warm-up call each): the bf16 forward alone, forward + per-token log-probs, the
 backward of a trivial loss (the model alone), and the trainer's compiled GRPO loss and gradient.
+With --ops: each kind of op of a nanochat layer and of the loss head, forward and forward + backward
+(mx.vjp), at the micro-batch's shape, so the model's time can be split into GEMMs and the rest.
 """
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,7 +35,48 @@ def timed(label, fn, repeats=3, flops=None):
     mx.synchronize()
     ms = (time.perf_counter() - start) / repeats * 1e3
     rate = f"  {flops / ms / 1e9:7.1f} TFLOP/s" if flops else ""
-    print(f"{label:<52} {ms:9.2f} ms{rate}", flush=True)
+    print(f"{label:<64} {ms:9.2f} ms{rate}", flush=True)
+
+
+def time_ops(rows, length, depth):
+    """Forward and forward+backward of each op kind at [rows, length] tokens, bf16."""
+    width, heads, hidden, tokens = 64 * depth, depth // 2, 4 * 64 * depth, rows * length
+    head_dim = width // heads
+    bf16 = mx.bfloat16
+
+    def rand(*shape):
+        return (mx.random.normal(shape) * 0.02).astype(bf16)
+
+    x, x_hidden = rand(rows, length, width), rand(rows, length, hidden)
+    heads_layout = rand(rows, length, heads, head_dim).transpose(0, 2, 1, 3)  # as the model makes it
+    q, k, v = (rand(rows, heads, length, head_dim) for _ in range(3))
+    freqs = -mx.exp(mx.arange(0.0, head_dim // 2) * (math.log(10000.0) / (head_dim // 2)))
+    logits, targets = rand(rows, length, VOCAB) * 50, mx.random.randint(0, VOCAB, (rows, length))
+    cases = {
+        # name: (function, inputs, FLOPs of the forward or None)
+        f"matmul {tokens} x {width} x {width} (q, k, v, attn proj)": (lambda a, w: a @ w, [x, rand(width, width)], 2 * tokens * width * width),
+        f"matmul {tokens} x {width} x {hidden} (mlp up)": (lambda a, w: a @ w, [x, rand(width, hidden)], 2 * tokens * width * hidden),
+        f"matmul {tokens} x {hidden} x {width} (mlp down)": (lambda a, w: a @ w, [x_hidden, rand(hidden, width)], 2 * tokens * width * hidden),
+        f"matmul {tokens} x {width} x {VOCAB} (lm head)": (lambda a, w: a @ w, [x, rand(width, VOCAB)], 2 * tokens * width * VOCAB),
+        "sdpa causal": (lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, scale=head_dim ** -0.5, mask="causal"),
+                        [q, k, v], 2 * 2 * rows * heads * length * length * head_dim // 2),
+        "rms_norm [B, T, D]": (lambda a: mx.fast.rms_norm(a, None, 1e-5), [x], None),
+        "rope, heads layout": (lambda a: mx.fast.rope(a, head_dim, traditional=False, base=None, freqs=freqs, scale=1.0, offset=0),
+                               [heads_layout], None),
+        "rms_norm, heads layout (QK norm)": (lambda a: mx.fast.rms_norm(a, None, 1e-5), [q], None),
+        "relu^2 [B, T, 4D]": (lambda a: mx.square(mx.maximum(a, 0)), [x_hidden], None),
+        "residual add": (lambda a, b: a + b, [x, x], None),
+        "attention output to [B, T, D] (transpose copy)": (lambda a: a.transpose(0, 2, 1, 3).reshape(rows, length, width), [q], None),
+        "log-probs: float32 logsumexp + take": (lambda z: token_logprobs(z, targets), [logits], None),
+        "log-probs + entropy": (lambda z: sum(token_logprobs_and_entropy(z, targets)), [logits], None),
+    }
+    for name, (fn, inputs, flops) in cases.items():
+        timed(f"{name} forward", lambda: fn(*inputs), repeats=10, flops=flops)
+        outputs = fn(*inputs)
+        cotangent = mx.ones_like(outputs)
+        timed(f"{name} forward + backward", lambda: mx.vjp(fn, inputs, [cotangent]), repeats=10,
+              flops=flops and 3 * flops)
+        print(f"  (x {depth} layers)" if "lm head" not in name and "log-probs" not in name else "", flush=True)
 
 
 def main():
@@ -39,7 +84,10 @@ def main():
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--rows", type=int, default=64, help="completions per micro-batch")
     p.add_argument("--length", type=int, default=356, help="tokens per row (prompt + completion)")
+    p.add_argument("--ops", action="store_true", help="time each op kind of a layer instead")
     args = p.parse_args()
+    if args.ops:
+        return time_ops(args.rows, args.length, args.depth)
     model = build_model(args.depth)  # float32 master weights, as the trainer keeps them
     width = 64 * args.depth
     matmul_params = sum(v.size for k, v in tree_flatten(model.parameters()) if "wte" not in k)

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_map
 from utils.model_loading import load_model
 from utils.rollout import Completion
 from utils.training import (
-    eval_update_in_chunks,
+    FusedAdamW, add_grads, eval_update_in_chunks,
     make_loss_and_grad, make_lr_schedule, micro_batch_slices, pack_micro_batches, pack_rows, policy_update,
 )
 
@@ -155,6 +155,62 @@ def test_pack_rows_masks_exactly_the_sampled_completion_tokens():
     assert batch.mask.tolist() == [[0, 0, 1, 1], [1, 0, 1, 0]]  # the forced token 6 gets no gradient
     dropped = pack_rows(prompts, completions, drop_rows={1})
     assert dropped.mask.tolist()[1] == [0, 0, 0, 0]
+
+
+def test_pack_rows_pads_to_a_multiple_without_changing_the_loss(tiny_model_dir):
+    prompts = [[1, 2, 3], [4]]
+    completions = [Completion(0, tokens=[7, 8], sampled=[1, 1], stopped=True),
+                   Completion(1, tokens=[5, 6, 9], sampled=[1, 0, 1], stopped=True)]
+    plain, padded = pack_rows(prompts, completions), pack_rows(prompts, completions, pad_multiple=8)
+    assert padded.inputs.shape == padded.targets.shape == padded.mask.shape == (2, 8)
+    assert padded.inputs[:, :4].tolist() == plain.inputs.tolist()
+    assert padded.targets[:, :4].tolist() == plain.targets.tolist() and padded.targets[:, 4:].tolist() == [[0] * 4] * 2
+    assert padded.mask[:, :4].tolist() == plain.mask.tolist() and padded.mask[:, 4:].sum().item() == 0
+    assert pack_rows(prompts, completions, pad_multiple=4).inputs.shape == (2, 4)  # already a multiple
+    with pytest.raises(ValueError, match="pad_multiple"):
+        pack_rows(prompts, completions, pad_multiple=0)
+    # Right padding is causal-invisible and masked: the loss and its gradient do not move.
+    model, _ = load_model(tiny_model_dir)
+    loss_and_grad = make_loss_and_grad(
+        model, temperature=1.0, loss_type="dapo", epsilon=0.2, epsilon_high=0.2, beta=0.0,
+        importance_sampling_level="token", max_completion_length=8)
+    norms = (mx.array(2.0), mx.array(4.0), mx.array(1.0))
+    results = [loss_and_grad(b.inputs, b.targets, b.mask, mx.array([1.0, -0.5]), None, None, *norms)
+               for b in (plain, padded)]
+    (loss_a, _), grads_a = results[0]
+    (loss_b, _), grads_b = results[1]
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-6)
+    for (name, a), (_, b) in zip(tree_flatten(grads_a), tree_flatten(grads_b)):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_fused_adamw_takes_exactly_mlx_adamw_steps():
+    """Same arithmetic in the same order: the compiled update matches mlx's AdamW to the bit."""
+    shapes = {"w": (33, 17), "b": (17,)}
+    weights = {k: mx.random.normal(s, key=mx.random.key(i)) for i, (k, s) in enumerate(shapes.items())}
+    for decay in (0.0, 0.1):
+        schedule = optim.cosine_decay(1e-2, 10)
+        plain = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=decay)
+        fused = FusedAdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=decay)
+        a, b = dict(weights), dict(weights)
+        for step in range(4):
+            grads = {k: mx.random.normal(s, key=mx.random.key(10 + step)) for k, s in shapes.items()}
+            a, b = plain.apply_gradients(grads, a), fused.apply_gradients(grads, b)
+        for k in shapes:
+            assert mx.array_equal(a[k], b[k]).item(), k
+            assert mx.array_equal(plain.state[k]["v"], fused.state[k]["v"]).item(), k
+    corrected = FusedAdamW(learning_rate=1e-2, bias_correction=True)  # falls back to mlx's own update
+    reference = optim.AdamW(learning_rate=1e-2, bias_correction=True)
+    grads = {"w": mx.ones((3,))}
+    assert mx.array_equal(corrected.apply_gradients(grads, {"w": mx.zeros((3,))})["w"],
+                          reference.apply_gradients(grads, {"w": mx.zeros((3,))})["w"]).item()
+
+
+def test_add_grads_sums_in_float32():
+    first = {"w": mx.array([1.0, 2.0], dtype=mx.bfloat16)}
+    total = add_grads(add_grads(None, first), {"w": mx.array([0.5, 1e-3], dtype=mx.bfloat16)})
+    assert total["w"].dtype == mx.float32
+    np.testing.assert_allclose(np.array(total["w"]), [1.5, 2.0 + float(mx.array(1e-3, dtype=mx.bfloat16))])
 
 
 def test_micro_batches_keep_the_last_partial_batch():

@@ -85,6 +85,7 @@ class GRPOConfig:
     max_nan_steps: int = 5  # stop the run after this many non-finite (skipped) updates in a row
     prompts_per_step: int = 0  # prompts per step (one generation batch); 0 = batch_size * gradient_accumulation_steps
     micro_batch_size: int = 0  # completions per forward/backward; 0 = batch_size * num_generations
+    pad_to_multiple_of: int = 64  # micro-batch row width rounded up to this: a compiled loss is reused across steps
 
     # --- GRPO rollouts and loss ---
     num_generations: int = 64  # group size G: completions sampled per prompt
@@ -465,7 +466,7 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     positive("learning_rate")
     for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "logging_steps",
                  "max_prompt_length", "max_completion_length", "max_new_tokens",
-                 "eval_max_new_tokens", "num_iterations", "max_nan_steps"):
+                 "eval_max_new_tokens", "num_iterations", "max_nan_steps", "pad_to_multiple_of"):
         at_least(name, 1)
     for name in ("max_train_samples", "save_steps", "eval_steps", "eval_samples", "seed", "top_k",
                  "prompts_per_step", "micro_batch_size", "eval_pass_k", "keep_last",

@@ -1,6 +1,7 @@
 """The pieces of a GRPO update: packing rollouts into arrays, log-probs, the policy copies, the LR schedule."""
 
 import math
+from functools import partial
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,10 +22,16 @@ class PackedBatch:
     mask: mx.array  # [B, T] float32: 1 where the target is a sampled completion token
 
 
-def pack_rows(prompts, completions, pad_id=0, drop_rows=()):
-    """prompts[i] token ids, completions[i] a rollout.Completion; rows in drop_rows get an all-zero mask."""
+def pack_rows(prompts, completions, pad_id=0, drop_rows=(), pad_multiple=1):
+    """prompts[i] token ids, completions[i] a rollout.Completion; rows in drop_rows get an all-zero mask.
+
+    pad_multiple rounds the row width up: a compiled loss is retraced (and on CUDA its attention
+    re-planned) for every new width, so widths from a few buckets are reused across micro-batches.
+    """
+    if pad_multiple < 1:
+        raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
     lengths = [len(p) + len(c.tokens) for p, c in zip(prompts, completions)]
-    width = max(lengths) - 1
+    width = -(-(max(lengths) - 1) // pad_multiple) * pad_multiple
     inputs, targets, mask = [], [], []
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         full = list(prompt) + list(completion.tokens)
@@ -45,7 +52,7 @@ def micro_batch_slices(total: int, size: int):
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def pack_micro_batches(prompts, completions, micro_batch_size, mask_truncated=False, pad_id=0):
+def pack_micro_batches(prompts, completions, micro_batch_size, mask_truncated=False, pad_id=0, pad_multiple=1):
     """Split a generation batch into packed micro-batches; truncated rows lose their mask if asked."""
     row_prompts = [prompts[c.prompt_index] for c in completions]
     slices = micro_batch_slices(len(completions), micro_batch_size)
@@ -53,7 +60,7 @@ def pack_micro_batches(prompts, completions, micro_batch_size, mask_truncated=Fa
     for rows in slices:
         part = completions[rows]
         drop = {i for i, c in enumerate(part) if c.truncated} if mask_truncated else set()
-        batches.append(pack_rows(row_prompts[rows], part, pad_id=pad_id, drop_rows=drop))
+        batches.append(pack_rows(row_prompts[rows], part, pad_id=pad_id, drop_rows=drop, pad_multiple=pad_multiple))
     return slices, batches
 
 
@@ -97,11 +104,41 @@ def make_lr_schedule(learning_rate, total_updates, warmup_ratio, kind):
     return optim.join_schedules(schedules, boundaries)
 
 
+@partial(mx.compile, shapeless=True)
+def _add_as_float32(accumulated, grad):
+    return accumulated + grad.astype(mx.float32)  # compiled: one kernel, not a cast and an add
+
+
 def add_grads(accumulated, grads):
     """accumulated + grads in float32 (micro-batch gradients may arrive in bfloat16)."""
     if accumulated is None:
         return tree_map(lambda g: g.astype(mx.float32), grads)
-    return tree_map(lambda a, g: a + g.astype(mx.float32), accumulated, grads)
+    return tree_map(_add_as_float32, accumulated, grads)
+
+
+@partial(mx.compile, shapeless=True)
+def _adamw_step(gradient, parameter, m, v, lr, b1, b2, eps, weight_decay):
+    parameter = parameter * (1 - lr * weight_decay)
+    m = b1 * m + (1 - b1) * gradient
+    v = b2 * v + (1 - b2) * mx.square(gradient)
+    return parameter - lr * m / (mx.sqrt(v) + eps), m, v
+
+
+class FusedAdamW(optim.AdamW):
+    """mlx's AdamW with its per-weight update compiled into one kernel.
+
+    Uncompiled, the update is ~12 elementwise passes over every float32 weight and both moments;
+    the arithmetic is mlx's own (AdamW.apply_single, then Adam.apply_single), in the same order.
+    """
+
+    def apply_single(self, gradient, parameter, state):
+        if self.bias_correction:
+            return super().apply_single(gradient, parameter, state)
+        lr = self.learning_rate.astype(gradient.dtype)
+        b1, b2 = self.betas
+        new_parameter, state["m"], state["v"] = _adamw_step(
+            gradient, parameter, state["m"], state["v"], lr, b1, b2, self.eps, self.weight_decay)
+        return new_parameter
 
 
 def all_finite(tree) -> mx.array:
