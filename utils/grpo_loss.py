@@ -39,6 +39,8 @@ from typing import Optional, Union
 import mlx.core as mx
 import numpy as np
 
+from utils import cuda_logprobs
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -181,9 +183,18 @@ def frac_reward_zero_std(group_stds) -> float:
 # Log-probs and entropy
 
 
-def _scaled_float32_logits(logits: mx.array, temperature: float) -> mx.array:
+def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _use_cuda_kernels(logits: mx.array, temperature: float) -> bool:
+    _check_temperature(temperature)
+    return cuda_logprobs.available() and logits.dtype in cuda_logprobs.SUPPORTED_DTYPES
+
+
+def _scaled_float32_logits(logits: mx.array, temperature: float) -> mx.array:
+    _check_temperature(temperature)
     # bfloat16 logsumexp is off by ~0.05 nats for large vocabularies, so upcast (no-op for float32).
     logits = logits.astype(mx.float32)
     return logits if temperature == 1.0 else logits / temperature
@@ -197,6 +208,8 @@ def token_logprobs(logits: mx.array, targets: mx.array, temperature: float = 1.0
     """
     if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} must be [B, T, V] and [B, T]")
+    if _use_cuda_kernels(logits, temperature):
+        return cuda_logprobs.token_logprobs_and_entropy(logits, targets, temperature)[0]
     scaled = _scaled_float32_logits(logits, temperature)
     selected = mx.take_along_axis(scaled, targets[..., None].astype(mx.int32), axis=-1).squeeze(-1)
     return selected - mx.logsumexp(scaled, axis=-1)
@@ -206,9 +219,12 @@ def token_logprobs_and_entropy(
     logits: mx.array, targets: mx.array, temperature: float = 1.0
 ) -> tuple[mx.array, mx.array]:
     """token_logprobs and token_entropy in one pass: shares the float32 logits and the logsumexp,
-    so a trainer logging entropy makes one [B, T, V] float32 copy instead of two."""
+    so a trainer logging entropy makes one [B, T, V] float32 copy instead of two. On CUDA, two
+    kernels instead (utils/cuda_logprobs.py): no float32 copy at all."""
     if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} must be [B, T, V] and [B, T]")
+    if _use_cuda_kernels(logits, temperature):
+        return cuda_logprobs.token_logprobs_and_entropy(logits, targets, temperature)
     scaled = _scaled_float32_logits(logits, temperature)
     lse = mx.logsumexp(scaled, axis=-1)
     selected = mx.take_along_axis(scaled, targets[..., None].astype(mx.int32), axis=-1).squeeze(-1)
