@@ -1,5 +1,6 @@
-"""What the custom CUDA kernels (utils/cuda_decode.py, utils/cuda_sampling.py) share: where they run,
-and the full source MLX generates for one, so it can be compiled with NVRTC on a machine without a GPU."""
+"""What the custom CUDA kernels (utils/cuda_decode.py, utils/cuda_sampling.py, utils/cuda_logprobs.py)
+share: where they run, and the full source MLX generates for one, so it can be compiled with NVRTC
+on a machine without a GPU."""
 
 import mlx.core as mx
 
