@@ -126,8 +126,8 @@ def main(argv=None):
     for pad in args.pad_multiple:
         for step in range(args.steps + 1):
             slices, batches, real = random_batches(args, rng, pad)
-            advantages = group_advantages(mx.array(rng.random(len(slices) and slices[-1].stop), dtype=mx.float32),
-                                          args.group, "group")
+            rewards = mx.array(rng.random(args.prompts * args.group), dtype=mx.float32)
+            advantages = group_advantages(rewards, args.group, "group")
             norms = normalizers(batches)
             mx.synchronize()
             start = time.perf_counter()

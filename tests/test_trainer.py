@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_map
 from utils.model_loading import load_model
 from utils.rollout import Completion
 from utils.training import (
-    FusedAdamW, add_grads, eval_update_in_chunks,
+    FusedAdamW, add_grads, clip_by_norm, eval_update_in_chunks, global_norm,
     make_loss_and_grad, make_lr_schedule, micro_batch_slices, pack_micro_batches, pack_rows, policy_update,
 )
 
@@ -204,6 +204,16 @@ def test_fused_adamw_takes_exactly_mlx_adamw_steps():
     grads = {"w": mx.ones((3,))}
     assert mx.array_equal(corrected.apply_gradients(grads, {"w": mx.zeros((3,))})["w"],
                           reference.apply_gradients(grads, {"w": mx.zeros((3,))})["w"]).item()
+
+
+def test_clipping_on_the_norm_already_taken_equals_mlx_clip_grad_norm():
+    grads = {"a": mx.array([3.0, -4.0]), "b": {"c": mx.array([[12.0]])}}
+    for max_norm in (1.0, 100.0):  # clipped, and left alone
+        ours = clip_by_norm(grads, global_norm(grads), max_norm)
+        theirs, norm = optim.clip_grad_norm(grads, max_norm)
+        assert norm.item() == pytest.approx(13.0) and global_norm(grads).item() == pytest.approx(13.0)
+        for (name, a), (_, b) in zip(tree_flatten(ours), tree_flatten(theirs)):
+            assert mx.array_equal(a, b).item(), name
 
 
 def test_add_grads_sums_in_float32():

@@ -64,6 +64,11 @@ def _compiled_greedy():
     return mx.compile(lambda logits: mx.argmax(logits, axis=-1).astype(mx.int32))
 
 
+@lru_cache(maxsize=None)
+def _mlx_lm_sampler(temperature, top_p, top_k, min_p):  # built once, not at every decode step
+    return make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+
+
 @dataclass(frozen=True)
 class RolloutSampler:
     """How rollouts pick tokens: temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 are off."""
@@ -87,7 +92,7 @@ class RolloutSampler:
                 return cuda_sampling.sample_top_k(logits, self.temperature, self.top_k,
                                                  mx.random.randint(0, 2**31 - 1, (1,), dtype=mx.uint32))
             return _compiled_top_k_sampler(float(self.temperature), int(self.top_k))(logits)
-        sampler = make_sampler(temp=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p)
+        sampler = _mlx_lm_sampler(self.temperature, self.top_p, self.top_k, self.min_p)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).astype(mx.int32)
 
 

@@ -1,8 +1,8 @@
 """The pieces of a GRPO update: packing rollouts into arrays, log-probs, the policy copies, the LR schedule."""
 
 import math
-from functools import partial
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -147,6 +147,12 @@ def all_finite(tree) -> mx.array:
 
 def global_norm(tree) -> mx.array:
     return mx.sqrt(tree_reduce(lambda total, x: total + mx.sum(x.astype(mx.float32) ** 2), tree, mx.array(0.0)))
+
+
+def clip_by_norm(grads, norm: mx.array, max_norm: float):
+    """mlx's clip_grad_norm scaling, on the global norm already taken (it would sum the squares again)."""
+    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    return tree_map(lambda g: g * scale, grads)
 
 
 def ensure_float32(model: nn.Module, adapters_only: bool = False):
@@ -297,7 +303,7 @@ def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
     applied = bool(all_finite(grads)) and bool(mx.isfinite(loss))
     if applied:
         if max_grad_norm > 0:
-            grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
+            grads = clip_by_norm(grads, grad_norm, max_grad_norm)
         optimizer.update(model, grads)
         del grads
         eval_update_in_chunks(model, optimizer)
