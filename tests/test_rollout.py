@@ -7,7 +7,7 @@ from pathlib import Path
 from mlx_lm.models.cache import KVCache
 
 from utils.model_loading import load_model
-from utils.rollout import CalculatorTool, Completion, _Rows, generate_completions
+from utils.rollout import CalculatorTool, Completion, _Rows, generate_completions, trim_buffer_cache
 from utils.sampling import make_rollout_sampler
 from utils.tokenizer import nanochat_tokenizer
 
@@ -131,3 +131,38 @@ def test_empty_prompt_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="empty prompt"):
         generate_completions(model, [[]], group_size=2, max_new_tokens=2, sampler=make_rollout_sampler(0.0),
                              stop_token_ids=set())
+
+
+@pytest.fixture
+def filled_cache():
+    """16 MB of freed buffers in MLX's cache (the CPU's default cache limit is lower: raised, then restored)."""
+    previous = mx.set_cache_limit(1 << 30)
+    mx.clear_cache()
+    arrays = [mx.ones((1 << 18,)) for _ in range(16)]  # 16 x 1 MB
+    mx.eval(arrays)
+    del arrays
+    mx.synchronize()  # on a GPU, buffers return to the cache once the device is done with them
+    assert mx.get_cache_memory() >= 16 << 20
+    yield
+    mx.set_cache_limit(previous)
+    mx.clear_cache()
+
+
+def test_trim_buffer_cache_leaves_the_headroom_and_keeps_the_rest(filled_cache):
+    headroom = mx.get_memory_limit() - mx.get_active_memory() - (4 << 20)  # room for 4 MB of cache
+    trim_buffer_cache(headroom)
+    assert 0 < mx.get_cache_memory() <= (4 << 20) + (64 << 10)  # + the 64 KB allocation that trims
+    assert mx.set_cache_limit(1 << 30) == 1 << 30  # the cache limit is restored
+
+
+def test_trim_buffer_cache_keeps_a_cache_that_fits(filled_cache):
+    before = mx.get_cache_memory()
+    trim_buffer_cache(0)
+    assert mx.get_cache_memory() == before
+
+
+def test_trim_buffer_cache_stays_in_metals_recommended_working_set(filled_cache, monkeypatch):
+    working_set = mx.get_active_memory() + (4 << 20)
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": working_set})
+    trim_buffer_cache(0)
+    assert mx.get_cache_memory() <= (4 << 20) + (64 << 10)
