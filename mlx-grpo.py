@@ -38,7 +38,7 @@ from utils.sampling import make_rollout_sampler
 from utils.tokenizer import nanochat_tokenizer
 from utils.training import (
     FusedAdamW, ensure_float32, frozen_copy, frozen_logprobs, make_loss_and_grad, make_lr_schedule,
-    masked_all_finite, pack_micro_batches, policy_update,
+    loss_normalizers, masked_all_finite, pack_micro_batches, policy_update,
 )
 
 # Errors caused by the user's input (config, data, model folder, rewards, checkpoints).
@@ -332,9 +332,7 @@ def main(argv=None):
         advantages = group_advantages_across(world, mx.array(rewards.total, dtype=mx.float32),
                                              cfg.num_generations, cfg.scale_rewards)
         # Loss normalizers of the whole (global) batch, so the processes' gradients add up to its gradient.
-        normalizers = world.sum_values({"num_sequences_total": len(completions),
-                                        "num_tokens_total": sum(float(b.mask.sum()) for b in batches),
-                                        "num_micro_batches": len(batches)})
+        normalizers = world.sum_values(loss_normalizers(completions, batches))
 
         # 4. num_iterations optimizer steps on this generation batch.
         for _ in range(cfg.num_iterations):

@@ -1,6 +1,6 @@
 """One full GRPO step of the trainer's own code on a random-weight nanochat model, timed by phase.
 
-    python bench/grpo_step.py --depth 20                       # nanochat's RL shape: 16 x 16 x 256
+    python bench/grpo_step.py --depth 20 --compile --micro-batch-size 64   # nanochat's RL shape, as the trainer runs it
     python bench/grpo_step.py --depth 32 --micro-batch-size 8  # d32 at the same shape
     python bench/grpo_step.py --depth 4 --prompts 2 --group 4 --new-tokens 16   # a CPU smoke run
 
@@ -29,7 +29,8 @@ from utils.lora import add_adapters, base_policy, rollout_copy  # noqa: E402
 from utils.rollout import generate_completions  # noqa: E402
 from utils.sampling import make_rollout_sampler  # noqa: E402
 from utils.training import (  # noqa: E402
-    FusedAdamW, frozen_copy, frozen_logprobs, make_loss_and_grad, pack_micro_batches, policy_update,
+    FusedAdamW, frozen_copy, frozen_logprobs, loss_normalizers, make_loss_and_grad, pack_micro_batches,
+    policy_update,
 )
 
 VOCAB = 65536
@@ -144,9 +145,7 @@ def main(argv=None):
         mx.reset_peak_memory()
         rewards = mx.array(rng.random(len(completions)), dtype=mx.float32)
         advantages = group_advantages(rewards, args.group, "group")
-        normalizers = {"num_sequences_total": len(completions),
-                       "num_tokens_total": sum(float(b.mask.sum()) for b in batches),
-                       "num_micro_batches": len(batches)}
+        normalizers = loss_normalizers(completions, batches)
         for _ in range(args.num_iterations):
             policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, old_logp, ref_logp,
                           normalizers, max_grad_norm=1.0)

@@ -25,8 +25,8 @@ from bench.grpo_step import VOCAB, build_model, count_params  # noqa: E402
 from utils.grpo_loss import group_advantages  # noqa: E402
 from utils.rollout import Completion  # noqa: E402
 from utils.training import (  # noqa: E402
-    FusedAdamW, add_grads, all_finite, eval_update_in_chunks, global_norm, make_loss_and_grad, pack_micro_batches,
-    policy_update,
+    FusedAdamW, add_grads, all_finite, clip_by_norm, eval_update_in_chunks, global_norm, loss_normalizers,
+    make_loss_and_grad, pack_micro_batches, policy_update,
 )
 
 
@@ -55,12 +55,7 @@ def random_batches(args, rng, pad_multiple):
         completions.append(Completion(prompt_index=i // args.group, tokens=tokens, sampled=[1] * len(tokens)))
     slices, batches = pack_micro_batches(prompts, completions, args.micro_batch_size, pad_multiple=pad_multiple)
     real_tokens = sum(len(prompts[c.prompt_index]) + len(c.tokens) - 1 for c in completions)
-    return slices, batches, real_tokens
-
-
-def normalizers(batches):
-    return {"num_sequences_total": sum(b.inputs.shape[0] for b in batches),
-            "num_tokens_total": sum(float(b.mask.sum()) for b in batches), "num_micro_batches": len(batches)}
+    return slices, batches, real_tokens, loss_normalizers(completions, batches)
 
 
 def plain_add_grads(accumulated, grads):
@@ -98,7 +93,7 @@ def phased_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
     grad_norm = global_norm(grads)
     ok = bool(all_finite(grads)) and bool(mx.isfinite(grad_norm))
     t = mark("norm_and_finite", t)
-    grads, _ = optim.clip_grad_norm(grads, 1.0)
+    grads = clip_by_norm(grads, grad_norm, 1.0)
     mx.eval(grads)
     t = mark("clip", t)
     optimizer.update(model, grads)
@@ -120,15 +115,14 @@ def main(argv=None):
         importance_sampling_level="token", max_completion_length=args.new_tokens, compute_dtype=mx.bfloat16,
         use_compile=not args.no_compile)
     optimizer = FusedAdamW(learning_rate=1e-6) if args.fused else optim.AdamW(learning_rate=1e-6)
-    fused = FusedAdamW(learning_rate=1e-6)
+    plain, fused = optim.AdamW(learning_rate=1e-6), FusedAdamW(learning_rate=1e-6)  # for the phases
     seq_len = args.prompt_len + args.new_tokens
     flops_per_token = 6 * (params - VOCAB * width) + 12 * args.depth * width * seq_len
     for pad in args.pad_multiple:
         for step in range(args.steps + 1):
-            slices, batches, real = random_batches(args, rng, pad)
+            slices, batches, real, norms = random_batches(args, rng, pad)
             rewards = mx.array(rng.random(args.prompts * args.group), dtype=mx.float32)
             advantages = group_advantages(rewards, args.group, "group")
-            norms = normalizers(batches)
             mx.synchronize()
             start = time.perf_counter()
             policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, None, None, norms, 1.0)
@@ -142,7 +136,7 @@ def main(argv=None):
                   f"{flops_per_token * padded / seconds / 1e12:.0f} on padded", flush=True)
         # The same update, phase by phase, on batches of widths already seen (no retrace): mlx's AdamW
         # and a cast-and-add per weight, then the compiled ones.
-        variants = {"plain": (optimizer, plain_add_grads), "fused": (fused, add_grads)}
+        variants = {"plain": (plain, plain_add_grads), "fused": (fused, add_grads)}
         for name, (opt, add) in variants.items():
             for step in range(2):
                 times = phased_update(model, opt, loss_and_grad, batches, slices, advantages, norms, add)

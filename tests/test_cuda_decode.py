@@ -18,7 +18,7 @@ def emulate(qkv, inv_freq, t, row_prompt, prompt_len, prompt_k, prompt_v, genera
     angle = (prompt_len[row_prompt] + t)[:, None, None] * inv_freq[None, None, :].astype(np.float64)
     a, b = x[:, :heads + kv_heads, :half], x[:, :heads + kv_heads, half:]
     rotated = np.concatenate([a * np.cos(angle) - b * np.sin(angle), a * np.sin(angle) + b * np.cos(angle)], -1)
-    normed = rotated / np.sqrt((rotated ** 2).mean(-1, keepdims=True) + cuda_decode.EPS)
+    normed = rotated / np.sqrt((rotated ** 2).mean(-1, keepdims=True) + nanochat_decode.EPS)
     q, k_new, v_new = normed[:, :heads], normed[:, heads:], x[:, heads + kv_heads:]
     out = np.zeros((rows, heads, head_dim))
     for r in range(rows):
@@ -59,7 +59,7 @@ def test_emulation_matches_mlx_rope_norm_and_attention():
     freqs = mx.array(1.0 / c["inv_freq"])  # mlx-lm's nanochat passes (negated) periods as freqs
     positions = mx.array(c["prompt_len"][c["row_prompt"]] + c["t"])
     qk = mx.fast.rms_norm(mx.fast.rope(x[:, :heads + kv_heads], hd, traditional=False, base=None, scale=1.0,
-                                       offset=positions, freqs=freqs), None, cuda_decode.EPS)
+                                       offset=positions, freqs=freqs), None, nanochat_decode.EPS)
     np.testing.assert_allclose(np.array(qk[:, heads:, 0]), k_new, atol=2e-5)
     for r in range(rows):
         p = c["row_prompt"][r]

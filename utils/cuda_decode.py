@@ -25,7 +25,6 @@ import mlx.core as mx
 
 from utils.cuda_kernels import available, generated_source  # noqa: F401  (available: for callers)
 
-EPS = 1e-5  # nanochat's RMSNorm epsilon
 
 _HEADER = r"""
 template <typename V> __device__ inline float ck_float(V x) { return static_cast<float>(x); }

@@ -1,6 +1,7 @@
 """The pieces of a GRPO update: packing rollouts into arrays, log-probs, the policy copies, the LR schedule."""
 
 import math
+import time
 from contextlib import contextmanager
 from functools import partial
 from dataclasses import dataclass
@@ -274,6 +275,13 @@ class UpdateResult:
     seconds: float
 
 
+def loss_normalizers(completions, batches) -> dict:
+    """The counts grpo_loss divides by, over a whole generation batch (sum them across processes)."""
+    return {"num_sequences_total": len(completions),
+            "num_tokens_total": sum(float(b.mask.sum()) for b in batches),
+            "num_micro_batches": len(batches)}
+
+
 def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, old_logp, ref_logp,
                   normalizers, max_grad_norm, all_sum=None):
     """One optimizer step over all micro-batches of a generation batch (gradients summed).
@@ -281,8 +289,6 @@ def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
     all_sum(tree) -> tree summed over the data-parallel processes (distributed.World.sum_tree;
     the normalizers must then be global): every process then takes the same step.
     """
-    import time
-
     start = time.perf_counter()
     norm_args = [mx.array(normalizers[k], dtype=mx.float32)
                  for k in ("num_sequences_total", "num_tokens_total", "num_micro_batches")]
