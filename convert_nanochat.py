@@ -1,4 +1,4 @@
-"""Convert a nanochat checkpoint into an MLX folder for utils.model_loading.load_model (and mlx-lm).
+"""Convert a nanochat checkpoint into an MLX folder for mlx_grpo.models.load_model (and mlx-lm).
 
     python convert_nanochat.py                                   # karpathy/nanochat-d32 -> models/nanochat-d32-mlx
     python convert_nanochat.py path/to/ckpt_dir --output models/mine [--step N]
@@ -9,7 +9,7 @@
 import argparse
 import sys
 
-from utils.nanochat import (
+from mlx_grpo.nanochat.convert import (
     DTYPES,
     HUB_DEFAULT_REPO,
     STAGE_DIRS,

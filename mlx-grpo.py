@@ -4,7 +4,7 @@
     python mlx-grpo.py --config configs/nanochat_d32.toml [--set key=value ...]
     python mlx-grpo.py --config X --eval-only            # score a model and exit
     python mlx-grpo.py --config X --resume [CHECKPOINT]  # continue a run exactly
-    mlx.launch -n 2 python mlx-grpo.py --config X        # data-parallel (utils/distributed.py)
+    mlx.launch -n 2 python mlx-grpo.py --config X        # data-parallel (utils/training/distributed.py)
 
 The story of a run, top to bottom: configuration, the policy and its copies, data and rewards,
 evaluation before training, then per step: rollouts -> rewards -> advantages -> loss and update,
@@ -21,33 +21,62 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from utils.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
-from utils.config import ConfigError, config_to_dict, load_config, save_resolved_config
-from utils.data import DataError, PromptSampler, build_messages, encode_prompt, load_gsm8k
-from utils.distributed import (
-    DistributedError, broadcast_trainable, check_data_split, evaluate_sharded, group_advantages_across,
-    init_world, process_states, quiet_unless_main, reduce_step_metrics, restore_process_state,
+from mlx_grpo import REPO_ROOT
+from mlx_grpo.config import ConfigError, config_to_dict, load_config, save_resolved_config
+from mlx_grpo.data.gsm8k import DataError, PromptSampler, build_messages, encode_prompt, load_gsm8k
+from mlx_grpo.data.rewards import (
+    BUILTIN_REWARDS,
+    RewardError,
+    compute_rewards,
+    default_reward_names,
+    resolve_reward_functions,
 )
-from utils.grpo_loss import finalize_stats, frac_reward_zero_std, group_reward_stats
-from utils.lora import add_adapters, base_policy, load_adapter_weights, rollout_copy, save_adapters, trainable_summary
-from utils.metrics import MetricsLogger, format_console_line
-from utils.model_loading import ModelLoadError, load_model, save_model_folder
-from utils.rewards import BUILTIN_REWARDS, RewardError, compute_rewards, default_reward_names, resolve_reward_functions
-from utils.rollout import CalculatorTool, generate_completions
-from utils.sampling import make_rollout_sampler
-from utils.tokenizer import nanochat_tokenizer
-from utils.training import (
-    FusedAdamW, ensure_float32, frozen_copy, frozen_logprobs, make_loss_and_grad, make_lr_schedule,
-    loss_normalizers, masked_all_finite, pack_micro_batches, policy_update,
+from mlx_grpo.generation.engine import CalculatorTool, generate_completions
+from mlx_grpo.generation.sampling import make_rollout_sampler
+from mlx_grpo.models import ModelLoadError, load_model, save_model_folder
+from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
+from mlx_grpo.training.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from mlx_grpo.training.distributed import (
+    DistributedError,
+    broadcast_trainable,
+    check_data_split,
+    evaluate_sharded,
+    group_advantages_across,
+    init_world,
+    process_states,
+    quiet_unless_main,
+    reduce_step_metrics,
+    restore_process_state,
+)
+from mlx_grpo.training.lora import (
+    add_adapters,
+    base_policy,
+    load_adapter_weights,
+    rollout_copy,
+    save_adapters,
+    trainable_summary,
+)
+from mlx_grpo.training.loss import finalize_stats, frac_reward_zero_std, group_reward_stats
+from mlx_grpo.training.metrics import MetricsLogger, format_console_line
+from mlx_grpo.training.update import (
+    FusedAdamW,
+    ensure_float32,
+    frozen_copy,
+    frozen_logprobs,
+    loss_normalizers,
+    make_loss_and_grad,
+    make_lr_schedule,
+    masked_all_finite,
+    pack_micro_batches,
+    policy_update,
 )
 
 # Errors caused by the user's input (config, data, model folder, rewards, checkpoints).
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError, CheckpointError, FileNotFoundError,
                DistributedError)
 
-REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.toml"
-DEMO_MODEL = "demo/model"  # configs/demo.toml's model, made by utils/make_demo_model.py
+DEMO_MODEL = "demo/model"  # configs/demo.toml's model, made by utils/demo/build.py
 
 
 def parse_args(argv=None):
@@ -158,7 +187,7 @@ def main(argv=None):
     except ConfigError as error:
         sys.exit(f"config error: {error}")
 
-    # Data-parallel when started by mlx.launch (utils/distributed.py); a plain run is one process.
+    # Data-parallel when started by mlx.launch (utils/training/distributed.py); a plain run is one process.
     world = init_world()
     quiet_unless_main(world)
     seed = cfg.seed + world.rank  # each process samples its own rollouts; the data order uses cfg.seed
@@ -167,7 +196,7 @@ def main(argv=None):
     mx.random.seed(seed)
 
     # The policy: float32 master weights, with the tokenizer it was trained with. LoRA/DoRA
-    # (utils/lora.py): float32 adapters on a frozen base in compute_dtype, quantized for QLoRA.
+    # (utils/training/lora.py): float32 adapters on a frozen base in compute_dtype, quantized for QLoRA.
     model, tokenizer = load_model(cfg.model_name)
     nano = nanochat_tokenizer(tokenizer)
     resolve_prompt_format(cfg, nano)
@@ -379,7 +408,7 @@ def main(argv=None):
     print(f"[done] {cfg.eval_split} accuracy {before:.2%} -> {after:.2%} on {len(eval_task.prompts)} questions; "
           f"run folder {run_dir}")
     if cfg.plot and world.is_main:
-        from utils.plot import plot_run
+        from mlx_grpo.plot import plot_run
 
         for path in plot_run(run_dir):
             print(f"[plot] {path}")

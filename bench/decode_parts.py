@@ -4,19 +4,16 @@
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlx.core as mx
+import numpy as np
+from grpo_step import build_model
+from mlx_lm.models.cache import BatchKVCache
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx_lm.models.cache import BatchKVCache  # noqa: E402
-
-from bench.grpo_step import build_model  # noqa: E402
-from utils import cuda_decode, cuda_sampling  # noqa: E402
-from utils.sampling import make_rollout_sampler  # noqa: E402
+from mlx_grpo.cuda_kernels import decode as cuda_decode
+from mlx_grpo.cuda_kernels import sampling as cuda_sampling
+from mlx_grpo.generation.sampling import make_rollout_sampler
 
 
 def timed(label, fn, steps):
@@ -38,7 +35,7 @@ def main():
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--part", default="steps", choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop"])
-    p.add_argument("--no-cuda-kernels", action="store_true", help="rollouts without utils/cuda_decode.py's and utils/cuda_sampling.py's kernels")
+    p.add_argument("--no-cuda-kernels", action="store_true", help="rollouts without utils/cuda_kernels/decode.py's and utils/cuda_kernels/sampling.py's kernels")
     args = p.parse_args()
     if args.no_cuda_kernels:
         cuda_decode.available = cuda_sampling.available = lambda: False
@@ -151,8 +148,8 @@ def sampling_variants(rows=256, vocab=65536, steps=32, k=50):
 
 def rollout_loop(depth=20, rows=256, steps=256, prompts=16):
     """The rollout's decode loop with and without the host's per-row bookkeeping."""
-    from utils.nanochat_decode import NanochatDecoder
-    from utils.rollout import generate_completions
+    from mlx_grpo.generation.engine import generate_completions
+    from mlx_grpo.nanochat.decoder import NanochatDecoder
 
     model = build_model(depth)
     model.set_dtype(mx.bfloat16)
@@ -191,7 +188,7 @@ def rollout_loop(depth=20, rows=256, steps=256, prompts=16):
 def op_costs(depth=20, rows=256, context=100, repeats=50):
     """GPU time of each op of a decode step (a chain of `repeats` copies evaluated at once), and the
     host time to build one step's graph, to tell launch/host cost from device work."""
-    from utils.nanochat_decode import NanochatDecoder
+    from mlx_grpo.nanochat.decoder import NanochatDecoder
 
     width = 64 * depth
     x = mx.random.normal((rows, 1, width)).astype(mx.bfloat16)
@@ -237,9 +234,9 @@ def op_costs(depth=20, rows=256, context=100, repeats=50):
 
 
 def decoder_by_context(depth=20, rows=256, steps=16, prompts=16):
-    """One decode step (logits only) of utils/nanochat_decode.py against mlx-lm's model call."""
-    from utils.rollout import MlxLmDecoder
-    from utils.nanochat_decode import NanochatDecoder
+    """One decode step (logits only) of utils/nanochat/decoder.py against mlx-lm's model call."""
+    from mlx_grpo.generation.engine import MlxLmDecoder
+    from mlx_grpo.nanochat.decoder import NanochatDecoder
 
     model = build_model(depth)
     model.set_dtype(mx.bfloat16)

@@ -11,25 +11,28 @@ KV cache read once per decode step). Sampling never stops early: no stop tokens 
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models.nanochat import Model, ModelArgs
 
-import mlx.core as mx  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx_lm.models.nanochat import Model, ModelArgs  # noqa: E402
-
-from utils import cuda_decode, cuda_sampling  # noqa: E402
-from utils.config import GRPOConfig  # noqa: E402
-from utils.grpo_loss import group_advantages  # noqa: E402
-from utils.lora import add_adapters, base_policy, rollout_copy  # noqa: E402
-from utils.rollout import generate_completions  # noqa: E402
-from utils.sampling import make_rollout_sampler  # noqa: E402
-from utils.training import (  # noqa: E402
-    FusedAdamW, frozen_copy, frozen_logprobs, loss_normalizers, make_loss_and_grad, pack_micro_batches,
+from mlx_grpo.config import GRPOConfig
+from mlx_grpo.cuda_kernels import decode as cuda_decode
+from mlx_grpo.cuda_kernels import sampling as cuda_sampling
+from mlx_grpo.generation.engine import generate_completions
+from mlx_grpo.generation.sampling import make_rollout_sampler
+from mlx_grpo.training.lora import add_adapters, base_policy, rollout_copy
+from mlx_grpo.training.loss import group_advantages
+from mlx_grpo.training.update import (
+    FusedAdamW,
+    frozen_copy,
+    frozen_logprobs,
+    loss_normalizers,
+    make_loss_and_grad,
+    pack_micro_batches,
     policy_update,
 )
 
@@ -53,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--quant-bits", type=int, default=0, help="rollouts from a quantized copy (0 = off)")
     p.add_argument("--compile", action="store_true", help="compile the loss and gradient")
     p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast nanochat decoder")
-    p.add_argument("--no-cuda-kernels", action="store_true", help="rollouts without utils/cuda_decode.py's and utils/cuda_sampling.py's kernels")
+    p.add_argument("--no-cuda-kernels", action="store_true", help="rollouts without utils/cuda_kernels/decode.py's and utils/cuda_kernels/sampling.py's kernels")
     p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
     p.add_argument("--base-quant-bits", type=int, default=0, help="QLoRA: quantize the frozen base (0 = no)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")

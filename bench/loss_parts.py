@@ -11,19 +11,15 @@ With --ops: each kind of op of a nanochat layer and of the loss head, forward an
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlx.core as mx
+import mlx.nn as nn
+from grpo_step import VOCAB, build_model
+from mlx.utils import tree_flatten
 
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
-from bench.grpo_step import VOCAB, build_model  # noqa: E402
-from utils.grpo_loss import token_logprobs, token_logprobs_and_entropy  # noqa: E402
-from utils.training import make_loss_and_grad  # noqa: E402
+from mlx_grpo.training.loss import token_logprobs, token_logprobs_and_entropy
+from mlx_grpo.training.update import make_loss_and_grad
 
 
 def timed(label, fn, repeats=3, flops=None):

@@ -10,23 +10,27 @@ training), then the same update phase by phase with a host sync between phases.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from grpo_step import VOCAB, build_model, count_params
+from mlx.utils import tree_map
 
-import mlx.core as mx  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_map  # noqa: E402
-
-from bench.grpo_step import VOCAB, build_model, count_params  # noqa: E402
-from utils.grpo_loss import group_advantages  # noqa: E402
-from utils.rollout import Completion  # noqa: E402
-from utils.training import (  # noqa: E402
-    FusedAdamW, add_grads, all_finite, clip_by_norm, eval_update_in_chunks, global_norm, loss_normalizers,
-    make_loss_and_grad, pack_micro_batches, policy_update,
+from mlx_grpo.generation.engine import Completion
+from mlx_grpo.training.loss import group_advantages
+from mlx_grpo.training.update import (
+    FusedAdamW,
+    add_grads,
+    all_finite,
+    clip_by_norm,
+    eval_update_in_chunks,
+    global_norm,
+    loss_normalizers,
+    make_loss_and_grad,
+    pack_micro_batches,
+    policy_update,
 )
 
 

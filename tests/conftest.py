@@ -3,7 +3,7 @@
 import pytest
 from fixture_checkpoint import build_tiny_checkpoint, build_tiny_mlx_lm_model
 
-from utils.nanochat import convert_checkpoint, find_checkpoint
+from mlx_grpo.nanochat.convert import convert_checkpoint, find_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -14,7 +14,7 @@ def tiny_nanochat_ckpt_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_nanochat_ckpt_dir, tmp_path_factory):
-    """The tiny checkpoint converted to an MLX nanochat folder in float32 (load with utils.model_loading)."""
+    """The tiny checkpoint converted to an MLX nanochat folder in float32 (load with mlx_grpo.models)."""
     out = tmp_path_factory.mktemp("tiny_model") / "nanochat-tiny-mlx"
     convert_checkpoint(find_checkpoint(tiny_nanochat_ckpt_dir), out, dtype="float32")
     return out

@@ -9,7 +9,7 @@ import pickle
 
 import tiktoken
 
-from utils.tokenizer import TOKENIZER_FILENAME, train_tokenizer
+from mlx_grpo.nanochat.tokenizer import TOKENIZER_FILENAME, train_tokenizer
 
 _NAMES = ["Natalia", "Weng", "Betty", "Julie", "James", "Zoë", "José", "Hiro", "Amélie", "Kenji"]
 _ITEMS = ["clips", "apples", "pages", "marbles", "cookies", "tickets", "pencils", "flowers", "stamps"]

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from utils import calculator
-from utils.calculator import CALCULATOR_MAX_EXPR_CHARS, evaluate_expression
-from utils.data import default_gsm8k_path
+from mlx_grpo.data.gsm8k import default_gsm8k_path
+from mlx_grpo.generation import calculator
+from mlx_grpo.generation.calculator import CALCULATOR_MAX_EXPR_CHARS, evaluate_expression
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from utils.checkpoint import (
+from mlx_grpo.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     find_latest_checkpoint,
@@ -155,7 +155,7 @@ KILLED_SAVE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import mlx.optimizers as optim
-    from utils.checkpoint import save_checkpoint
+    from mlx_grpo.training.checkpoint import save_checkpoint
 
     run_dir, ready = Path(sys.argv[1]), Path(sys.argv[2])
     def slow_writer(folder):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import (
+from mlx_grpo.config import (
     CONFIG_ENV_VAR,
     ConfigError,
     GRPOConfig,

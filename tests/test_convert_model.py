@@ -10,9 +10,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from utils import convert_model
-from utils.chat_session import GenerationOptions, build_prompt, generate_reply
-from utils.model_loading import load_model
+from mlx_grpo import convert_model
+from mlx_grpo.generation.chat import GenerationOptions, build_prompt, generate_reply
+from mlx_grpo.models import load_model
 
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB = 64, 2, 128, 320
 

@@ -1,4 +1,4 @@
-"""convert_nanochat.py / utils.nanochat: conversion is exact, and wrong checkpoints are refused."""
+"""convert_nanochat.py / mlx_grpo.nanochat.convert: conversion is exact, and wrong checkpoints are refused."""
 
 import importlib.util
 import json
@@ -15,8 +15,8 @@ import pytest
 import torch
 from fixture_checkpoint import TINY_MODEL_CONFIG, tiny_state_dict, write_checkpoint
 
-from utils.model_loading import load_model
-from utils.nanochat import (
+from mlx_grpo.models import load_model
+from mlx_grpo.nanochat.convert import (
     NanochatCheckpoint,
     NanochatCheckpointError,
     convert_checkpoint,
@@ -39,7 +39,7 @@ cli = _load_cli()
 
 # ---------------------------------------------------------------------------------------------
 # Independent reference: nanochat's October-2025 forward pass in float64 numpy, read straight from
-# the .pt file (no code shared with utils.nanochat or mlx-lm).
+# the .pt file (no code shared with mlx_grpo.nanochat.convert or mlx-lm).
 
 
 def _rms_norm(x):

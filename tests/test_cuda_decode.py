@@ -1,12 +1,13 @@
-"""utils/cuda_decode.py: the kernel's math (emulated here) against MLX's own ops; the kernel itself and
+"""utils/cuda_kernels/decode.py: the kernel's math (emulated here) against MLX's own ops; the kernel itself and
 the decoder that uses it only where MLX's CUDA backend runs (the GPU machine)."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from utils import cuda_decode, nanochat_decode
-from utils.model_loading import load_model
+from mlx_grpo.cuda_kernels import decode as cuda_decode
+from mlx_grpo.models import load_model
+from mlx_grpo.nanochat import decoder as nanochat_decode
 
 on_cuda = pytest.mark.skipif(not cuda_decode.available(), reason="needs MLX's CUDA backend")
 

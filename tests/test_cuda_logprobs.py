@@ -1,4 +1,4 @@
-"""utils/cuda_logprobs.py: the fused log-prob / entropy kernels against grpo_loss's MLX ops.
+"""utils/cuda_kernels/logprobs.py: the fused log-prob / entropy kernels against grpo_loss's MLX ops.
 
 On the CPU the two kernels are replaced by MLX-op emulations of what they compute, which tests the
 custom function around them (shapes, the gradient formula, no gradient through the entropy,
@@ -10,7 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from utils import cuda_logprobs, grpo_loss
+from mlx_grpo.cuda_kernels import logprobs as cuda_logprobs
+from mlx_grpo.training import loss as grpo_loss
 
 ON_CUDA = cuda_logprobs.available()
 
@@ -123,7 +124,7 @@ def test_the_trainers_compiled_loss_and_gradient_agree_with_and_without_the_kern
     from mlx.utils import tree_flatten
     from mlx_lm.models.nanochat import Model, ModelArgs
 
-    from utils.training import make_loss_and_grad
+    from mlx_grpo.training.update import make_loss_and_grad
 
     model = Model(ModelArgs(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
                             vocab_size=1024, intermediate_size=256))

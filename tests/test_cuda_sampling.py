@@ -1,14 +1,14 @@
-"""utils.cuda_sampling: a NumPy emulation of the kernel's algorithm (same radix select, same Philox
-draws) checked against utils.sampling here, and the real kernel checked against the emulation on a
+"""mlx_grpo.cuda_kernels.sampling: a NumPy emulation of the kernel's algorithm (same radix select, same Philox
+draws) checked against mlx_grpo.generation.sampling here, and the real kernel checked against the emulation on a
 CUDA machine (skipped elsewhere)."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from utils import cuda_sampling
-from utils.cuda_sampling import available, kernel_sources_for_check, sample_top_k
-from utils.sampling import ordered_keys, top_k_mask
+from mlx_grpo.cuda_kernels import sampling as cuda_sampling
+from mlx_grpo.cuda_kernels.sampling import available, kernel_sources_for_check, sample_top_k
+from mlx_grpo.generation.sampling import ordered_keys, top_k_mask
 
 PHILOX_KEY_HI = np.uint32(cuda_sampling._PHILOX_KEY_HI)
 on_cuda = pytest.mark.skipif(not available(), reason="needs MLX's CUDA backend with the GPU as default device")
@@ -127,7 +127,7 @@ def assert_frequencies(tokens: np.ndarray, probabilities: np.ndarray):
     assert statistic < chi2_critical(max(1, support.sum() - 1)), (counts, expected)
 
 
-# ---- the emulation against utils.sampling (runs everywhere) ----
+# ---- the emulation against mlx_grpo.generation.sampling (runs everywhere) ----
 
 def test_philox_matches_random123_known_answers():
     counters = np.array([[0, 0, 0, 0], [0xFFFFFFFF] * 4], dtype=np.uint32)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from utils.data import (
+from mlx_grpo.data.gsm8k import (
     PROMPT_FORMATS,
     XML_SYSTEM_PROMPT,
     DataError,
@@ -242,7 +242,7 @@ def test_encode_prompt_with_nanochat_tokenizer():
     """The real nanochat wrapper on a byte-level vocabulary: [bos, user_start, q..., user_end, assistant_start]."""
     import tiktoken
 
-    from utils.tokenizer import NANOCHAT_SPECIAL_TOKENS, TiktokenTokenizerWrapper
+    from mlx_grpo.nanochat.tokenizer import NANOCHAT_SPECIAL_TOKENS, TiktokenTokenizerWrapper
 
     specials = {t: 256 + i for i, t in enumerate(NANOCHAT_SPECIAL_TOKENS)}
     encoding = tiktoken.Encoding(name="bytes", pat_str=r"\S+|\s+",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from utils.make_demo_model import (
+from mlx_grpo.demo.build import (
     DemoSettings,
     init_nanochat_weights,
     model_config_of,
@@ -18,10 +18,15 @@ from utils.make_demo_model import (
     tokenizer_texts,
     write_nanochat_checkpoint,
 )
-from utils.model_loading import load_model
-from utils.nanochat import build_model, convert_checkpoint, find_checkpoint, mlx_config, read_nanochat_meta
-from utils.synthetic_math import generate_problem, generate_problems, write_dataset
-from utils.tokenizer import NANOCHAT_SPECIAL_TOKENS, TiktokenTokenizerWrapper, nanochat_tokenizer, train_tokenizer
+from mlx_grpo.demo.synthetic_math import generate_problem, generate_problems, write_dataset
+from mlx_grpo.models import load_model
+from mlx_grpo.nanochat.convert import build_model, convert_checkpoint, find_checkpoint, mlx_config, read_nanochat_meta
+from mlx_grpo.nanochat.tokenizer import (
+    NANOCHAT_SPECIAL_TOKENS,
+    TiktokenTokenizerWrapper,
+    nanochat_tokenizer,
+    train_tokenizer,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO_ROOT / "demo" / "model"
@@ -36,7 +41,7 @@ def test_committed_demo_model_is_a_converted_nanochat_model():
     # nanochat's specials take the last 9 ids, in nanochat's order.
     assert [tok.encode_special(t) for t in NANOCHAT_SPECIAL_TOKENS] == list(range(tok.vocab_size - 9, tok.vocab_size))
     meta = read_nanochat_meta(DEMO_MODEL)
-    assert meta["conversion"]["dtype"] == "float32" and meta["source"] == "utils/make_demo_model.py"
+    assert meta["conversion"]["dtype"] == "float32" and meta["source"] == "utils/demo/build.py"
     assert all(v.dtype == mx.float32 for _, v in tree_flatten(model.parameters()))
     size = sum(p.stat().st_size for p in DEMO_MODEL.iterdir())
     assert size < 4_000_000, "the committed demo model should stay a few MB at most"

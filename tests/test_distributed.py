@@ -1,4 +1,4 @@
-"""Data-parallel training (utils/distributed.py): 2 ranks on the CPU, ring backend over loopback.
+"""Data-parallel training (utils/training/distributed.py): 2 ranks on the CPU, ring backend over loopback.
 
 - The update of 2 ranks equals the one-process update on the same global batch (fixed completions
   and rewards, so rollout sampling plays no part): this file is also the rank worker for that test.
@@ -22,20 +22,22 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # when run as a worker script
-    sys.path.insert(0, str(REPO))
-
-from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.config import ConfigError  # noqa: E402
-from utils.distributed import (  # noqa: E402
-    World, check_data_split, group_advantages_across, launcher_backend, reduce_step_metrics,
-    restore_process_state, weights_digest,
+from mlx_grpo.config import ConfigError
+from mlx_grpo.generation.engine import Completion
+from mlx_grpo.models import load_model
+from mlx_grpo.training.checkpoint import CheckpointError
+from mlx_grpo.training.distributed import (
+    World,
+    check_data_split,
+    group_advantages_across,
+    launcher_backend,
+    reduce_step_metrics,
+    restore_process_state,
+    weights_digest,
 )
-from utils.model_loading import load_model  # noqa: E402
-from utils.rollout import Completion  # noqa: E402
-from utils.training import frozen_logprobs, make_loss_and_grad, pack_micro_batches, policy_update  # noqa: E402
+from mlx_grpo.training.update import frozen_logprobs, make_loss_and_grad, pack_micro_batches, policy_update
 
+REPO = Path(__file__).resolve().parents[1]
 # The mlx.launch of this interpreter's environment (else its entry point, run with this interpreter).
 LAUNCH = ([str(Path(sys.executable).with_name("mlx.launch"))] if Path(sys.executable).with_name("mlx.launch").is_file()
           else [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"])
@@ -178,7 +180,7 @@ def fixed_update(model, world, setting):
 
 
 def worker(model_dir, out_dir):
-    from utils.distributed import init_world
+    from mlx_grpo.training.distributed import init_world
 
     world = init_world()
     assert world.size == 2, f"expected 2 ranks, got {world.size}"

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from utils.grpo_loss import (
+from mlx_grpo.training.loss import (
     advantages_from_stats,
     batch_reward_std,
     batch_std_from_sums,

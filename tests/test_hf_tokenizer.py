@@ -11,7 +11,7 @@ import regex
 import tiktoken
 from fixture_tokenizer import _training_text
 
-from utils.hf_tokenizer import (
+from mlx_grpo.nanochat.hf_tokenizer import (
     GENERATION_CONFIG_JSON,
     HF_TOKENIZER_FILES,
     NANOCHAT_CHAT_TEMPLATE,
@@ -21,7 +21,7 @@ from utils.hf_tokenizer import (
     main,
     write_hf_tokenizer_files,
 )
-from utils.tokenizer import (
+from mlx_grpo.nanochat.tokenizer import (
     NANOCHAT_SPECIAL_TOKENS,
     NANOCHAT_SPLIT_PATTERN,
     TiktokenTokenizerWrapper,
@@ -250,7 +250,7 @@ def test_mlx_lm_load_and_generate_match_load_model(tiny_model_dir):
     import mlx_lm
     from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
 
-    from utils.model_loading import load_model
+    from mlx_grpo.models import load_model
 
     model, tokenizer = mlx_lm.load(str(tiny_model_dir))
     our_model, our_tokenizer = load_model(tiny_model_dir)
@@ -276,7 +276,7 @@ def test_mlx_lm_load_and_generate_match_load_model(tiny_model_dir):
 def test_training_checkpoint_loads_in_mlx_lm(tiny_model_dir, tmp_path):
     import mlx_lm
 
-    from utils.model_loading import load_model, save_model_folder
+    from mlx_grpo.models import load_model, save_model_folder
 
     model, tokenizer = load_model(tiny_model_dir)
     out = save_model_folder(tmp_path / "step_000001", model, tokenizer, tiny_model_dir)

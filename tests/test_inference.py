@@ -1,4 +1,4 @@
-"""utils/inference.py and utils/chat_session.py on the tiny nanochat model (and a scripted one for tools)."""
+"""utils/inference.py and utils/generation/chat.py on the tiny nanochat model (and a scripted one for tools)."""
 
 import json
 import os
@@ -11,8 +11,8 @@ import mlx.nn as nn
 import pytest
 from mlx_lm.models.cache import KVCache
 
-from utils import inference
-from utils.chat_session import (
+from mlx_grpo import inference
+from mlx_grpo.generation.chat import (
     EXIT,
     ChatSession,
     GenerationOptions,
@@ -29,8 +29,8 @@ from utils.chat_session import (
     read_prompts_file,
     run_chat,
 )
-from utils.model_loading import load_model
-from utils.tokenizer import nanochat_tokenizer
+from mlx_grpo.models import load_model
+from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GREEDY = ["--temperature", "0"]
@@ -377,7 +377,7 @@ def test_multibyte_characters_split_over_tokens_stream_exactly(loaded, monkeypat
     assert "".join(pieces) == stream.reply.text == text
     assert all("\ufffd" not in p for p in pieces)  # an unfinished character is held back, never shown
 
-    monkeypatch.setattr("utils.model_loading.load_model", lambda path: (model, tok))
+    monkeypatch.setattr("mlx_grpo.models.load_model", lambda path: (model, tok))
     code, out, _ = run_cli(["--model", "scripted", "--prompt", "hi", "--stream", *GREEDY], capsys)
     assert code == 0 and out == text + "\n"
 

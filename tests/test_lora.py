@@ -9,15 +9,26 @@ import pytest
 from mlx.utils import tree_flatten
 from test_trainer import TOY_REWARD, comparable, interrupted_copy, read_records, run, train_records
 
-from utils import fuse, inference
-from utils.config import ConfigError, GRPOConfig
-from utils.lora import (
-    ADAPTER_CONFIG_FILE, ADAPTER_FILE, add_adapters, adapter_weights, base_policy, load_adapted_model,
+from mlx_grpo import fuse, inference
+from mlx_grpo.config import ConfigError, GRPOConfig
+from mlx_grpo.generation.engine import Completion
+from mlx_grpo.models import ModelLoadError, load_model
+from mlx_grpo.training.lora import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILE,
+    adapter_weights,
+    add_adapters,
+    base_policy,
+    load_adapted_model,
     save_adapters,
 )
-from utils.model_loading import ModelLoadError, load_model
-from utils.rollout import Completion
-from utils.training import ensure_float32, frozen_logprobs, make_loss_and_grad, pack_micro_batches, policy_update
+from mlx_grpo.training.update import (
+    ensure_float32,
+    frozen_logprobs,
+    make_loss_and_grad,
+    pack_micro_batches,
+    policy_update,
+)
 
 TOKENS = mx.array([[1, 5, 9, 42, 7, 300, 11, 2]])
 
@@ -88,7 +99,7 @@ def test_lora_keys_and_layers_choose_the_adapted_projections(tiny_model_dir):
 
 
 def test_config_keys_are_checked_and_full_training_still_refuses_a_quantized_model(tiny_model_dir):
-    from utils.config import validate
+    from mlx_grpo.config import validate
 
     with pytest.raises(ConfigError, match="base_quant_bits > 0.*train_type"):
         validate(GRPOConfig(base_quant_bits=4))

@@ -7,12 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from utils.metrics import (
-    MetricsLogger,
-    format_console_line,
-    read_completions,
-    read_metrics,
-)
+from mlx_grpo.training.metrics import MetricsLogger, format_console_line, read_completions, read_metrics
 
 
 def test_records_written_and_read(tmp_path):
@@ -152,7 +147,7 @@ class FakeWandb:
 
 
 def test_mirrors_to_tensorboard_and_wandb(tmp_path, monkeypatch):
-    import utils.metrics as metrics
+    import mlx_grpo.training.metrics as metrics
 
     fake_wandb = FakeWandb()
     monkeypatch.setattr(metrics, "_import_summary_writer", lambda: FakeWriter)

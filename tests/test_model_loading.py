@@ -1,4 +1,4 @@
-"""utils.model_loading: nanochat folders load strictly with their tokenizer; the rest goes to mlx_lm.load."""
+"""mlx_grpo.models: nanochat folders load strictly with their tokenizer; the rest goes to mlx_lm.load."""
 
 import json
 import shutil
@@ -10,9 +10,9 @@ import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from utils.model_loading import ModelLoadError, load_model, save_model_folder, save_nanochat_folder
-from utils.nanochat import NanochatCheckpointError, read_nanochat_meta
-from utils.tokenizer import TiktokenTokenizerWrapper, nanochat_tokenizer
+from mlx_grpo.models import ModelLoadError, load_model, save_model_folder, save_nanochat_folder
+from mlx_grpo.nanochat.convert import NanochatCheckpointError, read_nanochat_meta
+from mlx_grpo.nanochat.tokenizer import TiktokenTokenizerWrapper, nanochat_tokenizer
 
 IDS = mx.array([[1, 5, 9, 200, 300, 17]])
 

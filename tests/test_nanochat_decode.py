@@ -5,12 +5,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from utils import nanochat_decode
-from utils.config import GRPOConfig
-from utils.lora import add_adapters
-from utils.model_loading import load_model
-from utils.rollout import MlxLmDecoder, generate_completions
-from utils.sampling import make_rollout_sampler
+from mlx_grpo.config import GRPOConfig
+from mlx_grpo.generation.engine import MlxLmDecoder, generate_completions
+from mlx_grpo.generation.sampling import make_rollout_sampler
+from mlx_grpo.models import load_model
+from mlx_grpo.nanochat import decoder as nanochat_decode
+from mlx_grpo.training.lora import add_adapters
 
 
 @pytest.fixture(scope="module")

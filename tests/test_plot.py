@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.metrics import MetricsLogger
-from utils.plot import plot_run
+from mlx_grpo.plot import plot_run
+from mlx_grpo.training.metrics import MetricsLogger
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

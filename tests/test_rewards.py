@@ -4,7 +4,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from utils.rewards import (
+from mlx_grpo.data.rewards import (
     BUILTIN_REWARDS,
     RewardError,
     RewardResult,
@@ -269,7 +269,7 @@ def test_compute_rewards_errors_zero_counts_and_warns(caplog):
         raise RuntimeError("flaky")
 
     fns = [("boom", boom), ("xmlcount", xmlcount_reward)]
-    with caplog.at_level(logging.WARNING, logger="utils.rewards"):
+    with caplog.at_level(logging.WARNING, logger="mlx_grpo.data.rewards"):
         result = compute_rewards(fns, [1.0, 1.0], [GOOD, "x"], None, None, errors="zero")
     np.testing.assert_allclose(result.per_function["boom"], [0.0, 0.0])
     np.testing.assert_allclose(result.total, [0.5, 0.0])

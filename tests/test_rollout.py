@@ -1,15 +1,16 @@
 """Batched rollouts: group sharing of the prefix, per-row sampling, stop tokens, the calculator tool."""
 
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from pathlib import Path
 from mlx_lm.models.cache import KVCache
 
-from utils.model_loading import load_model
-from utils.rollout import CalculatorTool, Completion, _Rows, generate_completions, trim_buffer_cache
-from utils.sampling import make_rollout_sampler
-from utils.tokenizer import nanochat_tokenizer
+from mlx_grpo.generation.engine import CalculatorTool, Completion, _Rows, generate_completions, trim_buffer_cache
+from mlx_grpo.generation.sampling import make_rollout_sampler
+from mlx_grpo.models import load_model
+from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from utils.sampling import kth_largest_keys, make_rollout_sampler, ordered_keys, top_k_mask
+from mlx_grpo.generation.sampling import kth_largest_keys, make_rollout_sampler, ordered_keys, top_k_mask
 
 
 def test_ordered_keys_sort_like_the_floats():

@@ -1,13 +1,12 @@
-"""The synthetic word-problem generator behind the demo data (utils/synthetic_math.py)."""
+"""The synthetic word-problem generator behind the demo data (utils/demo/synthetic_math.py)."""
 
 import random
 import re
 
 import pytest
 
-from utils.calculator import evaluate_expression
-from utils.data import gsm8k_reference_answer, gsm8k_solution_to_nanochat_parts, load_gsm8k
-from utils.synthetic_math import (
+from mlx_grpo.data.gsm8k import gsm8k_reference_answer, gsm8k_solution_to_nanochat_parts, load_gsm8k
+from mlx_grpo.demo.synthetic_math import (
     KINDS,
     ONE_STEP_KINDS,
     generate_problem,
@@ -16,6 +15,7 @@ from utils.synthetic_math import (
     without_calculator,
     write_dataset,
 )
+from mlx_grpo.generation.calculator import evaluate_expression
 
 ANNOTATION = re.compile(r"<<([^=>]+)=([^>]+)>>(\d+)")
 

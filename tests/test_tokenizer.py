@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import mlx.core as mx
 import pytest
 import tiktoken
+from fixture_tokenizer import build_tiny_tokenizer
 from mlx_lm.generate import BatchGenerator, batch_generate, generate, stream_generate
 from mlx_lm.models.nanochat import Model, ModelArgs
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from fixture_tokenizer import build_tiny_tokenizer
-from utils.tokenizer import (
+from mlx_grpo.nanochat.tokenizer import (
     NANOCHAT_SPECIAL_TOKENS,
     TiktokenTokenizerWrapper,
     UnsafePickleError,

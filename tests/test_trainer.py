@@ -12,11 +12,20 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from utils.model_loading import load_model
-from utils.rollout import Completion
-from utils.training import (
-    FusedAdamW, add_grads, clip_by_norm, eval_update_in_chunks, global_norm,
-    make_loss_and_grad, make_lr_schedule, micro_batch_slices, pack_micro_batches, pack_rows, policy_update,
+from mlx_grpo.generation.engine import Completion
+from mlx_grpo.models import load_model
+from mlx_grpo.training.update import (
+    FusedAdamW,
+    add_grads,
+    clip_by_norm,
+    eval_update_in_chunks,
+    global_norm,
+    make_loss_and_grad,
+    make_lr_schedule,
+    micro_batch_slices,
+    pack_micro_batches,
+    pack_rows,
+    policy_update,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -108,7 +108,7 @@ class GRPOConfig:
     rollout_quant_bits: int = 4  # 2 | 3 | 4 | 5 | 6 | 8
     rollout_quant_group_size: int = 64  # 32 | 64 | 128
 
-    # --- LoRA / DoRA / QLoRA (utils/lora.py: mlx-lm's adapter layers) ---
+    # --- LoRA / DoRA / QLoRA (utils/training/lora.py: mlx-lm's adapter layers) ---
     train_type: str = "full"  # full | lora | dora; lora/dora train only adapters on a frozen base
     lora_rank: int = 8  # adapter rank r
     lora_scale: float = 20.0  # mlx-lm's scale: the update is scale * x A B (PEFT's alpha = scale * rank)
@@ -581,7 +581,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 
 if __name__ == "__main__":
-    # python -m utils.config --config configs/x.toml --set k=v : print the resolved config.
+    # python -m mlx_grpo.config --config configs/x.toml --set k=v : print the resolved config.
     import sys
 
     cli = add_config_arguments(argparse.ArgumentParser(description="Print a resolved MLX-GRPO config."))

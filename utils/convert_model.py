@@ -7,19 +7,15 @@
 
 Hugging Face models go through mlx_lm.convert. nanochat checkpoints (a folder with model_*.pt,
 a hub release known to be nanochat such as karpathy/nanochat-d32, or any source with --nanochat)
-go through convert_nanochat.py's converter (utils/nanochat.py); for a nanochat base dir with
+go through convert_nanochat.py's converter (utils/nanochat/convert.py); for a nanochat base dir with
 stages, use convert_nanochat.py --stage.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python utils/<script>.py`: the repo root, not utils/, comes first
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse
 
 # Flat nanochat releases on the hub (model_*.pt + meta_*.json + tokenizer.pkl); others: --nanochat.
 KNOWN_NANOCHAT_REPOS = ("karpathy/nanochat-d32", "sdobson/nanochat")
@@ -70,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def is_nanochat_source(source: str, forced: bool = False) -> bool:
     """nanochat route: --nanochat, a local folder holding model_*.pt, or a known nanochat hub release."""
-    from utils.nanochat import checkpoint_steps
+    from mlx_grpo.nanochat.convert import checkpoint_steps
 
     if forced:
         return True
@@ -81,7 +77,7 @@ def is_nanochat_source(source: str, forced: bool = False) -> bool:
 
 
 def _check_not_base_dir(source: str) -> None:
-    from utils.nanochat import STAGE_DIRS
+    from mlx_grpo.nanochat.convert import STAGE_DIRS
 
     path = Path(source).expanduser()
     stages = [s for s, d in STAGE_DIRS.items() if (path / d).is_dir()]
@@ -138,14 +134,15 @@ def convert_hf(args: argparse.Namespace, output_dir: Path) -> str:
 
 
 def convert_nanochat(args: argparse.Namespace, output_dir: Path | None) -> str:
-    from utils.nanochat import convert_checkpoint, default_output_dir as nanochat_output_dir, resolve_checkpoint
+    from mlx_grpo.nanochat.convert import convert_checkpoint, resolve_checkpoint
+    from mlx_grpo.nanochat.convert import default_output_dir as nanochat_output_dir
 
     not_for_nanochat = [flag for flag, value in (("--upload-repo", args.upload_repo), ("--revision", args.revision),
                                                  ("--trust-remote-code", args.trust_remote_code)) if value]
     if not_for_nanochat:
         raise ConversionError(
             f"{', '.join(not_for_nanochat)}: only for Hugging Face models, not nanochat checkpoints (a converted "
-            f"nanochat folder loads with this project's utils.model_loading, not with mlx_lm.load); drop them"
+            f"nanochat folder loads with this project's mlx_grpo.models, not with mlx_lm.load); drop them"
         )
     checkpoint = resolve_checkpoint(args.hf_path, step=args.step)
     q_bits = (args.q_bits or DEFAULT_Q_BITS) if args.quantize else None
@@ -164,7 +161,7 @@ def convert_nanochat(args: argparse.Namespace, output_dir: Path | None) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from utils.nanochat import NanochatCheckpointError
+    from mlx_grpo.nanochat.convert import NanochatCheckpointError
 
     output_dir = Path(args.output_dir) if args.output_dir else None
     try:

@@ -6,7 +6,7 @@
 
 The base is the model_name recorded in the checkpoint's adapter_config.json (--base overrides it).
 The merge is mlx-lm's fuse (LoRALinear.fuse / DoRALinear.fuse). The output loads with
-utils.model_loading.load_model, utils/inference.py and as model_name of a new run: a nanochat
+mlx_grpo.models.load_model, utils/inference.py and as model_name of a new run: a nanochat
 base gives a nanochat folder (config.json, model.safetensors, tokenizer.pkl, ...), another
 mlx-lm base an mlx-lm folder. A quantized base (QLoRA) is dequantized by default, so the fused
 model reproduces the adapted one; --keep-quantized keeps the base's bits (merged weights re-quantized).
@@ -14,13 +14,9 @@ model reproduces the adapted one; --keep-quantized keeps the base's bits (merged
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python utils/<script>.py`: the repo root, not utils/, comes first
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,8 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    from utils.checkpoint import CHECKPOINTS_DIRNAME, CheckpointError, find_latest_checkpoint
-    from utils.model_loading import ADAPTER_CONFIG_FILE, is_adapter_folder
+    from mlx_grpo.models import ADAPTER_CONFIG_FILE, is_adapter_folder
+    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME, CheckpointError, find_latest_checkpoint
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -57,8 +53,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def fuse_checkpoint(checkpoint: str | Path, output: str | Path, *, base: str | None = None,
                     keep_quantized: bool = False) -> Path:
     """Load base + adapters, merge them (mlx-lm's fuse) and write a loadable model folder; return it."""
-    from utils.lora import adapter_base, fuse_adapters, load_adapted_model
-    from utils.model_loading import ModelLoadError, save_model_folder
+    from mlx_grpo.models import ModelLoadError, save_model_folder
+    from mlx_grpo.training.lora import adapter_base, fuse_adapters, load_adapted_model
 
     checkpoint = resolve_checkpoint(checkpoint)
     output = Path(output)
@@ -72,10 +68,10 @@ def fuse_checkpoint(checkpoint: str | Path, output: str | Path, *, base: str | N
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from utils.checkpoint import CheckpointError
-    from utils.config import ConfigError
-    from utils.model_loading import ModelLoadError
-    from utils.nanochat import NanochatCheckpointError
+    from mlx_grpo.config import ConfigError
+    from mlx_grpo.models import ModelLoadError
+    from mlx_grpo.nanochat.convert import NanochatCheckpointError
+    from mlx_grpo.training.checkpoint import CheckpointError
 
     try:
         folder = fuse_checkpoint(args.checkpoint, args.output, base=args.base, keep_quantized=args.keep_quantized)

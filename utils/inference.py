@@ -14,15 +14,11 @@ nanochat's engine does; both show in the text. --no-tools turns it off.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python utils/<script>.py`: the repo root, not utils/, comes first
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 DEFAULT_OUTPUTS_DIR = "outputs"
 MODEL_HELP = (
@@ -90,7 +86,7 @@ def _complete_checkpoints(pattern_root: Path, pattern: str) -> list:
     Folders being written or deleted (".tmp-*", ".old-*") and unfinished saves (no manifest,
     which the trainer writes last) are skipped.
     """
-    from utils.checkpoint import MANIFEST_FILE
+    from mlx_grpo.training.checkpoint import MANIFEST_FILE
 
     return [
         folder for folder in pattern_root.glob(pattern)
@@ -101,7 +97,7 @@ def _complete_checkpoints(pattern_root: Path, pattern: str) -> list:
 
 def newest_checkpoint(outputs_dir: str | os.PathLike = DEFAULT_OUTPUTS_DIR) -> Path | None:
     """The most recently saved complete checkpoint outputs_dir/*/checkpoints/step_*/, or None."""
-    from utils.checkpoint import CHECKPOINTS_DIRNAME, MANIFEST_FILE
+    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME, MANIFEST_FILE
 
     found = _complete_checkpoints(Path(outputs_dir), f"*/{CHECKPOINTS_DIRNAME}/step_*")
     return max(found, key=lambda f: ((f / MANIFEST_FILE).stat().st_mtime, f.name), default=None)
@@ -110,8 +106,8 @@ def newest_checkpoint(outputs_dir: str | os.PathLike = DEFAULT_OUTPUTS_DIR) -> P
 def resolve_model(model: str | None, outputs_dir: str | os.PathLike = DEFAULT_OUTPUTS_DIR) -> str:
     """--model as a path or hub id for load_model: a run folder (holding checkpoints/) becomes its
     checkpoint with the largest step; no --model, the newest checkpoint under outputs_dir."""
-    from utils.chat_session import InferenceError
-    from utils.checkpoint import CHECKPOINTS_DIRNAME
+    from mlx_grpo.generation.chat import InferenceError
+    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME
 
     if model is None:
         newest = newest_checkpoint(outputs_dir)
@@ -138,7 +134,7 @@ def _print_stats(text: str) -> None:
 
 
 def run_prompt(model, tokenizer, args, options) -> None:
-    from utils.chat_session import ReplyStream, build_prompt
+    from mlx_grpo.generation.chat import ReplyStream, build_prompt
 
     prompt = build_prompt(tokenizer, args.prompt, system=args.system, raw=args.raw)
     if args.show_prompt:
@@ -153,7 +149,7 @@ def run_prompt(model, tokenizer, args, options) -> None:
 
 
 def run_prompts_file(model, tokenizer, args, options) -> None:
-    from utils.chat_session import build_prompt, format_stats, generate_batch, read_prompts_file
+    from mlx_grpo.generation.chat import build_prompt, format_stats, generate_batch, read_prompts_file
 
     records = read_prompts_file(args.prompts_file)
     prompts = [build_prompt(tokenizer, r["prompt"], system=args.system, raw=args.raw) for r in records]
@@ -182,7 +178,7 @@ def run_prompts_file(model, tokenizer, args, options) -> None:
 
 
 def run_chat_mode(model, tokenizer, args, options, model_name: str) -> None:
-    from utils.chat_session import ChatSession, run_chat
+    from mlx_grpo.generation.chat import ChatSession, run_chat
 
     session = ChatSession(model, tokenizer, options, system=args.system)
     interactive = sys.stdin.isatty()
@@ -194,7 +190,7 @@ def run_chat_mode(model, tokenizer, args, options, model_name: str) -> None:
 
 
 def model_uses_calculator(tokenizer, options) -> bool:
-    from utils.chat_session import calculator_for
+    from mlx_grpo.generation.chat import calculator_for
 
     return calculator_for(tokenizer, options) is not None
 
@@ -204,11 +200,11 @@ def main(argv=None) -> int:
     # Imported after argument parsing so that --help answers at once (mlx-lm imports transformers).
     import mlx.core as mx
 
-    from utils.chat_session import GenerationOptions, InferenceError
-    from utils.checkpoint import CheckpointError
-    from utils.lora import load_adapted_model
-    from utils.model_loading import ModelLoadError, is_adapter_folder, load_model
-    from utils.nanochat import NanochatCheckpointError
+    from mlx_grpo.generation.chat import GenerationOptions, InferenceError
+    from mlx_grpo.models import ModelLoadError, is_adapter_folder, load_model
+    from mlx_grpo.nanochat.convert import NanochatCheckpointError
+    from mlx_grpo.training.checkpoint import CheckpointError
+    from mlx_grpo.training.lora import load_adapted_model
 
     try:
         options = GenerationOptions(

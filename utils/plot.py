@@ -7,20 +7,16 @@ Uses matplotlib's Agg canvas directly (no display, no pyplot global state).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python utils/<script>.py`: the repo root, not utils/, comes first
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from utils.metrics import METRICS_FILE, read_metrics
+from mlx_grpo.training.metrics import METRICS_FILE, read_metrics
 
 PLOTS_DIRNAME = "plots"
 _REWARD_FN_RE = re.compile(r"^rewards/(.+)/mean$")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from mlx_grpo import REPO_ROOT
+
 GSM8K_ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # nanochat's / OpenAI's GSM8K regex
 
 XML_SYSTEM_PROMPT = (

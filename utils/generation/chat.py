@@ -3,7 +3,7 @@
 mlx-lm does the decoding (stream_generate, BatchGenerator), the sampling (make_sampler,
 make_logits_processors) and the KV cache (make_prompt_cache). Added here:
 - the calculator round trip of nanochat's engine: generation stops at <|python_end|>, the
-  expression is evaluated by utils.calculator, <|output_start|> result <|output_end|> are forced
+  expression is evaluated by mlx_grpo.generation.calculator, <|output_start|> result <|output_end|> are forced
   into the sequence and generation goes on from the same KV cache;
 - KV-cache reuse across chat turns (only the part of a prompt the cache does not hold is processed);
 - the chat history and the REPL commands (/clear, /system, /exit).
@@ -23,8 +23,8 @@ from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_p
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import common_prefix_len
 
-from utils.calculator import evaluate_expression
-from utils.tokenizer import nanochat_tokenizer
+from mlx_grpo.generation.calculator import evaluate_expression
+from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
 
 
 class InferenceError(ValueError):

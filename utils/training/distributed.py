@@ -38,9 +38,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .checkpoint import CheckpointError, capture_rng_state, restore_rng_state
-from .config import ConfigError
-from .grpo_loss import advantages_from_stats, batch_reward_std, group_advantages, group_reward_stats
+from mlx_grpo.config import ConfigError
+from mlx_grpo.training.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
+from mlx_grpo.training.loss import advantages_from_stats, batch_reward_std, group_advantages, group_reward_stats
 
 BACKENDS = ("ring", "mpi", "nccl", "jaccl")
 # Gradients travel in buckets of about this many bytes: few large messages, bounded extra memory.
@@ -275,7 +275,7 @@ def evaluate_sharded(world: World, model, prompts, answers, *, questions=None, *
     Accuracy is the pooled fraction of correct answers (as in one process); pass@k the mean over
     questions; the samples are rank 0's, which are the first questions, as in one process.
     """
-    from .evaluation import EvalResult, evaluate
+    from mlx_grpo.training.evaluation import EvalResult, evaluate
 
     if world.size == 1:
         return evaluate(model, prompts, answers, questions=questions, **kwargs)

@@ -39,7 +39,7 @@ from typing import Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from utils import cuda_logprobs
+from mlx_grpo.cuda_kernels import logprobs as cuda_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -220,7 +220,7 @@ def token_logprobs_and_entropy(
 ) -> tuple[mx.array, mx.array]:
     """token_logprobs and token_entropy in one pass: shares the float32 logits and the logsumexp,
     so a trainer logging entropy makes one [B, T, V] float32 copy instead of two. On CUDA, two
-    kernels instead (utils/cuda_logprobs.py): no float32 copy at all."""
+    kernels instead (utils/cuda_kernels/logprobs.py): no float32 copy at all."""
     if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} must be [B, T, V] and [B, T]")
     if _use_cuda_kernels(logits, temperature):

@@ -1,19 +1,19 @@
 """Temperature + top-k sampling in one CUDA kernel launch (MLX's CUDA backend only).
 
-On MLX's CUDA backend every kernel costs ~11 us, and utils.sampling's compiled path needs 16
+On MLX's CUDA backend every kernel costs ~11 us, and mlx_grpo.generation.sampling's compiled path needs 16
 bisection passes (dozens of kernels) per decode step. This kernel does the whole draw for a
 (rows, vocab) batch of logits in one launch, one thread block per row:
 
 1. the row's exact k-th largest logit by radix select on the ordered unsigned keys of
-   utils.sampling.ordered_keys (16-bit keys for bfloat16/float16: 2 passes of 8-bit digits;
+   mlx_grpo.generation.sampling.ordered_keys (16-bit keys for bfloat16/float16: 2 passes of 8-bit digits;
    32-bit keys for float32: 4 passes), one 256-bin histogram per warp in shared memory;
 2. a Gumbel-max draw over the logits >= that value: argmax of logit / T + gumbel(u), with u from
    Philox-4x32-10 keyed by (seed, row, index), ties to the lowest index.
 
-Same distribution as utils.sampling: softmax(logits / T) over the logits at or above the row's
+Same distribution as mlx_grpo.generation.sampling: softmax(logits / T) over the logits at or above the row's
 k-th largest (ties all kept, -0.0 == +0.0), top_k 0 or >= vocab meaning no restriction.
 NaN logits differ on purpose: they never take a top-k place and are never drawn (a row of only NaN
-gives token 0); utils.sampling sorts them by their sign bit.
+gives token 0); mlx_grpo.generation.sampling sorts them by their sign bit.
 """
 
 import hashlib
@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from utils.cuda_kernels import available, generated_source
+from mlx_grpo.cuda_kernels import available, generated_source
 
 _SUPPORTED_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 _PHILOX_KEY_HI = 0x5EED0C0D  # second Philox key word (the first is the caller's seed)
@@ -29,7 +29,7 @@ _PHILOX_KEY_HI = 0x5EED0C0D  # second Philox key word (the first is the caller's
 _HEADER = r"""
 namespace cuda_topk_sampling {
 
-// Bits of one logit, its value and its ordered key, per logit type (keys as utils.sampling).
+// Bits of one logit, its value and its ordered key, per logit type (keys as mlx_grpo.generation.sampling).
 template <typename T> struct Traits;
 template <> struct Traits<__nv_bfloat16> {
   static constexpr int BITS = 16;
@@ -292,7 +292,7 @@ def _kernel():
 
 @lru_cache(maxsize=64)
 def _inverse_temperature(temperature: float) -> mx.array:
-    # float32(1 / T), as utils.sampling scales by 1.0 / temperature in float32.
+    # float32(1 / T), as mlx_grpo.generation.sampling scales by 1.0 / temperature in float32.
     return mx.array([1.0 / temperature], dtype=mx.float32)
 
 
@@ -322,7 +322,7 @@ def sample_top_k(logits: mx.array, temperature: float, top_k: int, seed: mx.arra
     _check_inputs(logits, temperature, top_k, seed)
     if not available():
         raise ValueError("cuda_sampling needs MLX's CUDA backend with the GPU as default device; "
-                         "use utils.sampling elsewhere")
+                         "use mlx_grpo.generation.sampling elsewhere")
     rows, vocab = logits.shape
     if rows == 0:
         return mx.zeros((0,), dtype=mx.int32)

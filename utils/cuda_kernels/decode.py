@@ -15,7 +15,7 @@ when the device runs ahead of the host). This is sound because these buffers bel
 are touched only by this kernel (and by `filter`'s gather, a later graph on the same stream), and
 step t + 1's kernel depends on step t's through the sampled tokens.
 
-Elsewhere (Metal, CPU) utils/nanochat_decode.py keeps MLX's fused attention.
+Elsewhere (Metal, CPU) utils/nanochat/decoder.py keeps MLX's fused attention.
 """
 
 import hashlib
@@ -23,8 +23,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from utils.cuda_kernels import available, generated_source  # noqa: F401  (available: for callers)
-
+from mlx_grpo.cuda_kernels import available, generated_source  # noqa: F401  (available: for callers)
 
 _HEADER = r"""
 template <typename V> __device__ inline float ck_float(V x) { return static_cast<float>(x); }

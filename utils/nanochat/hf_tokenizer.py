@@ -1,7 +1,7 @@
 """Hugging Face tokenizer files for a nanochat tokenizer, so plain mlx_lm.load reads nanochat folders.
 
 A nanochat folder's own tokenizer is tokenizer.pkl (a pickled tiktoken.Encoding), which MLX-GRPO
-loads with a restricted unpickler (utils/tokenizer.py). mlx-lm and transformers only read Hugging
+loads with a restricted unpickler (utils/nanochat/tokenizer.py). mlx-lm and transformers only read Hugging
 Face files, so every converted folder and training checkpoint also gets:
 
 - tokenizer.json: the same byte-level BPE (vocab and merges from the tiktoken ranks, via
@@ -25,7 +25,7 @@ from typing import Union
 
 import tiktoken
 
-from utils.tokenizer import NANOCHAT_SPECIAL_TOKENS, TOKENIZER_FILENAME, load_tiktoken_encoding
+from mlx_grpo.nanochat.tokenizer import NANOCHAT_SPECIAL_TOKENS, TOKENIZER_FILENAME, load_tiktoken_encoding
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
@@ -226,7 +226,7 @@ def write_hf_tokenizer_files(folder: Union[str, os.PathLike], files: dict) -> li
 
 def main(argv=None) -> None:
     """Add the Hugging Face tokenizer files to nanochat folders that only have tokenizer.pkl
-    (converted before MLX-GRPO wrote them): python -m utils.hf_tokenizer FOLDER..."""
+    (converted before MLX-GRPO wrote them): python -m mlx_grpo.nanochat.hf_tokenizer FOLDER..."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

@@ -7,7 +7,7 @@ mlx-lm's model_type "nanochat". Anything else is refused, never converted into a
 
 The converted folder holds config.json (mlx-lm format: mlx_lm.utils.load_model reads the folder too),
 model.safetensors, tokenizer.pkl and nanochat_meta.json (the nanochat meta plus provenance), plus
-Hugging Face tokenizer files made from tokenizer.pkl (utils/hf_tokenizer.py) so plain mlx_lm.load
+Hugging Face tokenizer files made from tokenizer.pkl (utils/nanochat/hf_tokenizer.py) so plain mlx_lm.load
 reads the folder too.
 """
 
@@ -25,9 +25,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from utils.hf_tokenizer import hf_tokenizer_files, write_hf_tokenizer_files
-from utils.tokenizer import TOKENIZER_FILENAME as TOKENIZER_FILE
-from utils.tokenizer import load_tiktoken_encoding
+from mlx_grpo.nanochat.hf_tokenizer import hf_tokenizer_files, write_hf_tokenizer_files
+from mlx_grpo.nanochat.tokenizer import TOKENIZER_FILENAME as TOKENIZER_FILE
+from mlx_grpo.nanochat.tokenizer import load_tiktoken_encoding
 
 HUB_DEFAULT_REPO = "karpathy/nanochat-d32"
 META_FILE = "nanochat_meta.json"

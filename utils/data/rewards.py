@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .data import gsm8k_reference_answer
+from mlx_grpo.data.gsm8k import gsm8k_reference_answer
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def compute_rewards(
         except Exception as e:
             hint = ""
             if isinstance(e, TypeError):
-                hint = " (reward functions get completions as a list of plain strings; see utils/rewards.py)"
+                hint = " (reward functions get completions as a list of plain strings; see utils/data/rewards.py)"
             if errors == "raise":
                 raise RewardError(f"reward function '{name}' failed: {type(e).__name__}: {e}{hint}") from e
             result.failures[name] += 1

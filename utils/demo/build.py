@@ -1,9 +1,9 @@
 """Make the embedded demo: synthetic word problems, a tiny nanochat model, and its weak SFT start.
 
-    python utils/make_demo_model.py            # rewrites demo/data and demo/model
+    python utils/demo/build.py            # rewrites demo/data and demo/model
 
 Steps, each deterministic for a fixed --seed:
-1. demo/data/{train,test}.jsonl: synthetic GSM8K-style problems (utils/synthetic_math.py).
+1. demo/data/{train,test}.jsonl: synthetic GSM8K-style problems (utils/demo/synthetic_math.py).
 2. A BPE tokenizer trained on the training text the way nanochat trains its own (rustbpe with
    nanochat's split pattern, 256 byte tokens + merges, then the 9 specials), pickled as a
    tiktoken.Encoding.
@@ -14,7 +14,7 @@ Steps, each deterministic for a fixed --seed:
    needs a weak start (clearly above zero, far from perfect) that GRPO can improve.
 4. A nanochat checkpoint (model_{step:06d}.pt with nanochat's tensor names, bf16 wte and fp32
    rest, meta_{step:06d}.json, tokenizer.pkl) in a temporary folder, converted with
-   utils.nanochat.convert_checkpoint (float32) into demo/model: the demo goes through the same
+   mlx_grpo.nanochat.convert.convert_checkpoint (float32) into demo/model: the demo goes through the same
    path as a real nanochat model.
 
 Results are bit-identical for the same seed on the same platform and MLX version; other BLAS
@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import pickle
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -40,16 +39,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-if __package__ in (None, ""):  # run as a file (python utils/make_demo_model.py): make `utils` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from utils.data import build_messages, encode_prompt, gsm8k_solution_to_nanochat_parts, load_gsm8k
-from utils.nanochat import build_model, convert_checkpoint, find_checkpoint, mlx_config
-from utils.rewards import BUILTIN_REWARDS
-from utils.synthetic_math import generate_problems, without_calculator, write_dataset
-from utils.tokenizer import TOKENIZER_FILENAME, TiktokenTokenizerWrapper, train_tokenizer
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from mlx_grpo import REPO_ROOT
+from mlx_grpo.data.gsm8k import build_messages, encode_prompt, gsm8k_solution_to_nanochat_parts, load_gsm8k
+from mlx_grpo.data.rewards import BUILTIN_REWARDS
+from mlx_grpo.demo.synthetic_math import generate_problems, without_calculator, write_dataset
+from mlx_grpo.nanochat.convert import build_model, convert_checkpoint, find_checkpoint, mlx_config
+from mlx_grpo.nanochat.tokenizer import TOKENIZER_FILENAME, TiktokenTokenizerWrapper, train_tokenizer
 
 
 @dataclass
@@ -219,8 +214,8 @@ def sft(model, rows, settings: DemoSettings, log=partial(print, flush=True), on_
 
 
 def greedy_accuracy(model, tok: TiktokenTokenizerWrapper, examples, max_new_tokens: int) -> float:
-    from utils.evaluation import evaluate
-    from utils.rollout import CalculatorTool
+    from mlx_grpo.generation.engine import CalculatorTool
+    from mlx_grpo.training.evaluation import evaluate
 
     calculator = CalculatorTool.for_tokenizer(tok)
     prompts = [encode_prompt(tok, build_messages(e.question, "nanochat")) for e in examples]
@@ -295,13 +290,13 @@ def make_demo(out_dir: Path, settings: DemoSettings, eval_every: int = 0, log=pa
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = write_nanochat_checkpoint(
             Path(tmp) / "demo_sft", model, model_config, encoding, settings.sft_steps,
-            {"source": "utils/make_demo_model.py", "settings": asdict(settings)},
+            {"source": "utils/demo/build.py", "settings": asdict(settings)},
         )
-        summary = convert_checkpoint(find_checkpoint(ckpt_dir, source="utils/make_demo_model.py"),
+        summary = convert_checkpoint(find_checkpoint(ckpt_dir, source="utils/demo/build.py"),
                                      model_dir, dtype="float32", overwrite=True)
     log(f"[convert] {summary.describe()}")
 
-    from utils.model_loading import load_model
+    from mlx_grpo.models import load_model
 
     converted, _ = load_model(model_dir)
     accuracy = greedy_accuracy(converted, tok, test, settings.eval_max_new_tokens)

@@ -6,7 +6,7 @@ launching those ops, not by the GPU. Here the per-layer work on each side of att
 compiled functions of fixed shape (shapes do not change between decode steps, so they trace once),
 q/k/v come from one fused matmul, and the KV cache is preallocated. On MLX's CUDA backend the
 attention part (RoPE, QK norm, cache write, attention over the prompt stored once per group) is one
-kernel, utils/cuda_decode.py; elsewhere RoPE and the QK norm run once for q and k together and
+kernel, utils/cuda_kernels/decode.py; elsewhere RoPE and the QK norm run once for q and k together and
 MLX's fused attention reads a per-row cache filled by slice writes. The math is mlx-lm's nanochat model.
 """
 
@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
-from utils import cuda_decode
+from mlx_grpo.cuda_kernels import decode as cuda_decode
 
 EPS = 1e-5  # nanochat's RMSNorm epsilon (mlx-lm's nanochat.rms_norm)
 SOFTCAP = 15.0  # nanochat's logit softcap
@@ -74,7 +74,7 @@ def _step_functions(n_heads, n_kv_heads, head_dim, quantization):
     """The compiled pieces of a decode step around attention, for one model shape."""
     qk_heads = n_heads + n_kv_heads
 
-    def qkv_projection(x, qkv_arrays):  # alone for utils/cuda_decode.py, which does RoPE and the QK norm itself
+    def qkv_projection(x, qkv_arrays):  # alone for utils/cuda_kernels/decode.py, which does RoPE and the QK norm itself
         return _matmul(mx.fast.rms_norm(x, None, EPS), qkv_arrays, quantization)
 
     # Rows are (rows, width) and heads (rows, heads, 1, head_dim): with one token per row no transposes.
@@ -111,7 +111,7 @@ class NanochatDecoder:
 
     The prompts are prefilled together, once each (all but their last token). Row r's token at
     decode step t sits at RoPE position len(prompt_r) - 1 + t. Two cache layouts:
-    - with utils/cuda_decode.py's kernel (MLX's CUDA backend): each prompt's keys are stored once and
+    - with utils/cuda_kernels/decode.py's kernel (MLX's CUDA backend): each prompt's keys are stored once and
       each row's generated keys on their own, so nothing is padded or masked;
     - elsewhere: each prompt's cache is copied to its group's rows, left-padded to the longest
       prompt, and MLX's fused attention runs with a mask over the padding.
@@ -136,7 +136,7 @@ class NanochatDecoder:
             use_kernel = cuda_decode.available() and kernel_fits
         elif use_kernel and not (cuda_decode.available() and kernel_fits):
             raise ValueError("NanochatDecoder: use_kernel=True needs MLX's CUDA backend on the GPU and a head "
-                             "shape utils/cuda_decode.py supports; pass use_kernel=None to choose automatically")
+                             "shape utils/cuda_kernels/decode.py supports; pass use_kernel=None to choose automatically")
         self.use_kernel = use_kernel
         self.t = 0
         prefix_lens = [len(p) - 1 for p in prompts]

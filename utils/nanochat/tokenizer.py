@@ -132,7 +132,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
     vocab_size counts the 256 byte tokens, the merges and the 9 specials (the last 9 ids).
     """
-    import rustbpe  # only needed to train one (utils/make_demo_model.py, tests)
+    import rustbpe  # only needed to train one (utils/demo/build.py, tests)
 
     ranks_size = vocab_size - len(NANOCHAT_SPECIAL_TOKENS)
     if ranks_size < 256:

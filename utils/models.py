@@ -1,6 +1,6 @@
 """Load a policy model and its tokenizer, and write one back as a folder that loads the same way.
 
-A folder with tokenizer.pkl is a converted nanochat model (see utils/nanochat.py): mlx-lm's
+A folder with tokenizer.pkl is a converted nanochat model (see utils/nanochat/convert.py): mlx-lm's
 nanochat model, strictly loaded, with the tiktoken tokenizer wrapped for mlx-lm. Every other
 path or hub id goes through mlx_lm.load unchanged.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import mlx.nn as nn
 
-from utils.nanochat import TOKENIZER_FILE, load_nanochat_model, read_nanochat_meta, save_nanochat_folder
-from utils.tokenizer import TiktokenTokenizerWrapper, nanochat_tokenizer
+from mlx_grpo.nanochat.convert import TOKENIZER_FILE, load_nanochat_model, read_nanochat_meta, save_nanochat_folder
+from mlx_grpo.nanochat.tokenizer import TiktokenTokenizerWrapper, nanochat_tokenizer
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # marks a LoRA checkpoint / mlx-lm adapter folder
 
@@ -38,7 +38,7 @@ def load_model(path: str | Path, *, lazy: bool = False, return_config: bool = Fa
     stream_generate work on either.
     """
     if is_adapter_folder(path):  # a LoRA checkpoint: adapters only
-        raise ModelLoadError(f"{path} holds LoRA adapters, not a model: load it with utils.lora.load_adapted_model "
+        raise ModelLoadError(f"{path} holds LoRA adapters, not a model: load it with mlx_grpo.training.lora.load_adapted_model "
                              f"(utils/inference.py does), or fuse it first: python utils/fuse.py --checkpoint "
                              f"{path} --output DIR")
     if is_nanochat_folder(path):

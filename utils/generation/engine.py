@@ -2,7 +2,7 @@
 
 mlx-lm's BatchGenerator samples batches well, but it cannot force tool-output tokens into a row
 mid-generation, so the decode loop is written here: on mlx-lm's model and KV caches for any model,
-or on utils/nanochat_decode.py's faster decode step for nanochat models.
+or on utils/nanochat/decoder.py's faster decode step for nanochat models.
 """
 
 import time
@@ -13,8 +13,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from . import nanochat_decode
-from .calculator import evaluate_expression
+from mlx_grpo.generation.calculator import evaluate_expression
+from mlx_grpo.nanochat import decoder as nanochat_decode
 
 
 @dataclass
@@ -195,7 +195,7 @@ def generate_completions(
 
     Returns (completions ordered prompt by prompt, group contiguous; RolloutStats).
     Every row samples its own first token from the shared prefix. `sampler` maps (rows, vocab)
-    logits to token ids (utils.sampling.make_rollout_sampler); fast_decode=False forces mlx-lm's model call.
+    logits to token ids (mlx_grpo.generation.sampling.make_rollout_sampler); fast_decode=False forces mlx-lm's model call.
     """
     start = time.perf_counter()
     if any(len(p) == 0 for p in prompts):

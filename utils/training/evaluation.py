@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .rollout import generate_completions
-from .sampling import make_rollout_sampler
+from mlx_grpo.generation.engine import generate_completions
+from mlx_grpo.generation.sampling import make_rollout_sampler
 
 
 @dataclass

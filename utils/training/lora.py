@@ -25,9 +25,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from utils.config import ConfigError
-from utils.model_loading import ADAPTER_CONFIG_FILE, ModelLoadError, is_adapter_folder, load_model
-from utils.training import frozen_copy
+from mlx_grpo.config import ConfigError
+from mlx_grpo.models import ADAPTER_CONFIG_FILE, ModelLoadError, is_adapter_folder, load_model
+from mlx_grpo.training.update import frozen_copy
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_TRAIN_TYPES = ("lora", "dora")
@@ -270,7 +270,7 @@ def adapter_base(folder: str | Path) -> str:
 
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
     """Load folder/adapters.safetensors into a model whose adapters add_adapters built (resume); strict."""
-    from utils.checkpoint import CheckpointError
+    from mlx_grpo.training.checkpoint import CheckpointError
 
     path = Path(folder) / ADAPTER_FILE
     if not path.is_file():

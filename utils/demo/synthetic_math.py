@@ -6,7 +6,7 @@ a worked solution with GSM8K's calculator annotations and a "#### N" final answe
     question: "Mia has 12 apples. She gets 7 more apples. How many apples does Mia have now?"
     solution: "That makes 12+7=<<12+7=19>>19 apples.\\n#### 19"
 
-utils.data.gsm8k_solution_to_nanochat_parts turns each <<expr=result>> into a calculator call
+mlx_grpo.data.gsm8k.gsm8k_solution_to_nanochat_parts turns each <<expr=result>> into a calculator call
 (python part) plus its forced output, so supervised training teaches the model to call the tool.
 The result inside an annotation is exactly what the project's calculator prints for expr
 ("12/4" -> "3.0"), so the tool outputs seen in training are the ones forced at inference;
@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.calculator import evaluate_expression
+from mlx_grpo.generation.calculator import evaluate_expression
 
 # "expr=<<expr=out>>N" as _step writes it; group 1 is N.
 _CALCULATOR_STEP = re.compile(r"[0-9+\-*/]+=<<[^>]*>>(\d+)")
@@ -259,7 +259,7 @@ def without_calculator(solution: str) -> str:
 
 
 def write_jsonl(problems: list[Problem], path: str | Path) -> Path:
-    """GSM8K-format .jsonl: one {"question", "answer"} object per line (utils.data.load_gsm8k reads it)."""
+    """GSM8K-format .jsonl: one {"question", "answer"} object per line (mlx_grpo.data.gsm8k.load_gsm8k reads it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""What the custom CUDA kernels (utils/cuda_decode.py, utils/cuda_sampling.py, utils/cuda_logprobs.py)
+"""What the custom CUDA kernels (utils/cuda_kernels/decode.py, utils/cuda_kernels/sampling.py, utils/cuda_kernels/logprobs.py)
 share: where they run, and the full source MLX generates for one, so it can be compiled with NVRTC
 on a machine without a GPU."""
 

@@ -3,15 +3,15 @@
 import math
 import time
 from contextlib import contextmanager
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_reduce
 
-from .grpo_loss import grpo_loss, token_logprobs, token_logprobs_and_entropy
+from mlx_grpo.training.loss import grpo_loss, token_logprobs, token_logprobs_and_entropy
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Per-token log-probs and entropy of a batch of logits in one CUDA kernel, and their gradient in
 another (MLX's CUDA backend only).
 
-The loss head of a GRPO update (utils.grpo_loss.token_logprobs_and_entropy) upcasts the
+The loss head of a GRPO update (mlx_grpo.training.loss.token_logprobs_and_entropy) upcasts the
 [tokens, vocab] logits to float32, takes a logsumexp, gathers the targets and sums p * x for the
 entropy, then runs the softmax's backward in float32 and casts back: several passes over 6 GB of
 float32 per d20 micro-batch, ~29-46 ms of its ~220 ms on an H100. Here the forward reads the logits
@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from utils.cuda_kernels import available, generated_source  # noqa: F401  (available: for callers)
+from mlx_grpo.cuda_kernels import available, generated_source  # noqa: F401  (available: for callers)
 
 SUPPORTED_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 BLOCK = 256  # threads per row

@@ -4,7 +4,7 @@ mlx-lm's top-k sampler partitions the whole vocabulary (argpartition) for every 
 256 rows x 65,536 logits that costs more than the model's matmuls, so the common case
 (temperature with top-k, no top-p/min-p) is done here without a sort: the k-th largest logit of
 each row is found by bisection on its bits, and a Gumbel-max draw picks among the logits at or
-above it. On MLX's CUDA backend the same draw is one kernel launch (utils/cuda_sampling.py).
+above it. On MLX's CUDA backend the same draw is one kernel launch (utils/cuda_kernels/sampling.py).
 Anything else (top-p, min-p) goes to mlx-lm's sampler.
 """
 
@@ -14,7 +14,7 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
-from utils import cuda_sampling
+from mlx_grpo.cuda_kernels import sampling as cuda_sampling
 
 
 def ordered_keys(x: mx.array) -> mx.array:

@@ -1,0 +1,1 @@
+"""GSM8K-style data and the reward functions."""

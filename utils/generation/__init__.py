@@ -1,0 +1,1 @@
+"""The one generation engine (rollouts, evaluation, inference), token sampling and nanochat's calculator."""

@@ -1,0 +1,1 @@
+"""nanochat: checkpoints and their conversion, the tiktoken tokenizer, the fast batched decoder."""

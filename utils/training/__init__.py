@@ -1,0 +1,1 @@
+"""The GRPO step: loss math, the optimizer update, LoRA, data parallel, checkpoints, evaluation, metrics."""
