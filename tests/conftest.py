@@ -3,7 +3,8 @@
 import pytest
 from fixture_checkpoint import build_tiny_checkpoint, build_tiny_mlx_lm_model
 
-from mlx_grpo.nanochat.convert import convert_checkpoint, find_checkpoint
+from mlx_grpo.nanochat.checkpoint import find_checkpoint
+from mlx_grpo.nanochat.convert import convert_checkpoint
 
 
 @pytest.fixture(scope="session")

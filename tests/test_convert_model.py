@@ -126,6 +126,18 @@ def test_nanochat_folder_goes_to_the_nanochat_converter(tiny_nanochat_ckpt_dir, 
     assert len(reply.tokens) <= 4
 
 
+def test_both_fronts_put_a_nanochat_conversion_in_the_same_default_folder(tiny_nanochat_ckpt_dir, tmp_path,
+                                                                         monkeypatch):
+    from mlx_grpo.nanochat import convert as nanochat_convert
+
+    monkeypatch.chdir(tmp_path)
+    assert convert_model.main(["--hf-path", str(tiny_nanochat_ckpt_dir), "-q", "--q-bits", "8", "--dtype",
+                               "float32"]) == 0
+    out = nanochat_convert.default_output_dir(tiny_nanochat_ckpt_dir.name, 8)
+    assert (tmp_path / out / "model.safetensors").is_file()
+    assert nanochat_convert.main([str(tiny_nanochat_ckpt_dir), "--q-bits", "8", "--dtype", "float32"]) == 1  # same folder
+
+
 def test_routing_and_errors(tiny_nanochat_ckpt_dir, tiny_hf_dir, tmp_path, capsys):
     assert convert_model.is_nanochat_source(str(tiny_nanochat_ckpt_dir))
     assert not convert_model.is_nanochat_source(str(tiny_hf_dir))
@@ -140,11 +152,14 @@ def test_routing_and_errors(tiny_nanochat_ckpt_dir, tiny_hf_dir, tmp_path, capsy
     existing = tmp_path / "exists"
     existing.mkdir()
     assert "already exists" in error_of(["--hf-path", str(tiny_hf_dir), "--output-dir", str(existing)])
-    assert "already exists" in error_of(["--hf-path", str(tiny_nanochat_ckpt_dir), "--output-dir", str(existing)])
+    (existing / "notes.txt").write_text("mine")  # nanochat: convert_nanochat.py's rule, an empty folder would do
+    assert "not empty" in error_of(["--hf-path", str(tiny_nanochat_ckpt_dir), "--output-dir", str(existing)])
+    assert "--overwrite: only for nanochat" in error_of(["--hf-path", str(tiny_hf_dir), "--output-dir",
+                                                         str(tmp_path / "f"), "--overwrite"])
     assert "--upload-repo" in error_of(["--hf-path", str(tiny_nanochat_ckpt_dir), "--output-dir",
                                         str(tmp_path / "a"), "--upload-repo", "me/x"])
-    assert "--step is for nanochat" in error_of(["--hf-path", str(tiny_hf_dir), "--output-dir", str(tmp_path / "b"),
-                                                 "--step", "3"])
+    assert "--step: only for nanochat" in error_of(["--hf-path", str(tiny_hf_dir), "--output-dir",
+                                                     str(tmp_path / "b"), "--step", "3"])
     assert "no model_*.pt" in error_of(["--hf-path", str(tiny_hf_dir), "--nanochat", "--output-dir", str(tmp_path / "c")])
     base_dir = tmp_path / "nanochat_base"
     (base_dir / "chatsft_checkpoints" / "d20").mkdir(parents=True)

@@ -1,6 +1,5 @@
 """convert_nanochat.py / mlx_grpo.nanochat.convert: conversion is exact, and wrong checkpoints are refused."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,25 +15,16 @@ import torch
 from fixture_checkpoint import TINY_MODEL_CONFIG, tiny_state_dict, write_checkpoint
 
 from mlx_grpo.models import load_model
-from mlx_grpo.nanochat.convert import (
+from mlx_grpo.nanochat.checkpoint import (
     NanochatCheckpoint,
     NanochatCheckpointError,
-    convert_checkpoint,
-    default_output_dir,
+    checkpoint_name,
     find_checkpoint,
+    resolve_checkpoint,
 )
+from mlx_grpo.nanochat.convert import convert_checkpoint, default_output_dir, main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("convert_nanochat", REPO / "convert_nanochat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cli = _load_cli()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +170,7 @@ def test_output_folder_contents(tiny_nanochat_ckpt_dir, tiny_model_dir):
 
 
 def test_default_dtype_is_bfloat16_and_exact(tiny_nanochat_ckpt_dir, tmp_path, capsys):
-    assert cli.main([str(tiny_nanochat_ckpt_dir), "--output", str(tmp_path / "bf16")]) == 0
+    assert main([str(tiny_nanochat_ckpt_dir), "--output", str(tmp_path / "bf16")]) == 0
     summary = capsys.readouterr().out
     assert "depth 2, width 64, 163,840 params, bfloat16" in summary and "MB on disk" in summary
     weights = mx.load(str(tmp_path / "bf16" / "model.safetensors"))
@@ -249,17 +239,20 @@ def test_refuses_non_empty_output_unless_overwrite(tiny_nanochat_ckpt_dir, tmp_p
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert cli.main([str(tiny_nanochat_ckpt_dir), "--output", str(out)]) == 1
+    assert main([str(tiny_nanochat_ckpt_dir), "--output", str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err
-    assert cli.main([str(tiny_nanochat_ckpt_dir), "--output", str(out), "--overwrite"]) == 0
+    assert main([str(tiny_nanochat_ckpt_dir), "--output", str(out), "--overwrite"]) == 0
     assert (out / "model.safetensors").is_file() and (out / "notes.txt").is_file()
 
 
 def test_bad_quantization_arguments(tiny_nanochat_ckpt_dir, tmp_path, capsys):
-    assert cli.main([str(tiny_nanochat_ckpt_dir), "--output", str(tmp_path / "a"), "--q-group-size", "32"]) == 1
+    assert main([str(tiny_nanochat_ckpt_dir), "--output", str(tmp_path / "a"), "--q-group-size", "32"]) == 1
     assert "--q-bits" in capsys.readouterr().err
-    assert cli.main([str(tiny_nanochat_ckpt_dir), "--output", str(tmp_path / "b"), "--q-bits", "7"]) == 1
-    assert "unsupported quantization" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the command line offers only the supported bits
+        main([str(tiny_nanochat_ckpt_dir), "--output", str(tmp_path / "b"), "--q-bits", "7"])
+    with pytest.raises(NanochatCheckpointError, match="unsupported quantization 7 bits / group 64"):
+        convert_checkpoint(find_checkpoint(tiny_nanochat_ckpt_dir), tmp_path / "c", q_bits=7)
+    assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,9 +266,9 @@ def _converted_step(out) -> int:
 def test_step_selection(tiny_nanochat_ckpt_dir, tmp_path):
     folder = make_checkpoint(tmp_path / "ckpt", tiny_nanochat_ckpt_dir, tiny_state_dict(seed=1), step=5)
     write_checkpoint(folder, tiny_state_dict(seed=2), step=12)
-    assert cli.main([str(folder), "--output", str(tmp_path / "newest")]) == 0
+    assert main([str(folder), "--output", str(tmp_path / "newest")]) == 0
     assert _converted_step(tmp_path / "newest") == 12
-    assert cli.main([str(folder), "--output", str(tmp_path / "five"), "--step", "5", "--dtype", "float32"]) == 0
+    assert main([str(folder), "--output", str(tmp_path / "five"), "--step", "5", "--dtype", "float32"]) == 0
     assert _converted_step(tmp_path / "five") == 5
     lm_head = mx.load(str(tmp_path / "five" / "model.safetensors"))["lm_head.weight"]
     assert np.array_equal(np.array(lm_head), tiny_state_dict(seed=1)["lm_head.weight"].numpy())
@@ -289,21 +282,31 @@ def test_base_dir_layout(tiny_nanochat_ckpt_dir, tmp_path, monkeypatch):
     shutil.copyfile(tiny_nanochat_ckpt_dir / "tokenizer.pkl", base / "tokenizer" / "tokenizer.pkl")
     write_checkpoint(base / "chatsft_checkpoints" / "d2", tiny_state_dict(), step=5)
     out = tmp_path / "sft"
-    assert cli.main([str(base), "--stage", "sft", "--tag", "d2", "--output", str(out)]) == 0
+    assert main([str(base), "--stage", "sft", "--tag", "d2", "--output", str(out)]) == 0
     assert (out / "tokenizer.pkl").read_bytes() == (base / "tokenizer" / "tokenizer.pkl").read_bytes()
     # --stage without SOURCE reads nanochat's base dir; a single tag needs no --tag.
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    assert cli.main(["--stage", "sft", "--output", str(tmp_path / "env")]) == 0
+    assert main(["--stage", "sft", "--output", str(tmp_path / "env")]) == 0
     with pytest.raises(NanochatCheckpointError, match="mid_checkpoints does not exist"):
-        cli.resolve_checkpoint(None, stage="mid")
+        resolve_checkpoint(None, stage="mid")
 
 
 def test_default_output_names():
-    def ckpt(source, folder):
-        return NanochatCheckpoint(source, Path(folder), 1, Path("m"), Path("j"), Path("t"))
+    def name(source, folder):
+        return checkpoint_name(NanochatCheckpoint(source, Path(folder), 1, Path("m"), Path("j"), Path("t")))
 
-    assert default_output_dir(ckpt("karpathy/nanochat-d32", "/hf/snap/abc")) == Path("models/nanochat-d32-mlx")
-    assert default_output_dir(ckpt("x", "/b/chatsft_checkpoints/d20")) == Path("models/nanochat-d20-sft-mlx")
+    assert name("karpathy/nanochat-d32", "/hf/snap/abc") == "nanochat-d32"
+    assert name("x", "/b/chatsft_checkpoints/d20") == "nanochat-d20-sft"
+    assert name("x", "/runs/my-model") == "my-model"
+    assert default_output_dir("nanochat-d32") == Path("models/nanochat-d32-mlx")
+    assert default_output_dir("nanochat-d20-sft", 4) == Path("models/nanochat-d20-sft-mlx-4bit")
+
+
+def test_default_output_folder_is_the_one_rule(tiny_nanochat_ckpt_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([str(tiny_nanochat_ckpt_dir), "--q-bits", "8", "--dtype", "float32"]) == 0
+    out = tmp_path / default_output_dir(tiny_nanochat_ckpt_dir.name, 8)
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
 
 
 def test_quantized_output_loads(tiny_nanochat_ckpt_dir, tiny_model_dir, tmp_path):
@@ -311,7 +314,7 @@ def test_quantized_output_loads(tiny_nanochat_ckpt_dir, tiny_model_dir, tmp_path
 
     out = tmp_path / "q4"
     args = [str(tiny_nanochat_ckpt_dir), "--output", str(out), "--q-bits", "4", "--q-group-size", "32"]
-    assert cli.main(args + ["--dtype", "float32"]) == 0
+    assert main(args + ["--dtype", "float32"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
     assert config["quantization_config"] == config["quantization"]

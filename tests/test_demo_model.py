@@ -20,7 +20,9 @@ from mlx_grpo.demo.build import (
 )
 from mlx_grpo.demo.synthetic_math import generate_problem, generate_problems, write_dataset
 from mlx_grpo.models import load_model
-from mlx_grpo.nanochat.convert import build_model, convert_checkpoint, find_checkpoint, mlx_config, read_nanochat_meta
+from mlx_grpo.nanochat.checkpoint import find_checkpoint
+from mlx_grpo.nanochat.convert import convert_checkpoint, mlx_config
+from mlx_grpo.nanochat.folder import build_model, read_nanochat_meta
 from mlx_grpo.nanochat.tokenizer import (
     NANOCHAT_SPECIAL_TOKENS,
     TiktokenTokenizerWrapper,

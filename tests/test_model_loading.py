@@ -10,8 +10,9 @@ import pytest
 from huggingface_hub.errors import LocalEntryNotFoundError
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_grpo.models import ModelLoadError, load_model, save_model_folder, save_nanochat_folder
-from mlx_grpo.nanochat.convert import NanochatCheckpointError, read_nanochat_meta
+from mlx_grpo.models import ModelLoadError, load_model, save_model_folder
+from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError
+from mlx_grpo.nanochat.folder import read_nanochat_meta, save_nanochat_folder
 from mlx_grpo.nanochat.tokenizer import TiktokenTokenizerWrapper, nanochat_tokenizer
 
 IDS = mx.array([[1, 5, 9, 200, 300, 17]])

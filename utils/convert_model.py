@@ -7,8 +7,8 @@
 
 Hugging Face models go through mlx_lm.convert. nanochat checkpoints (a folder with model_*.pt,
 a hub release known to be nanochat such as karpathy/nanochat-d32, or any source with --nanochat)
-go through convert_nanochat.py's converter (utils/nanochat/convert.py); for a nanochat base dir with
-stages, use convert_nanochat.py --stage.
+go through the same function as convert_nanochat.py (mlx_grpo.nanochat.convert.convert); for a
+nanochat base dir with stages, use convert_nanochat.py --stage.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-# Flat nanochat releases on the hub (model_*.pt + meta_*.json + tokenizer.pkl); others: --nanochat.
-KNOWN_NANOCHAT_REPOS = ("karpathy/nanochat-d32", "sdobson/nanochat")
-Q_BITS = (2, 3, 4, 5, 6, 8)
-Q_GROUP_SIZES = (32, 64, 128)
-DTYPES = ("float16", "bfloat16", "float32")
-DEFAULT_Q_BITS = 4  # mlx-lm's defaults for affine quantization
-DEFAULT_Q_GROUP_SIZE = 64
+from mlx_grpo.config import QUANT_BITS, QUANT_GROUP_SIZES
+from mlx_grpo.nanochat.checkpoint import KNOWN_HUB_REPOS, NanochatCheckpointError, checkpoint_steps, stages_in
+from mlx_grpo.nanochat.convert import DEFAULT_DTYPE, DEFAULT_Q_BITS, DEFAULT_Q_GROUP_SIZE, DTYPES, default_output_dir
+from mlx_grpo.nanochat.convert import convert as convert_nanochat_checkpoint
 
 
 class ConversionError(ValueError):
@@ -37,16 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hf-path", "--model", required=True,
                         help="Hugging Face repo id or local folder (an HF model, or a nanochat checkpoint)")
     parser.add_argument("--output-dir", "--mlx-path", dest="output_dir",
-                        help="folder to write, must not exist yet (default: models/<name>-mlx, "
-                             "with -<bits>bit when quantized)")
+                        help="folder to write (default: models/<name>-mlx, with -<bits>bit when quantized); "
+                             "HF models: it must not exist yet; nanochat: it must be empty unless --overwrite")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize the weights (mlx-lm affine)")
-    parser.add_argument("--q-bits", "--bits", dest="q_bits", type=int, choices=Q_BITS,
+    parser.add_argument("--q-bits", "--bits", dest="q_bits", type=int, choices=QUANT_BITS,
                         help=f"bits per weight with -q (default: {DEFAULT_Q_BITS})")
-    parser.add_argument("--q-group-size", "--group-size", dest="q_group_size", type=int, choices=Q_GROUP_SIZES,
+    parser.add_argument("--q-group-size", "--group-size", dest="q_group_size", type=int, choices=QUANT_GROUP_SIZES,
                         help=f"quantization group size with -q (default: {DEFAULT_Q_GROUP_SIZE})")
-    parser.add_argument("--dtype", choices=DTYPES,
+    parser.add_argument("--dtype", choices=list(DTYPES),
                         help="dtype of the unquantized weights (default: HF models: config.json's torch_dtype; "
-                             "nanochat: bfloat16)")
+                             f"nanochat: {DEFAULT_DTYPE})")
     parser.add_argument("--upload-repo", help="Hugging Face repo to upload the converted HF model to")
     parser.add_argument("--revision", help="HF models: branch, tag or commit of the hub repo")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -54,10 +51,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nanochat", action="store_true",
                         help="read --hf-path as a nanochat checkpoint (folder or hub repo) even if not detected")
     parser.add_argument("--step", type=int, help="nanochat: checkpoint step to convert (default: the newest)")
+    parser.add_argument("--overwrite", action="store_true", help="nanochat: write into a non-empty output folder")
     args = parser.parse_args(argv)
     if not args.quantize and (args.q_bits is not None or args.q_group_size is not None):
         parser.error("--q-bits / --q-group-size need -q (--quantize)")
     return args
+
+
+def _q_bits(args: argparse.Namespace) -> int | None:
+    return (args.q_bits or DEFAULT_Q_BITS) if args.quantize else None
+
+
+def _q_group_size(args: argparse.Namespace) -> int | None:
+    return (args.q_group_size or DEFAULT_Q_GROUP_SIZE) if args.quantize else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,31 +72,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def is_nanochat_source(source: str, forced: bool = False) -> bool:
     """nanochat route: --nanochat, a local folder holding model_*.pt, or a known nanochat hub release."""
-    from mlx_grpo.nanochat.convert import checkpoint_steps
-
     if forced:
         return True
     path = Path(source).expanduser()
     if path.exists():
         return bool(checkpoint_steps(path))
-    return source in KNOWN_NANOCHAT_REPOS
+    return source in KNOWN_HUB_REPOS
 
 
 def _check_not_base_dir(source: str) -> None:
-    from mlx_grpo.nanochat.convert import STAGE_DIRS
-
-    path = Path(source).expanduser()
-    stages = [s for s, d in STAGE_DIRS.items() if (path / d).is_dir()]
+    stages = stages_in(source)
     if stages:
+        path = Path(source).expanduser()
         raise ConversionError(
-            f"{path} is a nanochat base dir (it has {', '.join(STAGE_DIRS[s] for s in stages)}/): convert one "
+            f"{path} is a nanochat base dir (it has checkpoints of the stages {', '.join(stages)}): convert one "
             f"model with: python convert_nanochat.py {path} --stage {stages[0]} [--tag TAG]"
         )
-
-
-def default_output_dir(name: str, q_bits: int | None) -> Path:
-    suffix = f"-{q_bits}bit" if q_bits else ""
-    return Path("models") / f"{Path(name.rstrip('/')).name}-mlx{suffix}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +100,8 @@ def convert_kwargs(args: argparse.Namespace, output_dir: Path) -> dict:
         "hf_path": args.hf_path,
         "mlx_path": str(output_dir),
         "quantize": args.quantize,
-        "q_group_size": (args.q_group_size or DEFAULT_Q_GROUP_SIZE) if args.quantize else None,
-        "q_bits": (args.q_bits or DEFAULT_Q_BITS) if args.quantize else None,
+        "q_group_size": _q_group_size(args),
+        "q_bits": _q_bits(args),
         "dtype": args.dtype,
         "upload_repo": args.upload_repo,
         "revision": args.revision,
@@ -113,14 +110,18 @@ def convert_kwargs(args: argparse.Namespace, output_dir: Path) -> dict:
     }
 
 
-def convert_hf(args: argparse.Namespace, output_dir: Path) -> str:
+def convert_hf(args: argparse.Namespace, output_dir: Path | None) -> str:
     from huggingface_hub.errors import HFValidationError
     from mlx_lm.convert import convert
 
-    if args.step is not None:
-        raise ConversionError("--step is for nanochat checkpoints; this source converts as a Hugging Face model "
-                              "(pass --nanochat if it is a nanochat checkpoint)")
+    not_for_hf = [flag for flag, value in (("--step", args.step is not None), ("--overwrite", args.overwrite)) if value]
+    if not_for_hf:
+        raise ConversionError(f"{', '.join(not_for_hf)}: only for nanochat checkpoints; this source converts as a "
+                              f"Hugging Face model (pass --nanochat if it is a nanochat checkpoint)")
     _check_not_base_dir(args.hf_path)
+    output_dir = output_dir or default_output_dir(args.hf_path, _q_bits(args))
+    if output_dir.exists():  # mlx_lm.convert writes only new folders
+        raise ConversionError(f"output folder {output_dir} already exists; remove it or pass another --output-dir")
     try:
         convert(**convert_kwargs(args, output_dir))
     except (OSError, HFValidationError) as e:  # not on disk, and the hub is offline/unreachable/unknown
@@ -129,49 +130,31 @@ def convert_hf(args: argparse.Namespace, output_dir: Path) -> str:
             f"cannot read {args.hf_path!r} ({type(e).__name__}: {reason}); pass a local model folder or a "
             f"Hugging Face repo id (downloading needs the network, or the model already in the HF cache)"
         ) from e
-    quant = f", {args.q_bits or DEFAULT_Q_BITS}-bit" if args.quantize else ""
+    quant = f", {_q_bits(args)}-bit" if args.quantize else ""
     return f"Converted {args.hf_path} -> {output_dir}{quant}"
 
 
 def convert_nanochat(args: argparse.Namespace, output_dir: Path | None) -> str:
-    from mlx_grpo.nanochat.convert import convert_checkpoint, resolve_checkpoint
-    from mlx_grpo.nanochat.convert import default_output_dir as nanochat_output_dir
-
     not_for_nanochat = [flag for flag, value in (("--upload-repo", args.upload_repo), ("--revision", args.revision),
                                                  ("--trust-remote-code", args.trust_remote_code)) if value]
     if not_for_nanochat:
         raise ConversionError(
-            f"{', '.join(not_for_nanochat)}: only for Hugging Face models, not nanochat checkpoints (a converted "
-            f"nanochat folder loads with this project's mlx_grpo.models, not with mlx_lm.load); drop them"
+            f"{', '.join(not_for_nanochat)}: only for Hugging Face models (mlx_lm.convert), not for nanochat "
+            f"checkpoints; drop them"
         )
-    checkpoint = resolve_checkpoint(args.hf_path, step=args.step)
-    q_bits = (args.q_bits or DEFAULT_Q_BITS) if args.quantize else None
-    if output_dir is None:
-        output_dir = nanochat_output_dir(checkpoint)
-        if q_bits:
-            output_dir = output_dir.with_name(f"{output_dir.name}-{q_bits}bit")
-    if output_dir.exists():
-        raise ConversionError(f"output folder {output_dir} already exists; remove it or pass another --output-dir")
-    summary = convert_checkpoint(
-        checkpoint, output_dir, dtype=args.dtype or "bfloat16", q_bits=q_bits,
-        q_group_size=(args.q_group_size or DEFAULT_Q_GROUP_SIZE) if args.quantize else None,
-    )
+    summary = convert_nanochat_checkpoint(args.hf_path, output_dir, step=args.step, dtype=args.dtype or DEFAULT_DTYPE,
+                                          q_bits=_q_bits(args), q_group_size=_q_group_size(args),
+                                          overwrite=args.overwrite)
     return summary.describe()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mlx_grpo.nanochat.convert import NanochatCheckpointError
-
     output_dir = Path(args.output_dir) if args.output_dir else None
     try:
         if is_nanochat_source(args.hf_path, forced=args.nanochat):
             message = convert_nanochat(args, output_dir)
         else:
-            if output_dir is None:
-                output_dir = default_output_dir(args.hf_path, (args.q_bits or DEFAULT_Q_BITS) if args.quantize else None)
-            if output_dir.exists():
-                raise ConversionError(f"output folder {output_dir} already exists; remove it or pass another --output-dir")
             message = convert_hf(args, output_dir)
     except (ConversionError, NanochatCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mlx_grpo.config import ConfigError
     from mlx_grpo.models import ModelLoadError
-    from mlx_grpo.nanochat.convert import NanochatCheckpointError
+    from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError
     from mlx_grpo.training.checkpoint import CheckpointError
 
     try:

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
 
     from mlx_grpo.generation.chat import GenerationOptions, InferenceError
     from mlx_grpo.models import ModelLoadError, is_adapter_folder, load_model
-    from mlx_grpo.nanochat.convert import NanochatCheckpointError
+    from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError
     from mlx_grpo.training.checkpoint import CheckpointError
     from mlx_grpo.training.lora import load_adapted_model
 

@@ -1,6 +1,6 @@
 """Load a policy model and its tokenizer, and write one back as a folder that loads the same way.
 
-A folder with tokenizer.pkl is a converted nanochat model (see utils/nanochat/convert.py): mlx-lm's
+A folder with tokenizer.pkl is a converted nanochat model (see utils/nanochat/folder.py): mlx-lm's
 nanochat model, strictly loaded, with the tiktoken tokenizer wrapped for mlx-lm. Every other
 path or hub id goes through mlx_lm.load unchanged.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import mlx.nn as nn
 
-from mlx_grpo.nanochat.convert import TOKENIZER_FILE, load_nanochat_model, read_nanochat_meta, save_nanochat_folder
-from mlx_grpo.nanochat.tokenizer import TiktokenTokenizerWrapper, nanochat_tokenizer
+from mlx_grpo.nanochat.folder import load_nanochat_model, read_nanochat_meta, save_nanochat_folder
+from mlx_grpo.nanochat.tokenizer import TOKENIZER_FILENAME, TiktokenTokenizerWrapper, nanochat_tokenizer
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # marks a LoRA checkpoint / mlx-lm adapter folder
 
@@ -23,7 +23,7 @@ class ModelLoadError(ValueError):
 
 
 def is_nanochat_folder(path: str | Path) -> bool:
-    return (Path(path).expanduser() / TOKENIZER_FILE).is_file()
+    return (Path(path).expanduser() / TOKENIZER_FILENAME).is_file()
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -81,7 +81,7 @@ def save_model_folder(folder: str | Path, model: nn.Module, tokenizer, source: s
     src = Path(source).expanduser()
     if nanochat_tokenizer(tokenizer) is not None:
         meta = {**read_nanochat_meta(src), "parent": str(source)}
-        return save_nanochat_folder(folder, model, dict(config or load_config(src)), src / TOKENIZER_FILE,
+        return save_nanochat_folder(folder, model, dict(config or load_config(src)), src / TOKENIZER_FILENAME,
                                     extra_meta=meta)
     if not src.exists():
         src = hf_repo_to_path(str(source))  # in the local HF cache: the model was loaded from there

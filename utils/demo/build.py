@@ -43,7 +43,9 @@ from mlx_grpo import REPO_ROOT
 from mlx_grpo.data.gsm8k import build_messages, encode_prompt, gsm8k_solution_to_nanochat_parts, load_gsm8k
 from mlx_grpo.data.rewards import BUILTIN_REWARDS
 from mlx_grpo.demo.synthetic_math import generate_problems, without_calculator, write_dataset
-from mlx_grpo.nanochat.convert import build_model, convert_checkpoint, find_checkpoint, mlx_config
+from mlx_grpo.nanochat.checkpoint import find_checkpoint
+from mlx_grpo.nanochat.convert import convert_checkpoint, mlx_config
+from mlx_grpo.nanochat.folder import build_model
 from mlx_grpo.nanochat.tokenizer import TOKENIZER_FILENAME, TiktokenTokenizerWrapper, train_tokenizer
 
 
