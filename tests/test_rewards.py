@@ -286,5 +286,5 @@ def test_original_style_reward_gets_a_hint():
 
 
 def test_compute_rewards_rejects_unknown_errors_mode():
-    with pytest.raises(RewardError, match="'raise' or 'zero'"):
+    with pytest.raises(RewardError, match=r"one of \['raise', 'zero'\], got 'ignore'"):
         compute_rewards([("int", int_reward)], None, ["x"], None, None, errors="ignore")

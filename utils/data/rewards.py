@@ -1,30 +1,30 @@
 """Reward functions, the reward registry, and the weighted reward sum used by the trainer.
 
-Every reward has the original MLX-GRPO signature
+Every reward has the signature of the original MLX-GRPO's, so reward files written for it work here:
 
     f(completions: list[str], prompts=None, answer: list[str] | None = None, **kwargs) -> list[float]
 
-with one float per completion; `answer[i]` is the reference answer of completion i. Unlike the
-original, completions are plain strings (not TRL's [{"content": ...}] chat lists).
+with one float per completion; `answer[i]` is the reference answer of completion i. Completions are
+plain strings (not TRL's [{"content": ...}] chat lists).
 
-Built-ins (name: value), following the original MLX-GRPO rules unless noted:
+Built-ins (name: value):
 - correctness: 2.0 if the text inside the last <answer>...</answer> equals the reference as a
   number ("18", "18.0", "$18", "1,000" == "1000"); text compare if either side is not a number.
-  The original compared strings and used the whole completion when there was no <answer> tag;
-  here a missing or unclosed <answer> block scores 0.
-- int: 0.5 if that extracted answer is an integer literal (optional sign, ASCII digits), as the
-  original's int(): "18" and "-3" score, "18.0", "$18" and "1,000" do not.
+  Numbers compare as numbers because a right answer written "18.0" or "$18" is still right; a
+  completion without a closed <answer> block has given no answer and scores 0.
+- int: 0.5 if that extracted answer is an integer literal (optional sign, ASCII digits): "18" and
+  "-3" score, "18.0", "$18" and "1,000" do not.
 - strict_format: 0.5 if the whole completion is <reasoning>...</reasoning> then <answer>...</answer>,
-  only whitespace around and between them (the original's
-  ^\\s*<reasoning>.*?</reasoning>\\s*<answer>.*?</answer>\\s*$ with DOTALL; the older willccbb demo
-  demanded exact newlines and, lacking DOTALL, never matched multi-line reasoning).
+  only whitespace around and between them (the regex
+  ^\\s*<reasoning>.*?</reasoning>\\s*<answer>.*?</answer>\\s*$ with DOTALL, so multi-line reasoning
+  counts).
 - soft_format: 0.5 if <reasoning>.*?</reasoning>\\s*<answer>.*?</answer> appears anywhere (DOTALL).
 - xmlcount: +0.25 if a <reasoning>...</reasoning> pair appears, +0.25 if an <answer>...</answer>
   pair appears, minus 0.001 per character after the FIRST "</answer>" (that text stripped of
-  surrounding whitespace), exactly the original's rule: a second answer block counts as trailing
-  text. Can go below 0 for long trailing text.
+  surrounding whitespace), so rambling on after the answer costs; a second answer block counts as
+  trailing text. Can go below 0 for long trailing text.
 - gsm8k: 1.0 if the completion's first "#### N" (nanochat's regex, commas removed) equals the
-  reference as a number (nanochat compared strings; here "#### 72." and "#### 72.0" also score).
+  reference as a number ("#### 72." and "#### 72.0" score as "#### 72" does).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mlx_grpo.data.gsm8k import gsm8k_reference_answer
+from mlx_grpo.config import REWARD_ERRORS
+from mlx_grpo.data.gsm8k import PROMPT_FORMATS, gsm8k_reference_answer
 
 logger = logging.getLogger(__name__)
 
@@ -179,17 +180,17 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "gsm8k": gsm8k_reward,
 }
 
-# The original's five rewards, in its order.
+# The xml format's five rewards in the original MLX-GRPO's order, so its reward_weights lists keep their meaning.
 XML_REWARD_NAMES = ["xmlcount", "soft_format", "strict_format", "int", "correctness"]
 
 
 def default_reward_names(prompt_format: str) -> list[str]:
-    """Rewards used when the config names none: nanochat -> gsm8k; xml -> the original five."""
+    """Rewards used when the config names none: nanochat -> gsm8k; xml -> XML_REWARD_NAMES."""
     if prompt_format == "nanochat":
         return ["gsm8k"]
     if prompt_format == "xml":
         return list(XML_REWARD_NAMES)
-    raise RewardError(f"unknown prompt_format {prompt_format!r}: expected one of 'nanochat', 'xml'")
+    raise RewardError(f"unknown prompt_format {prompt_format!r}: expected one of {list(PROMPT_FORMATS)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ class RewardResult:
 
 
 def _call_reward(fn: RewardFn, completions, prompts, answers, extra: dict):
-    # Like the original: pass prompts/answer only to functions that accept them.
+    # prompts/answer go only to functions that accept them, so f(completions) and f(completions, answer) work.
     kwargs = {"prompts": prompts, "answer": answers, **extra}
     try:
         params = inspect.signature(fn).parameters
@@ -289,13 +290,13 @@ def compute_rewards(
 ) -> RewardResult:
     """Run every reward on the batch and sum them with weights (empty/None weights = all 1.0).
 
-    errors="raise": a reward that raises is re-raised as RewardError naming it (original chained).
+    errors="raise": a reward that raises is re-raised as RewardError naming it (chained to its exception).
     errors="zero": its values for this batch become 0.0, failures[name] += 1 and a warning is
     logged. Wrong-length, non-numeric or non-finite return values always raise.
     Extra keyword arguments are passed on to reward functions that accept them.
     """
-    if errors not in ("raise", "zero"):
-        raise RewardError(f"errors must be 'raise' or 'zero', got {errors!r}")
+    if errors not in REWARD_ERRORS:
+        raise RewardError(f"errors must be one of {list(REWARD_ERRORS)}, got {errors!r}")
     names = [name for name, _ in reward_fns]
     if not weights:
         weights = [1.0] * len(names)
