@@ -11,9 +11,9 @@ import numpy as np
 from grpo_step import build_model
 from mlx_lm.models.cache import BatchKVCache
 
-from mlx_grpo.cuda_kernels import decode as cuda_decode
-from mlx_grpo.cuda_kernels import sampling as cuda_sampling
+from mlx_grpo import cuda_kernels
 from mlx_grpo.generation.sampling import make_rollout_sampler
+from mlx_grpo.nanochat.decoder import RMS_NORM_EPS
 
 
 def timed(label, fn, steps):
@@ -35,10 +35,11 @@ def main():
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--part", default="steps", choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop"])
-    p.add_argument("--no-cuda-kernels", action="store_true", help="rollouts without utils/cuda_kernels/decode.py's and utils/cuda_kernels/sampling.py's kernels")
+    p.add_argument("--no-cuda-kernels", action="store_true",
+                   help="MLX ops instead of the custom CUDA kernels (all three; as MLX_GRPO_CUDA_KERNELS=0)")
     args = p.parse_args()
     if args.no_cuda_kernels:
-        cuda_decode.available = cuda_sampling.available = lambda: False
+        cuda_kernels.set_enabled(False)
     if args.part == "loop":
         return rollout_loop(depth=args.depth, rows=args.rows, steps=args.steps)
     if args.part == "ops":
@@ -158,7 +159,7 @@ def rollout_loop(depth=20, rows=256, steps=256, prompts=16):
     for _ in range(2):
         _, stats = generate_completions(model, prompt_ids, group_size=rows // prompts, max_new_tokens=steps,
                                         sampler=sampler, stop_token_ids=set())
-    print(f"CUDA decode kernel: {cuda_decode.available()}")
+    print(f"CUDA kernels: {cuda_kernels.available()}")
     print(f"generate_completions: {stats.seconds:.3f} s, prefill {stats.prefill_seconds:.3f} s, "
           f"{(stats.seconds - stats.prefill_seconds) / steps * 1e3:.3f} ms per decode step")
     rng = np.random.default_rng(0)
@@ -208,7 +209,7 @@ def op_costs(depth=20, rows=256, context=100, repeats=50):
     chain(f"x{repeats} fc_proj matmul", lambda i: (h + i) @ w["fc_proj"].T)
     chain(f"x{repeats} lm_head matmul", lambda i: (x + i) @ w["head"].T)
     chain(f"x{repeats} add", lambda i: x + i)
-    chain(f"x{repeats} rms_norm", lambda i: mx.fast.rms_norm(x + i, None, 1e-5))
+    chain(f"x{repeats} rms_norm", lambda i: mx.fast.rms_norm(x + i, None, RMS_NORM_EPS))
     model = build_model(depth)
     model.set_dtype(mx.bfloat16)
     prompt_ids = [[1] * (context - i % 3) for i in range(16)]

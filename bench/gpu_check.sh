@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# dev: the CUDA-only tests, then GRPO steps at the RL shape (run on the GPU machine)
-set -xo pipefail  # a failing test fails the check, through the tail
-python3 -m pytest -q tests/test_cuda_decode.py tests/test_cuda_sampling.py tests/test_cuda_logprobs.py 2>&1 | tail -6
+# dev: the CUDA-only tests, then GRPO steps at the RL shape (run on the GPU machine from the repo root)
+# -e with pipefail: any failing command, a test behind the pipe to tail included, fails the check there.
+set -euxo pipefail
+python3 -m pytest -q tests/test_cuda_kernels.py tests/test_cuda_decode.py tests/test_cuda_sampling.py \
+    tests/test_cuda_logprobs.py 2>&1 | tail -6
 python3 bench/decode_parts.py --part loop --steps 256
 python3 bench/grpo_step.py --depth 20 --steps 3 --compile --micro-batch-size 64

@@ -18,6 +18,8 @@ import mlx.nn as nn
 from grpo_step import VOCAB, build_model
 from mlx.utils import tree_flatten
 
+from mlx_grpo import cuda_kernels
+from mlx_grpo.nanochat.decoder import RMS_NORM_EPS
 from mlx_grpo.training.loss import token_logprobs, token_logprobs_and_entropy
 from mlx_grpo.training.update import make_loss_and_grad
 
@@ -56,10 +58,10 @@ def time_ops(rows, length, depth):
         f"matmul {tokens} x {width} x {VOCAB} (lm head)": (lambda a, w: a @ w, [x, rand(width, VOCAB)], 2 * tokens * width * VOCAB),
         "sdpa causal": (lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, scale=head_dim ** -0.5, mask="causal"),
                         [q, k, v], 2 * 2 * rows * heads * length * length * head_dim // 2),
-        "rms_norm [B, T, D]": (lambda a: mx.fast.rms_norm(a, None, 1e-5), [x], None),
+        "rms_norm [B, T, D]": (lambda a: mx.fast.rms_norm(a, None, RMS_NORM_EPS), [x], None),
         "rope, heads layout": (lambda a: mx.fast.rope(a, head_dim, traditional=False, base=None, freqs=freqs, scale=1.0, offset=0),
                                [heads_layout], None),
-        "rms_norm, heads layout (QK norm)": (lambda a: mx.fast.rms_norm(a, None, 1e-5), [q], None),
+        "rms_norm, heads layout (QK norm)": (lambda a: mx.fast.rms_norm(a, None, RMS_NORM_EPS), [q], None),
         "relu^2 [B, T, 4D]": (lambda a: mx.square(mx.maximum(a, 0)), [x_hidden], None),
         "residual add": (lambda a, b: a + b, [x, x], None),
         "attention output to [B, T, D] (transpose copy)": (lambda a: a.transpose(0, 2, 1, 3).reshape(rows, length, width), [q], None),
@@ -81,7 +83,11 @@ def main():
     p.add_argument("--rows", type=int, default=64, help="completions per micro-batch")
     p.add_argument("--length", type=int, default=356, help="tokens per row (prompt + completion)")
     p.add_argument("--ops", action="store_true", help="time each op kind of a layer instead")
+    p.add_argument("--no-cuda-kernels", action="store_true",
+                   help="MLX ops instead of the custom CUDA kernels (all three; as MLX_GRPO_CUDA_KERNELS=0)")
     args = p.parse_args()
+    if args.no_cuda_kernels:
+        cuda_kernels.set_enabled(False)
     if args.ops:
         return time_ops(args.rows, args.length, args.depth)
     model = build_model(args.depth)  # float32 master weights, as the trainer keeps them

@@ -18,6 +18,7 @@ import numpy as np
 from grpo_step import VOCAB, build_model, count_params
 from mlx.utils import tree_map
 
+from mlx_grpo import cuda_kernels
 from mlx_grpo.generation.engine import Completion
 from mlx_grpo.training.loss import group_advantages
 from mlx_grpo.training.update import (
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--fused", action="store_true", help="time the whole updates with FusedAdamW")
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--no-cuda-kernels", action="store_true",
+                   help="MLX ops instead of the custom CUDA kernels (all three; as MLX_GRPO_CUDA_KERNELS=0)")
     return p.parse_args(argv)
 
 
@@ -110,6 +113,8 @@ def phased_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.no_cuda_kernels:
+        cuda_kernels.set_enabled(False)
     mx.random.seed(0)
     rng = np.random.default_rng(0)
     model = build_model(args.depth)

@@ -5,11 +5,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_grpo import cuda_kernels
 from mlx_grpo.cuda_kernels import decode as cuda_decode
 from mlx_grpo.models import load_model
 from mlx_grpo.nanochat import decoder as nanochat_decode
 
-on_cuda = pytest.mark.skipif(not cuda_decode.available(), reason="needs MLX's CUDA backend")
+on_cuda = pytest.mark.skipif(not cuda_kernels.runs_on_cuda_gpu(), reason="needs MLX's CUDA backend")
 
 
 def emulate(qkv, inv_freq, t, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, heads, kv_heads, head_dim):
@@ -19,7 +20,7 @@ def emulate(qkv, inv_freq, t, row_prompt, prompt_len, prompt_k, prompt_v, genera
     angle = (prompt_len[row_prompt] + t)[:, None, None] * inv_freq[None, None, :].astype(np.float64)
     a, b = x[:, :heads + kv_heads, :half], x[:, :heads + kv_heads, half:]
     rotated = np.concatenate([a * np.cos(angle) - b * np.sin(angle), a * np.sin(angle) + b * np.cos(angle)], -1)
-    normed = rotated / np.sqrt((rotated ** 2).mean(-1, keepdims=True) + nanochat_decode.EPS)
+    normed = rotated / np.sqrt((rotated ** 2).mean(-1, keepdims=True) + nanochat_decode.RMS_NORM_EPS)
     q, k_new, v_new = normed[:, :heads], normed[:, heads:], x[:, heads + kv_heads:]
     out = np.zeros((rows, heads, head_dim))
     for r in range(rows):
@@ -60,7 +61,7 @@ def test_emulation_matches_mlx_rope_norm_and_attention():
     freqs = mx.array(1.0 / c["inv_freq"])  # mlx-lm's nanochat passes (negated) periods as freqs
     positions = mx.array(c["prompt_len"][c["row_prompt"]] + c["t"])
     qk = mx.fast.rms_norm(mx.fast.rope(x[:, :heads + kv_heads], hd, traditional=False, base=None, scale=1.0,
-                                       offset=positions, freqs=freqs), None, nanochat_decode.EPS)
+                                       offset=positions, freqs=freqs), None, nanochat_decode.RMS_NORM_EPS)
     np.testing.assert_allclose(np.array(qk[:, heads:, 0]), k_new, atol=2e-5)
     for r in range(rows):
         p = c["row_prompt"][r]
@@ -74,11 +75,14 @@ def test_emulation_matches_mlx_rope_norm_and_attention():
         np.testing.assert_allclose(np.array(ref).reshape(-1), out[r], atol=2e-5)
 
 
-@pytest.mark.skipif(cuda_decode.available(), reason="this machine has MLX's CUDA backend")
-def test_use_kernel_true_needs_cuda(tiny_model_dir):
+def test_use_kernel_true_needs_cuda_and_the_switch_on(tiny_model_dir):
     model = load_model(tiny_model_dir)[0]
-    with pytest.raises(ValueError, match="use_kernel=True needs MLX's CUDA backend"):
-        nanochat_decode.NanochatDecoder(model, [[1, 2, 3]], 2, 4, use_kernel=True)
+    cuda_kernels.set_enabled(False)  # off on every backend, so this runs on the GPU machine too
+    try:
+        with pytest.raises(ValueError, match="use_kernel=True needs MLX's CUDA backend"):
+            nanochat_decode.NanochatDecoder(model, [[1, 2, 3]], 2, 4, use_kernel=True)
+    finally:
+        cuda_kernels.set_enabled(True)
 
 
 @on_cuda
@@ -93,7 +97,8 @@ def test_kernel_matches_emulation_and_writes_its_column(dtype):
     generated = arrays["generated_kv"]
     out = cuda_decode.decode_attention(arrays["qkv"], arrays["inv_freq"], mx.array([c["t"]], dtype=mx.int32),
                                        arrays["row_prompt"], arrays["prompt_len"], arrays["prompt_k"],
-                                       arrays["prompt_v"], generated, c["heads"], c["kv_heads"], c["head_dim"])
+                                       arrays["prompt_v"], generated, c["heads"], c["kv_heads"], c["head_dim"],
+                                       nanochat_decode.RMS_NORM_EPS)
     mx.eval(out)
     expected, k_new, v_new = emulate(**c)
     tol = 1e-4 if dtype == np.float32 else 3e-2
@@ -123,3 +128,9 @@ def test_decoder_with_kernel_matches_portable_decoder(tiny_model_dir, dtype):
         fast, slow = (d.step(tokens) for d in decoders)
         np.testing.assert_allclose(np.array(fast.astype(mx.float32)), np.array(slow.astype(mx.float32)), atol=tol)
         tokens = mx.argmax(slow, axis=-1).astype(mx.int32)
+
+
+def test_the_kernel_takes_the_decoders_epsilon():
+    source = cuda_decode.kernel_source(nanochat_decode.RMS_NORM_EPS)
+    assert "constexpr float EPS_ = 1e-05f;" in source and "RMS_NORM_EPS" not in source
+    assert cuda_decode.kernel_source(1e-6) != source

@@ -10,10 +10,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_grpo import cuda_kernels
 from mlx_grpo.cuda_kernels import logprobs as cuda_logprobs
 from mlx_grpo.training import loss as grpo_loss
 
-ON_CUDA = cuda_logprobs.available()
+ON_CUDA = cuda_kernels.runs_on_cuda_gpu()
 
 
 def reference(logits, targets, temperature):
@@ -47,11 +48,14 @@ def emulated_backward(inputs, template, grid, threadgroup, output_shapes, output
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """The real kernels on CUDA, their emulations elsewhere."""
+    """The real kernels on CUDA, their emulations elsewhere (where callers are told they run)."""
+    monkeypatch.delenv(cuda_kernels.ENV_VAR, raising=False)
     if not ON_CUDA:
         monkeypatch.setattr(cuda_logprobs, "_forward_kernel", lambda: emulated_forward)
         monkeypatch.setattr(cuda_logprobs, "_backward_kernel", lambda: emulated_backward)
-    return cuda_logprobs
+        monkeypatch.setattr(cuda_kernels, "runs_on_cuda_gpu", lambda: True)
+    yield cuda_logprobs
+    cuda_kernels.set_enabled(True)
 
 
 def random_case(shape, vocab, dtype, seed=0):
@@ -109,15 +113,23 @@ def test_unsupported_dtypes_are_refused():
         cuda_logprobs.token_logprobs_and_entropy(mx.zeros((2, 8), mx.int32), mx.zeros((2,), mx.int32))
 
 
-def test_grpo_loss_dispatches_to_the_kernels_where_they_run(kernels, monkeypatch):
-    monkeypatch.setattr(cuda_logprobs, "available", lambda: True)
+def test_grpo_loss_dispatches_to_the_kernels_unless_switched_off(kernels, monkeypatch):
+    calls = []
+    fused_fn = kernels.token_logprobs_and_entropy
+    monkeypatch.setattr(kernels, "token_logprobs_and_entropy", lambda *a: calls.append(1) or fused_fn(*a))
     logits, targets = random_case((2, 6), 4096, mx.bfloat16, seed=3)
     fused = grpo_loss.token_logprobs_and_entropy(logits, targets, 0.9)
     assert np.allclose(np.array(grpo_loss.token_logprobs(logits, targets, 0.9)), np.array(fused[0]))
-    monkeypatch.setattr(cuda_logprobs, "available", lambda: False)
+    assert len(calls) == 2
+    cuda_kernels.set_enabled(False)
     plain = grpo_loss.token_logprobs_and_entropy(logits, targets, 0.9)
+    cuda_kernels.set_enabled(True)
+    monkeypatch.setenv(cuda_kernels.ENV_VAR, "0")
+    plain_by_environment = grpo_loss.token_logprobs(logits, targets, 0.9)
+    assert len(calls) == 2  # neither switch let the kernels run
     for a, b in zip(fused, plain):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.array(plain_by_environment), np.array(plain[0]))
 
 
 def test_the_trainers_compiled_loss_and_gradient_agree_with_and_without_the_kernels(kernels, monkeypatch):
@@ -135,7 +147,7 @@ def test_the_trainers_compiled_loss_and_gradient_agree_with_and_without_the_kern
             mx.array(4.0), mask.sum(), mx.array(1.0))
     results = []
     for use_kernels in (True, False):
-        monkeypatch.setattr(cuda_logprobs, "available", lambda: use_kernels)
+        cuda_kernels.set_enabled(use_kernels)
         loss_and_grad = make_loss_and_grad(
             model, temperature=0.8, loss_type="dapo", epsilon=0.2, epsilon_high=0.2, beta=0.0,
             importance_sampling_level="token", max_completion_length=40, use_compile=True)

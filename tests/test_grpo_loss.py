@@ -15,8 +15,6 @@ from mlx_grpo.training.loss import (
     group_advantages,
     group_reward_stats,
     grpo_loss,
-    sum_stats,
-    token_entropy,
     token_logprobs,
     token_logprobs_and_entropy,
 )
@@ -137,15 +135,21 @@ def test_token_logprobs_gradient_matches_log_softmax():
 
 
 def test_token_entropy():
+    def entropy(logits, temperature=1.0):
+        return token_logprobs_and_entropy(logits, mx.zeros(logits.shape[:-1], dtype=mx.int32), temperature)[1]
+
     # uniform over V = 8: H = ln 8, at any temperature
     zeros = mx.zeros((1, 2, 8))
-    close(token_entropy(zeros), [[math.log(8)] * 2], atol=1e-6)
-    close(token_entropy(zeros, 0.3), [[math.log(8)] * 2], atol=1e-6)
+    close(entropy(zeros), [[math.log(8)] * 2], atol=1e-6)
+    close(entropy(zeros, 0.3), [[math.log(8)] * 2], atol=1e-6)
     # logits (0, ln 3): p = (1/4, 3/4), H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.5623351...
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    close(token_entropy(mx.array([[[0.0, math.log(3.0)]]])), [[h]], atol=1e-6)
+    close(entropy(mx.array([[[0.0, math.log(3.0)]]])), [[h]], atol=1e-6)
+    # temperature 0.5 doubles the logits (0, ln 3) -> (0, ln 9): p = (1/10, 9/10)
+    h = -(0.1 * math.log(0.1) + 0.9 * math.log(0.9))
+    close(entropy(mx.array([[[0.0, math.log(3.0)]]]), 0.5), [[h]], atol=1e-6)
     # metrics only: no gradient flows
-    g = mx.grad(lambda x: token_entropy(x).sum())(mx.array([[[0.0, 1.0, 2.0]]]))
+    g = mx.grad(lambda x: entropy(x).sum())(mx.array([[[0.0, 1.0, 2.0]]]))
     close(g, [[[0, 0, 0]]], atol=0)
 
 
@@ -155,7 +159,8 @@ def test_logprobs_and_entropy_in_one_pass_match_separate():
     targets = mx.array(rng.integers(0, 7, size=(2, 3)))
     logp, ent = token_logprobs_and_entropy(logits, targets, 0.9)
     close(logp, token_logprobs(logits, targets, 0.9), atol=1e-6)
-    close(ent, token_entropy(logits, 0.9), atol=1e-6)
+    probs = np.array(mx.softmax(logits / 0.9, axis=-1), dtype=np.float64)
+    close(ent, -(probs * np.log(probs)).sum(-1), atol=1e-6)  # -sum p log p, the textbook form
     # gradient comes from the log-probs only
     g_pair = mx.grad(lambda x: sum(a.sum() for a in token_logprobs_and_entropy(x, targets, 0.9)))(logits)
     g_logp = mx.grad(lambda x: token_logprobs(x, targets, 0.9).sum())(logits)
@@ -342,7 +347,7 @@ def test_micro_batch_losses_sum_to_batch_loss(loss_type, level):
     whole, whole_stats = grpo_loss(logp, old, ref, adv, mask, **kw)
     parts = [grpo_loss(logp[s], old[s], ref[s], adv[s], mask[s], **kw) for s in (slice(0, 2), slice(2, 4))]
     close(parts[0][0] + parts[1][0], whole, atol=1e-6)
-    summed = sum_stats([p[1] for p in parts])
+    summed = {key: parts[0][1][key] + parts[1][1][key] for key in parts[0][1]}
     for key, value in whole_stats.items():
         close(summed[key], value, atol=1e-6)
 

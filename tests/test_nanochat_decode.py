@@ -43,6 +43,19 @@ def assert_same_logits(model, prompts, group_size, steps, atol=2e-4, rtol=1e-4, 
     return fast
 
 
+def test_constants_are_mlx_lms():
+    from mlx_lm.models import nanochat
+
+    # Values of 1e-3: mean square 1e-6, so the epsilon (1e-5) decides the result; 1e-6 would be off 5x.
+    x = mx.array([[1e-3, -1e-3, 2e-3, 0.0]])
+    theirs = np.array(nanochat.rms_norm(x))
+    assert np.allclose(theirs, np.array(mx.fast.rms_norm(x, None, nanochat_decode.RMS_NORM_EPS)), rtol=1e-6, atol=0)
+    assert not np.allclose(theirs, np.array(mx.fast.rms_norm(x, None, 1e-6)), rtol=1e-3)
+    logits = mx.array([[-40.0, -3.0, 0.5, 20.0]])
+    cap = nanochat_decode.SOFTCAP
+    assert np.allclose(np.array(nanochat.softcap(logits)), np.array(cap * mx.tanh(logits / cap)), rtol=1e-6)
+
+
 def test_fast_decode_logits_equal_mlx_lm(model):
     assert nanochat_decode.supports(model)
     assert_same_logits(model, PROMPTS, 2, 8, keep_after=4, keep=[0, 3, 5])

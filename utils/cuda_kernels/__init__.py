@@ -1,57 +1,49 @@
-"""What the custom CUDA kernels (utils/cuda_kernels/decode.py, utils/cuda_kernels/sampling.py, utils/cuda_kernels/logprobs.py)
-share: where they run, and the full source MLX generates for one, so it can be compiled with NVRTC
-on a machine without a GPU."""
+"""Custom CUDA kernels for MLX's CUDA backend, and the one switch that covers all three of them:
+
+    decode.py     a nanochat layer's attention in a decode step (used by utils/nanochat/decoder.py)
+    sampling.py   temperature + top-k sampling (utils/generation/sampling.py)
+    logprobs.py   the loss head's log-probs and entropy, and their gradient (utils/training/loss.py)
+
+Each caller asks available() and otherwise runs MLX's own ops for the same math (Metal, CPU, and
+CUDA with the kernels off). MLX_GRPO_CUDA_KERNELS=0 in the environment, or set_enabled(False) from
+code, turns all three off: to compare speeds, or to rule the kernels out when a result looks wrong.
+Decide before the run: a compiled function keeps the choice it was traced with.
+"""
+
+import os
 
 import mlx.core as mx
 
-CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float",
-              mx.int32: "int32_t", mx.uint32: "uint32_t"}
-# MLX's get_type_string, which names a dtype template argument in the kernel's name.
-_TYPE_STRINGS = {mx.bfloat16: "bfloat16_t", mx.float16: "float16_t", mx.float32: "float",
-                 mx.int32: "int32", mx.uint32: "uint32"}
-_MLX_DEFAULT_HEADER = """
-#include "mlx/backend/cuda/device/utils.cuh"
-
-#include <cooperative_groups.h>
-
-"""
+ENV_VAR = "MLX_GRPO_CUDA_KERNELS"
+_ON_VALUES, _OFF_VALUES = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+_enabled_in_code = True
 
 
-def available() -> bool:
+class KernelSwitchError(ValueError):
+    """MLX_GRPO_CUDA_KERNELS holds something other than on or off."""
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the custom CUDA kernels on (the default: where they run) or off, for this process."""
+    global _enabled_in_code
+    _enabled_in_code = bool(enabled)
+
+
+def enabled() -> bool:
+    """False when turned off by set_enabled(False) or MLX_GRPO_CUDA_KERNELS=0 (unset: on)."""
+    value = os.environ.get(ENV_VAR, "1").strip().lower()
+    if value not in _ON_VALUES + _OFF_VALUES:
+        raise KernelSwitchError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a switch: set it to 0 (custom CUDA "
+                                f"kernels off) or 1 (on where they run, the default), or unset it")
+    return _enabled_in_code and value in _ON_VALUES
+
+
+def runs_on_cuda_gpu() -> bool:
     """True when MLX runs on its CUDA backend with the GPU as the default device."""
     cuda = getattr(mx, "cuda", None)
     return cuda is not None and cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu
 
 
-def _template_value(value):
-    if isinstance(value, bool):
-        return "_t" if value else "_f"
-    return f"_{_TYPE_STRINGS[value]}" if isinstance(value, mx.Dtype) else f"_{value}"
-
-
-def generated_source(kernel_name, header, source, inputs, outputs, template):
-    """(name, full source) as mx.fast.cuda_kernel generates them (mlx/backend/cuda/custom_kernel.cpp).
-
-    inputs, outputs: [(name, dtype)]; an input whose `<name>_shape` the source uses gets that Shape
-    parameter too. template: [(name, int | bool | dtype)], as passed to the kernel call."""
-    name = f"custom_kernel_{kernel_name}" + "".join(_template_value(v) for _, v in template)
-    params = []
-    for arg, dtype in inputs:
-        params.append(f"    const {CUDA_TYPES[dtype]}* {arg},")
-        if f"{arg}_shape" in source:
-            params.append(f"    const __grid_constant__ Shape {arg}_shape,")
-    params += [f"    {CUDA_TYPES[dtype]}* {arg}," for arg, dtype in outputs]
-    params[-1] = params[-1][:-1] + ") {"
-    constants = ""
-    for key, value in template:
-        if isinstance(value, bool):
-            constants += f"  constexpr bool {key} = {str(value).lower()};\n"
-        elif isinstance(value, mx.Dtype):
-            constants += f"  using {key} = {CUDA_TYPES[value]};\n"
-        else:
-            constants += f"  constexpr int {key} = {value};\n"
-    if template:
-        constants += "\n"
-    return name, (_MLX_DEFAULT_HEADER + header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
-                  + f"__global__ void {name}(\n" + "\n".join(params) + "\n" + constants + source
-                  + "\n}\n\n} // namespace mlx::core::cu\n")
+def available() -> bool:
+    """Whether callers should use the custom kernels: switched on, and on MLX's CUDA backend's GPU."""
+    return enabled() and runs_on_cuda_gpu()

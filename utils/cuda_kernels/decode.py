@@ -1,12 +1,12 @@
 """One CUDA kernel for a nanochat layer's attention in a decode step (MLX's CUDA backend only).
 
-On MLX's CUDA backend every kernel costs ~11 us however little it does, and the decode step's
-attention part took ~6 kernels per layer (RoPE, QK norm, two cache writes, the padding mask,
-attention), with the prompt's keys copied to and read from all 16 rows of its group. This kernel
-does it in one: RoPE and the QK norm of the row's new q and k, attention over the prompt's keys
-(stored once per prompt, read by the group's rows together, so mostly from L2), the row's own
-generated keys and the new key, and it writes the new key and value into the row's cache. Rows
-carry their prompt's length, so there is no left padding and no mask.
+On MLX's CUDA backend every kernel launch has a fixed cost however little the kernel does, and the
+decode step's attention part would take six kernels per layer (RoPE, QK norm, two cache writes, the
+padding mask, attention), with the prompt's keys copied to and read from every row of its group.
+This kernel does it in one: RoPE and the QK norm of the row's new q and k, attention over the
+prompt's keys (stored once per prompt, read by the group's rows together, so mostly from L2), the
+row's own generated keys and the new key, and it writes the new key and value into the row's cache.
+Rows carry their prompt's length, so there is no left padding and no mask.
 
 The cache write is in place: `generated_kv` is an input that MLX treats as read-only, and the kernel
 writes column `step` of it (every other column it only reads). MLX would otherwise copy the whole
@@ -23,8 +23,6 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from mlx_grpo.cuda_kernels import available, generated_source  # noqa: F401  (available: for callers)
-
 _HEADER = r"""
 template <typename V> __device__ inline float ck_float(V x) { return static_cast<float>(x); }
 __device__ inline float ck_warp_sum(float v) {
@@ -34,15 +32,16 @@ __device__ inline float ck_warp_sum(float v) {
 """
 
 # One block per (head, row) with one thread per head dimension. Template constants: H, KV (heads),
-# HD (head dim), T (the cache dtype); buffer lengths are read from the shapes MLX passes (one compiled
-# kernel serves every prompt length and capacity: compiling one costs ~1 s).
+# HD (head dim), T (the cache dtype); the QK norm's epsilon is written into the source (templates take
+# no floats). Buffer lengths are read from the shapes MLX passes, so one compiled kernel serves every
+# prompt length and capacity (compiling is slow).
 _SOURCE = r"""
   constexpr int HALF = HD / 2;
   constexpr int NW = HD / 32;   // warps per block
   constexpr int EPL = HD / 32;  // head dims per lane when a warp scores one key
   constexpr int GROUP = H / KV;
   constexpr int WIDTH = (H + 2 * KV) * HD;
-  constexpr float EPS_ = 1e-5f;
+  constexpr float EPS_ = RMS_NORM_EPS;
   const int head = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
   const int lane = d & 31, warp = d >> 5, kvh = head / GROUP;
   const size_t LMAX = prompt_k_shape[2], GCAP = generated_kv_shape[3];
@@ -131,7 +130,6 @@ _SOURCE = r"""
 """
 
 _INPUTS = ["qkv", "inv_freq", "step", "row_prompt", "prompt_len", "prompt_k", "prompt_v", "generated_kv"]
-_NAME = "nanochat_decode_attention_" + hashlib.sha1((_HEADER + _SOURCE).encode()).hexdigest()[:10]
 
 
 def supports_shape(n_heads: int, n_kv_heads: int, head_dim: int, scale: float) -> bool:
@@ -140,14 +138,21 @@ def supports_shape(n_heads: int, n_kv_heads: int, head_dim: int, scale: float) -
             and abs(scale - head_dim ** -0.5) < 1e-7)
 
 
+def kernel_source(eps: float) -> str:
+    """The kernel body with the QK norm's epsilon as a float literal."""
+    return _SOURCE.replace("RMS_NORM_EPS", f"{float(eps)!r}f")
+
+
 @lru_cache(maxsize=None)
-def _kernel():
-    return mx.fast.cuda_kernel(name=_NAME, input_names=_INPUTS, output_names=["out"], source=_SOURCE,
-                               header=_HEADER)
+def _kernel(eps: float):
+    source = kernel_source(eps)
+    # The source's hash is in the name: MLX caches compiled kernels on disk by name and template values.
+    name = "nanochat_decode_attention_" + hashlib.sha1((_HEADER + source).encode()).hexdigest()[:10]
+    return mx.fast.cuda_kernel(name=name, input_names=_INPUTS, output_names=["out"], source=source, header=_HEADER)
 
 
 def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv,
-                     n_heads, n_kv_heads, head_dim):
+                     n_heads, n_kv_heads, head_dim, eps):
     """Attention output (rows, n_heads * head_dim) of one decode step; writes column step[0] of generated_kv.
 
     qkv: (rows, (n_heads + 2 n_kv_heads) head_dim), the step's q/k/v before RoPE and the QK norm.
@@ -155,18 +160,11 @@ def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prom
     row_prompt: (rows,) int32 prompt of each row. prompt_len: (prompts,) int32 cached prompt tokens.
     prompt_k, prompt_v: (prompts, n_kv_heads, prompt capacity, head_dim), each prompt's keys from column 0.
     generated_kv: (rows, 2, n_kv_heads, capacity, head_dim): keys then values of the generated tokens.
-    A row's token at step t sits at RoPE position prompt_len + t.
+    A row's token at step t sits at RoPE position prompt_len + t. eps: the QK RMSNorm's epsilon.
     """
     rows = qkv.shape[0]
     template = [("T", qkv.dtype), ("H", n_heads), ("KV", n_kv_heads), ("HD", head_dim)]
-    return _kernel()(
+    return _kernel(float(eps))(
         inputs=[qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv],
         template=template, grid=(n_heads * head_dim, rows, 1), threadgroup=(head_dim, 1, 1),
         output_shapes=[(rows, n_heads * head_dim)], output_dtypes=[qkv.dtype])[0]
-
-
-def kernel_sources_for_check(head_dim=128, n_heads=10, n_kv_heads=10):
-    """[(name, full source)] of the kernel for a d20 shape in bfloat16, for an NVRTC compile check."""
-    dtypes = (mx.bfloat16, mx.float32, mx.int32, mx.int32, mx.int32, mx.bfloat16, mx.bfloat16, mx.bfloat16)
-    template = [("T", mx.bfloat16), ("H", n_heads), ("KV", n_kv_heads), ("HD", head_dim)]
-    return [generated_source(_NAME, _HEADER, _SOURCE, list(zip(_INPUTS, dtypes)), [("out", mx.bfloat16)], template)]

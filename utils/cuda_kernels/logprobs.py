@@ -3,11 +3,11 @@ another (MLX's CUDA backend only).
 
 The loss head of a GRPO update (mlx_grpo.training.loss.token_logprobs_and_entropy) upcasts the
 [tokens, vocab] logits to float32, takes a logsumexp, gathers the targets and sums p * x for the
-entropy, then runs the softmax's backward in float32 and casts back: several passes over 6 GB of
-float32 per d20 micro-batch, ~29-46 ms of its ~220 ms on an H100. Here the forward reads the logits
-once (an online softmax per row: running max, sum of exp, sum of exp * x) and the backward reads them
-once and writes the gradient once, in the logits' dtype. Same numbers as the MLX ops to float32
-rounding (expf is the fast hardware one); elsewhere (Metal, CPU) grpo_loss keeps its MLX ops.
+entropy, then runs the softmax's backward in float32 and casts back: several passes over a float32
+copy of the logits (gigabytes per d20 micro-batch), bound by memory traffic. Here the forward reads
+the logits once (an online softmax per row: running max, sum of exp, sum of exp * x) and the backward
+reads them once and writes the gradient once, in the logits' dtype. Same numbers as the MLX ops to
+float32 rounding (expf is the fast hardware one); elsewhere (Metal, CPU) grpo_loss keeps its MLX ops.
 
 The entropy is a metric: it carries no gradient (as in grpo_loss). A target outside [0, vocab)
 gives a NaN log-prob (the trainer's finiteness check then skips the update) rather than a read out
@@ -18,8 +18,6 @@ import hashlib
 from functools import lru_cache
 
 import mlx.core as mx
-
-from mlx_grpo.cuda_kernels import available, generated_source  # noqa: F401  (available: for callers)
 
 SUPPORTED_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 BLOCK = 256  # threads per row
@@ -180,18 +178,3 @@ def token_logprobs_and_entropy(logits: mx.array, targets: mx.array, temperature:
     logp, entropy, _ = _logprobs_entropy_lse(logits.reshape(-1, vocab), targets.reshape(-1).astype(mx.int32),
                                              inv_temp)
     return logp.reshape(targets.shape), mx.stop_gradient(entropy.reshape(targets.shape))
-
-
-def kernel_sources_for_check(vocab=65536):
-    """[(name, full source)] of both kernels in bfloat16 and float32, for an NVRTC compile check."""
-    sources = []
-    for dtype in (mx.bfloat16, mx.float32):
-        for v in (vocab, vocab + 1):  # the 16-byte loads and the scalar loop
-            forward_args = [(n, d) for n, d in zip(_FORWARD_INPUTS, (dtype, mx.int32, mx.float32))]
-            backward_args = [(n, d) for n, d in zip(_BACKWARD_INPUTS, (dtype, mx.int32, mx.float32, mx.float32,
-                                                                       mx.float32))]
-            sources.append(generated_source(_FORWARD_NAME, _HEADER, _FORWARD, forward_args,
-                                            [(n, mx.float32) for n in _FORWARD_OUTPUTS], _template(dtype, v)))
-            sources.append(generated_source(_BACKWARD_NAME, _HEADER, _BACKWARD, backward_args,
-                                            [("grad", dtype)], _template(dtype, v)))
-    return sources

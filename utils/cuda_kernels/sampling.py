@@ -1,8 +1,8 @@
 """Temperature + top-k sampling in one CUDA kernel launch (MLX's CUDA backend only).
 
-On MLX's CUDA backend every kernel costs ~11 us, and mlx_grpo.generation.sampling's compiled path needs 16
-bisection passes (dozens of kernels) per decode step. This kernel does the whole draw for a
-(rows, vocab) batch of logits in one launch, one thread block per row:
+On MLX's CUDA backend every kernel launch has a fixed cost, and mlx_grpo.generation.sampling's
+compiled path needs 16 bisection passes (dozens of kernels) per decode step. This kernel does the
+whole draw for a (rows, vocab) batch of logits in one launch, one thread block per row:
 
 1. the row's exact k-th largest logit by radix select on the ordered unsigned keys of
    mlx_grpo.generation.sampling.ordered_keys (16-bit keys for bfloat16/float16: 2 passes of 8-bit digits;
@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from mlx_grpo.cuda_kernels import available, generated_source
+from mlx_grpo import cuda_kernels
 
 _SUPPORTED_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 _PHILOX_KEY_HI = 0x5EED0C0D  # second Philox key word (the first is the caller's seed)
@@ -138,7 +138,7 @@ _SOURCE = r"""
   const bool aligned = VOCAB % VEC == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
 
   // Calls f(first index, bits[VEC], count) for each of this thread's chunks of VEC logits, with
-  // UNROLL 16-byte loads in flight at once (one at a time measured slower).
+  // UNROLL 16-byte loads in flight at once, so their memory latencies overlap.
   constexpr int UNROLL = 4;
   auto for_each_chunk = [&](auto&& f) {
 #pragma unroll 1
@@ -274,8 +274,11 @@ _INPUT_NAMES = ["logits", "seed", "inv_temperature"]
 _OUTPUT_NAMES = ["token"]
 # The source's hash is in the name: MLX caches compiled kernels on disk by name and template values.
 _KERNEL_NAME = "topk_sample_" + hashlib.sha1((_HEADER + _SOURCE).encode()).hexdigest()[:8]
+
+
 def _block_size(rows: int) -> int:
-    # One block per row; smaller blocks measured faster once the rows fill the GPU (H100: 256 rows).
+    # One block per row: with few rows, large blocks put more threads on each row; once the rows
+    # alone fill the GPU, smaller blocks let more rows run at once.
     return 512 if rows < 128 else 256
 
 
@@ -320,7 +323,7 @@ def sample_top_k(logits: mx.array, temperature: float, top_k: int, seed: mx.arra
     seed: (1,) uint32 array, a new value per call: the Philox key, so equal seeds give equal draws
     for equal logits, and distinct seeds (a step counter will do) give independent ones."""
     _check_inputs(logits, temperature, top_k, seed)
-    if not available():
+    if not cuda_kernels.runs_on_cuda_gpu():
         raise ValueError("cuda_sampling needs MLX's CUDA backend with the GPU as default device; "
                          "use mlx_grpo.generation.sampling elsewhere")
     rows, vocab = logits.shape
@@ -335,16 +338,3 @@ def sample_top_k(logits: mx.array, temperature: float, top_k: int, seed: mx.arra
         output_shapes=[(rows,)],
         output_dtypes=[mx.int32],
     )[0]
-
-
-def _generated_source(dtype, vocab: int, top_k: int, block: int) -> tuple:
-    """(kernel name, full source) as mx.fast.cuda_kernel generates them."""
-    inputs = list(zip(_INPUT_NAMES, (dtype, mx.uint32, mx.float32)))
-    return generated_source(_KERNEL_NAME, _HEADER, _SOURCE, inputs, [(_OUTPUT_NAMES[0], mx.int32)],
-                            _template(dtype, vocab, top_k, block))
-
-
-def kernel_sources_for_check() -> list:
-    """[(name, full source)] of the instantiations the rollout uses, for an NVRTC compile check."""
-    return [_generated_source(dtype, 65536, top_k, block)
-            for dtype in (mx.bfloat16, mx.float32, mx.float16) for top_k in (50, 0) for block in (512, 256)]

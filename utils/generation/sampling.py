@@ -14,6 +14,7 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
+from mlx_grpo import cuda_kernels
 from mlx_grpo.cuda_kernels import sampling as cuda_sampling
 
 
@@ -88,7 +89,7 @@ class RolloutSampler:
         if self.temperature == 0:
             return _compiled_greedy()(logits)
         if self.fused:
-            if cuda_sampling.available():  # the Philox key comes from MLX's RNG, so mx.random.seed still rules
+            if cuda_kernels.available():  # the Philox key comes from MLX's RNG, so mx.random.seed still rules
                 return cuda_sampling.sample_top_k(logits, self.temperature, self.top_k,
                                                  mx.random.randint(0, 2**31 - 1, (1,), dtype=mx.uint32))
             return _compiled_top_k_sampler(float(self.temperature), int(self.top_k))(logits)

@@ -17,10 +17,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
+from mlx_grpo import cuda_kernels
 from mlx_grpo.cuda_kernels import decode as cuda_decode
 
-EPS = 1e-5  # nanochat's RMSNorm epsilon (mlx-lm's nanochat.rms_norm)
-SOFTCAP = 15.0  # nanochat's logit softcap
+# nanochat's RMSNorm epsilon and logit softcap. mlx-lm's nanochat model writes both as literals (rms_norm,
+# softcap), so tests/test_nanochat_decode.py checks these against it; the CUDA kernel and benches read them here.
+RMS_NORM_EPS = 1e-5
+SOFTCAP = 15.0
 PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of this
 
 
@@ -75,23 +78,23 @@ def _step_functions(n_heads, n_kv_heads, head_dim, quantization):
     qk_heads = n_heads + n_kv_heads
 
     def qkv_projection(x, qkv_arrays):  # alone for utils/cuda_kernels/decode.py, which does RoPE and the QK norm itself
-        return _matmul(mx.fast.rms_norm(x, None, EPS), qkv_arrays, quantization)
+        return _matmul(mx.fast.rms_norm(x, None, RMS_NORM_EPS), qkv_arrays, quantization)
 
     # Rows are (rows, width) and heads (rows, heads, 1, head_dim): with one token per row no transposes.
     def attention_inputs(x, qkv_arrays, rope_freqs, positions):
         qkv = qkv_projection(x, qkv_arrays).reshape(x.shape[0], qk_heads + n_kv_heads, 1, head_dim)
         qk = mx.fast.rope(qkv[:, :qk_heads], head_dim, traditional=False, base=None, scale=1.0,
                           offset=positions, freqs=rope_freqs)
-        qk = mx.fast.rms_norm(qk, None, EPS)  # nanochat's QK norm, after RoPE
+        qk = mx.fast.rms_norm(qk, None, RMS_NORM_EPS)  # nanochat's QK norm, after RoPE
         return qk[:, :n_heads], qk[:, n_heads:], qkv[:, qk_heads:]
 
     def block_output(x, attention, proj_arrays, fc_arrays, fc_proj_arrays):
         h = _residual_matmul(x, attention.reshape(x.shape[0], -1), proj_arrays, quantization)
-        mlp = _matmul(mx.fast.rms_norm(h, None, EPS), fc_arrays, quantization)
+        mlp = _matmul(mx.fast.rms_norm(h, None, RMS_NORM_EPS), fc_arrays, quantization)
         return _residual_matmul(h, nn.relu2(mlp), fc_proj_arrays, quantization)
 
     def logits(x, head_arrays):
-        out = _matmul(mx.fast.rms_norm(x, None, EPS), head_arrays, quantization)
+        out = _matmul(mx.fast.rms_norm(x, None, RMS_NORM_EPS), head_arrays, quantization)
         return SOFTCAP * mx.tanh(out / SOFTCAP)
 
     return (mx.compile(attention_inputs), mx.compile(block_output), mx.compile(logits),
@@ -133,10 +136,11 @@ class NanochatDecoder:
         self.head = _linear_arrays([model.lm_head])
         kernel_fits = cuda_decode.supports_shape(self.n_heads, self.n_kv_heads, self.head_dim, self.scale)
         if use_kernel is None:
-            use_kernel = cuda_decode.available() and kernel_fits
-        elif use_kernel and not (cuda_decode.available() and kernel_fits):
-            raise ValueError("NanochatDecoder: use_kernel=True needs MLX's CUDA backend on the GPU and a head "
-                             "shape utils/cuda_kernels/decode.py supports; pass use_kernel=None to choose automatically")
+            use_kernel = cuda_kernels.available() and kernel_fits
+        elif use_kernel and not (cuda_kernels.available() and kernel_fits):
+            raise ValueError("NanochatDecoder: use_kernel=True needs MLX's CUDA backend on the GPU, the kernels "
+                             f"switched on ({cuda_kernels.ENV_VAR}) and a head shape utils/cuda_kernels/decode.py "
+                             "supports; pass use_kernel=None to choose automatically")
         self.use_kernel = use_kernel
         self.t = 0
         prefix_lens = [len(p) - 1 for p in prompts]
@@ -150,7 +154,7 @@ class NanochatDecoder:
 
     def _cache_dtype(self):
         """The dtype of the keys a decode step writes (dtype inference only: nothing is evaluated)."""
-        probe = mx.fast.rms_norm(self.model.transformer.wte(mx.array([0])), None, EPS)
+        probe = mx.fast.rms_norm(self.model.transformer.wte(mx.array([0])), None, RMS_NORM_EPS)
         return self.functions[0](probe, self.layers[0].qkv, self.rope_freqs, mx.array([0]))[1].dtype
 
     def _prefill(self, prompts, prefix_lens):
@@ -158,8 +162,8 @@ class NanochatDecoder:
         only mask and every real token sits at its true position: each layer's (keys, values) of
         shape (prompts, kv_heads, prefix_len, head_dim), prompt p's in columns [0, prefix_lens[p])."""
         width = self.prefix_len
-        # The forward's length is rounded up so that steps with other prompts reuse its shape: on CUDA a
-        # new attention shape costs ~0.1 s of planning (MLX's fused attention), each time.
+        # The forward's length is rounded up so that steps with other prompts reuse its shape: on CUDA
+        # MLX's fused attention plans every new shape anew, each time it meets one.
         padded = -(-width // PREFILL_ALIGN) * PREFILL_ALIGN
         tokens = mx.array([p[:n] + [0] * (padded - n) for p, n in zip(prompts, prefix_lens)], dtype=mx.int32)
         cache = make_prompt_cache(self.model)
@@ -218,13 +222,13 @@ class NanochatDecoder:
             raise ValueError(f"NanochatDecoder.step: all {self.t} decode steps of this batch are used; "
                              f"make a decoder with a larger max_new_tokens")
         attention_inputs, block_output, logits, qkv_projection = self.functions
-        x = mx.fast.rms_norm(self.model.transformer.wte(tokens), None, EPS)
+        x = mx.fast.rms_norm(self.model.transformer.wte(tokens), None, RMS_NORM_EPS)
         if self.use_kernel:
             step = mx.array([self.t], dtype=mx.int32)
             for layer, (prompt_k, prompt_v), generated_kv in zip(self.layers, self.prompt_kv, self.generated_kv):
                 attention = cuda_decode.decode_attention(
                     qkv_projection(x, layer.qkv), self.inv_freq, step, self.row_prompt, self.prompt_lens,
-                    prompt_k, prompt_v, generated_kv, self.n_heads, self.n_kv_heads, self.head_dim)
+                    prompt_k, prompt_v, generated_kv, self.n_heads, self.n_kv_heads, self.head_dim, RMS_NORM_EPS)
                 x = block_output(x, attention, layer.proj, layer.fc, layer.fc_proj)
         else:
             column = self.prefix_len + self.t

@@ -20,7 +20,7 @@ into micro-batches, each micro-batch holding the B completions it scores):
             return loss, s
         (loss, s), grads = nn.value_and_grad(model, loss_fn)(model)    # accumulate grads by SUM
         stats.append(s)
-    metrics = finalize_stats(sum_stats(stats))
+    metrics = finalize_stats({k: sum(s[k] for s in stats) for k in stats[0]})
 
 Summing (not averaging) the micro-batch losses and gradients gives TRL's loss for the batch.
 Across several processes pass GLOBAL totals (num_sequences_total, num_tokens_total, and
@@ -39,11 +39,9 @@ from typing import Optional, Union
 import mlx.core as mx
 import numpy as np
 
+from mlx_grpo import cuda_kernels
+from mlx_grpo.config import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from mlx_grpo.cuda_kernels import logprobs as cuda_logprobs
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 # Added to the reward std before dividing, as TRL does (keeps zero-std groups finite: A = 0).
 ADVANTAGE_STD_EPS = 1e-4
@@ -190,7 +188,7 @@ def _check_temperature(temperature: float) -> None:
 
 def _use_cuda_kernels(logits: mx.array, temperature: float) -> bool:
     _check_temperature(temperature)
-    return cuda_logprobs.available() and logits.dtype in cuda_logprobs.SUPPORTED_DTYPES
+    return cuda_kernels.available() and logits.dtype in cuda_logprobs.SUPPORTED_DTYPES
 
 
 def _scaled_float32_logits(logits: mx.array, temperature: float) -> mx.array:
@@ -218,8 +216,10 @@ def token_logprobs(logits: mx.array, targets: mx.array, temperature: float = 1.0
 def token_logprobs_and_entropy(
     logits: mx.array, targets: mx.array, temperature: float = 1.0
 ) -> tuple[mx.array, mx.array]:
-    """token_logprobs and token_entropy in one pass: shares the float32 logits and the logsumexp,
-    so a trainer logging entropy makes one [B, T, V] float32 copy instead of two. On CUDA, two
+    """token_logprobs and the entropy of softmax(logits / temperature) per position, float32 [B, T].
+
+    H = logsumexp(x) - sum_v softmax(x)_v * x_v (equal to -sum p log p); a metric, so it carries no
+    gradient. One pass shares the float32 logits and the logsumexp between the two. On CUDA, two
     kernels instead (utils/cuda_kernels/logprobs.py): no float32 copy at all."""
     if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} must be [B, T, V] and [B, T]")
@@ -232,16 +232,6 @@ def token_logprobs_and_entropy(
     probs = mx.exp(scaled_sg - lse_sg[..., None])
     entropy = mx.stop_gradient(lse_sg - (probs * scaled_sg).sum(axis=-1))
     return selected - lse, entropy
-
-
-def token_entropy(logits: mx.array, temperature: float = 1.0) -> mx.array:
-    """Entropy of softmax(logits / temperature) per position, float32 [B, T], no gradient.
-
-    H = logsumexp(x) - sum_v softmax(x)_v * x_v (equal to -sum p log p). For metrics only.
-    """
-    scaled = mx.stop_gradient(_scaled_float32_logits(logits, temperature))
-    probs = mx.softmax(scaled, axis=-1)
-    return mx.stop_gradient(mx.logsumexp(scaled, axis=-1) - (probs * scaled).sum(axis=-1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,17 +379,6 @@ def grpo_loss(
     if entropy is not None:
         stats["entropy_sum"] = mx.where(live, mx.stop_gradient(entropy).astype(mx.float32) * mask, 0.0).sum()
     return loss, stats
-
-
-def sum_stats(stats_list: list[dict[str, mx.array]]) -> dict[str, mx.array]:
-    """Add the stats dicts of several micro-batches key by key (keys must match)."""
-    if not stats_list:
-        raise ValueError("sum_stats needs at least one stats dict")
-    keys = set(stats_list[0])
-    for stats in stats_list[1:]:
-        if set(stats) != keys:
-            raise ValueError(f"stats keys differ between micro-batches: {sorted(keys)} vs {sorted(stats)}")
-    return {k: sum((stats[k] for stats in stats_list[1:]), stats_list[0][k]) for k in stats_list[0]}
 
 
 def finalize_stats(summed_stats: dict) -> dict[str, float]:
