@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import pytest
 from mlx_lm.models.cache import KVCache
 
@@ -31,6 +33,7 @@ from mlx_grpo.generation.chat import (
 )
 from mlx_grpo.models import load_model
 from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
+from mlx_grpo.training.checkpoint import MANIFEST_FILE, save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GREEDY = ["--temperature", "0"]
@@ -386,25 +389,38 @@ def test_multibyte_characters_split_over_tokens_stream_exactly(loaded, monkeypat
 # Model resolution, CLI errors
 
 
-def _fake_checkpoint(folder: Path, mtime: float, complete: bool = True) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
-    if complete:
-        (folder / "checkpoint.json").write_text("{}")
-        os.utime(folder / "checkpoint.json", (mtime, mtime))
-    return folder
+def _checkpoint(run_dir: Path, step: int, mtime: float, model_dir=None) -> Path:
+    """A complete training checkpoint (saved as the trainer saves one), its manifest dated `mtime`."""
+
+    def write_model_files(folder):
+        if model_dir is None:
+            (folder / "config.json").write_text("{}")
+            return
+        for f in Path(model_dir).iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+
+    path = save_checkpoint(run_dir, step, optimizer=optim.Adam(1e-3), trainer_state={}, config={},
+                           write_model_files=write_model_files)
+    os.utime(path / MANIFEST_FILE, (mtime, mtime))
+    return path
 
 
-def test_default_model_is_the_newest_complete_checkpoint(tmp_path):
+def test_default_model_is_the_newest_complete_checkpoint_at_any_depth(tmp_path):
     outputs = tmp_path / "outputs"
     with pytest.raises(InferenceError, match="pass --model"):
         inference.resolve_model(None, outputs)
-    _fake_checkpoint(outputs / "run_a" / "checkpoints" / "step_000010", mtime=1000)
-    _fake_checkpoint(outputs / "run_a" / "checkpoints" / "step_000020", mtime=2000)
-    newest = _fake_checkpoint(outputs / "run_b" / "checkpoints" / "step_000005", mtime=3000)
-    _fake_checkpoint(outputs / "run_b" / "checkpoints" / ".tmp-step_000030-123", mtime=4000)
-    _fake_checkpoint(outputs / "run_b" / "checkpoints" / "step_000040", mtime=5000, complete=False)
+    _checkpoint(outputs / "run_a", 10, mtime=1000)
+    _checkpoint(outputs / "run_a", 20, mtime=2000)
+    newest = _checkpoint(outputs / "run_b", 5, mtime=3000)
+    shutil.copytree(newest, outputs / "run_b" / "checkpoints" / ".tmp-step_000030-123")  # a save in progress
+    os.utime(outputs / "run_b" / "checkpoints" / ".tmp-step_000030-123" / MANIFEST_FILE, (4000, 4000))
+    unfinished = outputs / "run_b" / "checkpoints" / "step_000040"  # killed before its manifest
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
     assert inference.resolve_model(None, outputs) == str(newest)
+    # The demo's runs are one level deeper (outputs/demo/<run>/checkpoints/step_*).
+    demo = _checkpoint(outputs / "demo" / "20250101-000000", 100, mtime=3500)
+    assert inference.resolve_model(None, outputs) == str(demo)
     # A run folder: its checkpoint with the largest step.
     assert inference.resolve_model(str(outputs / "run_a"), outputs).endswith("step_000020")
     assert inference.resolve_model("mlx-community/some-model", outputs) == "mlx-community/some-model"
@@ -414,11 +430,7 @@ def test_default_model_is_the_newest_complete_checkpoint(tmp_path):
 
 
 def test_training_checkpoint_loads_by_default(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    step = tmp_path / "outputs" / "run1" / "checkpoints" / "step_000003"
-    step.mkdir(parents=True)
-    for f in Path(tiny_model_dir).iterdir():
-        (step / f.name).write_bytes(f.read_bytes())
-    (step / "checkpoint.json").write_text("{}")
+    _checkpoint(tmp_path / "outputs" / "demo" / "run1", 3, mtime=1000, model_dir=tiny_model_dir)
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(["--prompt", "hello", "--max-tokens", "4", *GREEDY], capsys)
     assert code == 0 and "step_000003" in err

@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python utils/inference.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", help="model folder, training checkpoint or run folder, or hub id "
-                        f"(default: the newest checkpoint under {DEFAULT_OUTPUTS_DIR}/*/checkpoints/); a LoRA "
+                        f"(default: the newest checkpoint at any depth under {DEFAULT_OUTPUTS_DIR}/); a LoRA "
                         "checkpoint (adapter_config.json) loads its base from the recorded model_name")
     parser.add_argument("--adapter-path", help="LoRA/DoRA adapters (adapters.safetensors + adapter_config.json, "
                         "e.g. a LoRA training checkpoint) applied to --model as the base")
@@ -80,48 +80,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Which model
 
 
-def _complete_checkpoints(pattern_root: Path, pattern: str) -> list:
-    """Complete step_* checkpoint folders matching pattern under pattern_root.
-
-    Folders being written or deleted (".tmp-*", ".old-*") and unfinished saves (no manifest,
-    which the trainer writes last) are skipped.
-    """
-    from mlx_grpo.training.checkpoint import MANIFEST_FILE
-
-    return [
-        folder for folder in pattern_root.glob(pattern)
-        if folder.name[len("step_"):].isdigit() and (folder / MANIFEST_FILE).is_file()
-        and not any(part.startswith(".") for part in folder.relative_to(pattern_root).parts)
-    ]
-
-
-def newest_checkpoint(outputs_dir: str | os.PathLike = DEFAULT_OUTPUTS_DIR) -> Path | None:
-    """The most recently saved complete checkpoint outputs_dir/*/checkpoints/step_*/, or None."""
-    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME, MANIFEST_FILE
-
-    found = _complete_checkpoints(Path(outputs_dir), f"*/{CHECKPOINTS_DIRNAME}/step_*")
-    return max(found, key=lambda f: ((f / MANIFEST_FILE).stat().st_mtime, f.name), default=None)
-
-
 def resolve_model(model: str | None, outputs_dir: str | os.PathLike = DEFAULT_OUTPUTS_DIR) -> str:
     """--model as a path or hub id for load_model: a run folder (holding checkpoints/) becomes its
-    checkpoint with the largest step; no --model, the newest checkpoint under outputs_dir."""
+    complete checkpoint with the largest step; no --model, the newest complete checkpoint at any depth
+    under outputs_dir (the demo's runs are in outputs/demo/<run>/)."""
     from mlx_grpo.generation.chat import InferenceError
-    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME
+    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME, find_latest_checkpoint, newest_checkpoint
 
     if model is None:
         newest = newest_checkpoint(outputs_dir)
         if newest is None:
-            raise InferenceError(f"no --model given and no checkpoint under {outputs_dir}/*/{CHECKPOINTS_DIRNAME}/; "
-                                 f"{MODEL_HELP}")
+            raise InferenceError(f"no --model given and no complete checkpoint under {outputs_dir}/; {MODEL_HELP}")
         return str(newest)
     path = Path(model).expanduser()
     if (path / CHECKPOINTS_DIRNAME).is_dir() and not (path / "config.json").is_file():
-        found = _complete_checkpoints(path, f"{CHECKPOINTS_DIRNAME}/step_*")
-        if not found:
+        latest = find_latest_checkpoint(path)
+        if latest is None:
             raise InferenceError(f"run folder {path} has no complete checkpoint in {CHECKPOINTS_DIRNAME}/ yet; "
                                  f"{MODEL_HELP}")
-        return str(max(found, key=lambda f: int(f.name[len("step_"):])))
+        return str(latest)
     return model
 
 
