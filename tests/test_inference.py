@@ -1,4 +1,4 @@
-"""utils/inference.py and utils/generation/chat.py on the tiny nanochat model (and a scripted one for tools)."""
+"""utils/inference.py and utils/generation/chat.py on the engine: the tiny nanochat model, a scripted one for tools."""
 
 import json
 import os
@@ -14,23 +14,24 @@ import pytest
 from mlx_lm.models.cache import KVCache
 
 from mlx_grpo import inference
+from mlx_grpo.generation.calculator import ToolCall
 from mlx_grpo.generation.chat import (
     EXIT,
     ChatSession,
     GenerationOptions,
     InferenceError,
     ReplyStream,
-    ReusableCache,
-    ToolCall,
     assistant_content,
     build_prompt,
     chat_command,
-    generate_batch,
+    generate_replies,
     generate_reply,
     raw_prompt_tokens,
     read_prompts_file,
     run_chat,
 )
+from mlx_grpo.generation.engine import ReusableCache, generate_completions
+from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.models import load_model
 from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
 from mlx_grpo.training.checkpoint import MANIFEST_FILE, save_checkpoint
@@ -78,6 +79,16 @@ def test_prompt_greedy_equals_reference_decode(tiny_model_dir, loaded, capsys):
     assert code == 0
     reference = greedy_reference(model, tok, chat_prompt(tok, {"role": "user", "content": MULTIBYTE_PROMPT}), 16)
     assert out == tok.decode(reference) + "\n"
+
+
+def test_greedy_inference_rollouts_and_the_reference_decode_agree(loaded):
+    """Inference and rollouts are the same engine: the same greedy tokens, and those of a plain full forward."""
+    model, tok = loaded
+    prompt = chat_prompt(tok, {"role": "user", "content": MULTIBYTE_PROMPT})
+    reply = generate_reply(model, tok, prompt, GenerationOptions(max_tokens=20, temperature=0.0))
+    (rollout,), _ = generate_completions(model, [prompt], group_size=1, max_new_tokens=20,
+                                         sampler=make_rollout_sampler(0.0), stop_token_ids=tok.eos_token_ids)
+    assert reply.tokens == rollout.content_tokens == greedy_reference(model, tok, prompt, 20)
 
 
 def test_stream_prints_exactly_the_non_streamed_text(tiny_model_dir, loaded, capsys):
@@ -271,8 +282,8 @@ def test_ctrl_c_stops_the_answer_not_the_chat(loaded):
 
 
 class ScriptedModel(nn.Module):
-    """Next token = table[current token] (a bigram lookup), with a real KV cache so mlx-lm's
-    stream_generate and BatchGenerator drive it exactly as a transformer."""
+    """Next token = table[current token] (a bigram lookup), with a real KV cache so the engine's mlx-lm
+    decoder drives it exactly as a transformer."""
 
     def __init__(self, vocab_size, table):
         super().__init__()
@@ -327,9 +338,8 @@ def test_calculator_call_is_evaluated_and_forced(loaded):
     prompt = build_prompt(tok, "What is 6*7?")
     options = GenerationOptions(max_tokens=30, temperature=0.0)
 
-    stream = ReplyStream(model, tok, prompt, options)
-    pieces = list(stream)
-    reply = stream.reply
+    pieces = []
+    reply = ReplyStream(model, tok, prompt, options).run(on_text=pieces.append)
     expected = "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>!"
     assert "".join(pieces) == reply.text == expected == inner.decode(reply.tokens)
     assert reply.tool_calls == [ToolCall("6*7", "42")] and reply.finish_reason == "stop"
@@ -343,14 +353,14 @@ def test_calculator_call_is_evaluated_and_forced(loaded):
     # Batched: a tool-using row next to a row that stops at once and a second tool-using row.
     stop_at_once = raw_prompt_tokens(tok, "x")
     table[_ids(tok, "x")[0]] = inner.assistant_end_id
-    replies, _ = generate_batch(ScriptedModel(inner.vocab_size, table), tok, [prompt, stop_at_once, prompt], options)
+    replies, _ = generate_replies(ScriptedModel(inner.vocab_size, table), tok, [prompt, stop_at_once, prompt], options)
     assert [r.text for r in replies] == [expected, "", expected]
     assert replies[0].tool_calls == [ToolCall("6*7", "42")] and replies[1].tool_calls == []
 
     # --no-tools: the model's own continuation after <|python_end|>.
     no_tools = GenerationOptions(max_tokens=30, temperature=0.0, tools=False)
     assert generate_reply(model, tok, prompt, no_tools).text == "<|python_start|>6*7<|python_end|>9"
-    assert generate_batch(model, tok, [prompt], no_tools)[0][0].text == "<|python_start|>6*7<|python_end|>9"
+    assert generate_replies(model, tok, [prompt], no_tools)[0][0].text == "<|python_start|>6*7<|python_end|>9"
 
     # The length limit counts forced tokens too.
     short = generate_reply(model, tok, prompt, GenerationOptions(max_tokens=7, temperature=0.0))
@@ -366,7 +376,7 @@ def test_invalid_calculator_expression_forces_nothing(loaded):
     options = GenerationOptions(max_tokens=30, temperature=0.0)
     reply = generate_reply(model, tok, prompt, options)
     assert reply.text == "<|python_start|>1/0<|python_end|>?" and reply.tool_calls == [ToolCall("1/0", None)]
-    batch, _ = generate_batch(model, tok, [prompt, prompt], options)
+    batch, _ = generate_replies(model, tok, [prompt, prompt], options)
     assert [r.text for r in batch] == [reply.text] * 2 and batch[0].tool_calls == [ToolCall("1/0", None)]
 
 
@@ -376,9 +386,15 @@ def test_multibyte_characters_split_over_tokens_stream_exactly(loaded, monkeypat
     text = "Zoë 日€5"  # 2- and 3-byte characters, one byte a token (no byte repeats: a bigram script)
     model = ScriptedModel(inner.vocab_size, _script(tok, _ids(tok, text, "<|assistant_end|>")))
     stream = ReplyStream(model, tok, build_prompt(tok, "hi"), GenerationOptions(max_tokens=40, temperature=0.0))
-    pieces = list(stream)
-    assert "".join(pieces) == stream.reply.text == text
+    pieces = []
+    stream.run(on_text=pieces.append)
+    assert "".join(pieces) == stream.reply.text == text == inner.decode(stream.reply.tokens)
     assert all("\ufffd" not in p for p in pieces)  # an unfinished character is held back, never shown
+    assert 1 < len(pieces) < len(stream.reply.tokens)  # streamed as it goes; a character's bytes come out together
+    # The batch (--prompts-file) path gives the same text, for each row.
+    replies, _ = generate_replies(model, tok, [build_prompt(tok, "hi"), build_prompt(tok, "hello")],
+                                  GenerationOptions(max_tokens=40, temperature=0.0))
+    assert [r.text for r in replies] == [text, text]
 
     monkeypatch.setattr("mlx_grpo.models.load_model", lambda path: (model, tok))
     code, out, _ = run_cli(["--model", "scripted", "--prompt", "hi", "--stream", *GREEDY], capsys)

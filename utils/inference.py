@@ -40,8 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="multi-turn chat in the terminal (the default mode)")
     mode.add_argument("--prompt", help="answer one prompt (chat template applied unless --raw)")
-    mode.add_argument("--prompts-file", help="answer every prompt of a file, generated together as one batch: "
-                      "a .jsonl file with a \"prompt\" field a line, or any other file with one prompt a line")
+    mode.add_argument("--prompts-file", help="answer every prompt of a file, generated together in batches of "
+                      "--batch-size: a .jsonl file with a \"prompt\" field a line, or any other file with one "
+                      "prompt a line")
     parser.add_argument("--raw", action="store_true", help="send --prompt / --prompts-file text as is, "
                         "without the chat template (special-token strings in it become special tokens)")
     parser.add_argument("--system", help="system prompt (chat template only)")
@@ -117,23 +118,21 @@ def run_prompt(model, tokenizer, args, options) -> None:
     if args.show_prompt:
         print(f"[prompt] {tokenizer.decode(prompt)}", file=sys.stderr, flush=True)
     stream = ReplyStream(model, tokenizer, prompt, options)
-    for text in stream:
-        if args.stream:
-            print(text, end="", flush=True)
-    print("" if args.stream else stream.reply.text, flush=True)
+    reply = stream.run(on_text=(lambda text: print(text, end="", flush=True)) if args.stream else None)
+    print("" if args.stream else reply.text, flush=True)
     if args.verbose:
-        _print_stats(stream.reply.stats.describe())
+        _print_stats(reply.stats.describe())
 
 
 def run_prompts_file(model, tokenizer, args, options) -> None:
-    from mlx_grpo.generation.chat import build_prompt, format_stats, generate_batch, read_prompts_file
+    from mlx_grpo.generation.chat import build_prompt, generate_replies, read_prompts_file
 
     records = read_prompts_file(args.prompts_file)
     prompts = [build_prompt(tokenizer, r["prompt"], system=args.system, raw=args.raw) for r in records]
     if args.show_prompt:
         for i, prompt in enumerate(prompts, start=1):
             print(f"[prompt {i}] {tokenizer.decode(prompt)}", file=sys.stderr)
-    replies, stats = generate_batch(model, tokenizer, prompts, options, batch_size=args.batch_size)
+    replies, stats = generate_replies(model, tokenizer, prompts, options, batch_size=args.batch_size)
     results = [
         {**record, "completion": reply.text, "finish_reason": reply.finish_reason, "num_tokens": len(reply.tokens),
          "tool_calls": [{"expression": c.expression, "result": c.result} for c in reply.tool_calls]}
@@ -150,8 +149,7 @@ def run_prompts_file(model, tokenizer, args, options) -> None:
         for i, result in enumerate(results, start=1):
             print(f"=== [{i}/{len(results)}] {result['prompt']}\n{result['completion']}\n", flush=True)
     if args.verbose:
-        _print_stats(format_stats(stats.prompt_tokens, stats.prompt_tps, stats.generation_tokens,
-                                  stats.generation_tps, stats.peak_memory))
+        _print_stats(stats.describe())
 
 
 def run_chat_mode(model, tokenizer, args, options, model_name: str) -> None:
