@@ -31,7 +31,8 @@ from mlx_grpo.data.rewards import (
     default_reward_names,
     resolve_reward_functions,
 )
-from mlx_grpo.generation.engine import CalculatorTool, generate_completions
+from mlx_grpo.generation.calculator import CalculatorTool
+from mlx_grpo.generation.engine import generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.models import ModelLoadError, load_model, save_model_folder
 from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer

@@ -6,7 +6,7 @@ import pytest
 
 from mlx_grpo.data.gsm8k import default_gsm8k_path
 from mlx_grpo.generation import calculator
-from mlx_grpo.generation.calculator import CALCULATOR_MAX_EXPR_CHARS, evaluate_expression
+from mlx_grpo.generation.calculator import CALCULATOR_MAX_EXPR_CHARS, CalculatorTool, ToolCall, evaluate_expression
 
 
 @pytest.fixture
@@ -115,3 +115,41 @@ def test_gsm8k_annotations_evaluate_to_their_results():
                 ok += out is not None and float(out) == pytest.approx(expected, rel=1e-6)
     assert total > 4000
     assert ok / total > 0.999
+
+
+class CharTokenizer:
+    """One token a character (its code point); the four tool specials above the characters."""
+
+    SPECIALS = {"<|python_start|>": 1000, "<|python_end|>": 1001, "<|output_start|>": 1002, "<|output_end|>": 1003}
+
+    def special_token_id(self, name):
+        return self.SPECIALS[name]
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_the_tool_call_protocol():
+    tool = CalculatorTool.for_tokenizer(CharTokenizer())
+    start, end, out_start, out_end = tool.python_start, tool.python_end, tool.output_start, tool.output_end
+    reader = tool.reader()
+
+    def feed(*pieces):
+        closed = []
+        for piece in pieces:
+            for token in (piece if isinstance(piece, list) else [piece]):
+                result = reader.feed(token)
+                if result is not None:
+                    closed.append(result)
+        return closed
+
+    assert feed(tool.tokenizer.encode("so "), end) == []  # no open call: a python_end is text
+    assert feed(start, tool.tokenizer.encode("6*7"), end) == [(ToolCall("6*7", "42"), [out_start, 52, 50, out_end])]
+    assert feed(start, tool.tokenizer.encode("1+"), start, tool.tokenizer.encode("2+2"), end) == [
+        (ToolCall("2+2", "4"), [out_start, 52, out_end])]  # a second python_start starts the call over
+    assert feed(start, end) == [(ToolCall("", None), [])]  # an empty call: a failure, nothing forced
+    assert feed(start, tool.tokenizer.encode("2**99"), end) == [(ToolCall("2**99", None), [])]
+    assert feed(end, out_start, out_end) == []  # closed again: nothing open

@@ -1,36 +1,40 @@
-"""utils/inference.py and utils/generation/chat.py on the tiny nanochat model (and a scripted one for tools)."""
+"""utils/inference.py and utils/generation/chat.py on the engine: the tiny nanochat model, a scripted one for tools."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import pytest
 from mlx_lm.models.cache import KVCache
 
 from mlx_grpo import inference
+from mlx_grpo.generation.calculator import ToolCall
 from mlx_grpo.generation.chat import (
     EXIT,
     ChatSession,
     GenerationOptions,
     InferenceError,
     ReplyStream,
-    ReusableCache,
-    ToolCall,
     assistant_content,
     build_prompt,
     chat_command,
-    generate_batch,
+    generate_replies,
     generate_reply,
     raw_prompt_tokens,
     read_prompts_file,
     run_chat,
 )
+from mlx_grpo.generation.engine import ReusableCache, generate_completions
+from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.models import load_model
 from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
+from mlx_grpo.training.checkpoint import MANIFEST_FILE, save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GREEDY = ["--temperature", "0"]
@@ -75,6 +79,16 @@ def test_prompt_greedy_equals_reference_decode(tiny_model_dir, loaded, capsys):
     assert code == 0
     reference = greedy_reference(model, tok, chat_prompt(tok, {"role": "user", "content": MULTIBYTE_PROMPT}), 16)
     assert out == tok.decode(reference) + "\n"
+
+
+def test_greedy_inference_rollouts_and_the_reference_decode_agree(loaded):
+    """Inference and rollouts are the same engine: the same greedy tokens, and those of a plain full forward."""
+    model, tok = loaded
+    prompt = chat_prompt(tok, {"role": "user", "content": MULTIBYTE_PROMPT})
+    reply = generate_reply(model, tok, prompt, GenerationOptions(max_tokens=20, temperature=0.0))
+    (rollout,), _ = generate_completions(model, [prompt], group_size=1, max_new_tokens=20,
+                                         sampler=make_rollout_sampler(0.0), stop_token_ids=tok.eos_token_ids)
+    assert reply.tokens == rollout.content_tokens == greedy_reference(model, tok, prompt, 20)
 
 
 def test_stream_prints_exactly_the_non_streamed_text(tiny_model_dir, loaded, capsys):
@@ -268,8 +282,8 @@ def test_ctrl_c_stops_the_answer_not_the_chat(loaded):
 
 
 class ScriptedModel(nn.Module):
-    """Next token = table[current token] (a bigram lookup), with a real KV cache so mlx-lm's
-    stream_generate and BatchGenerator drive it exactly as a transformer."""
+    """Next token = table[current token] (a bigram lookup), with a real KV cache so the engine's mlx-lm
+    decoder drives it exactly as a transformer."""
 
     def __init__(self, vocab_size, table):
         super().__init__()
@@ -324,9 +338,8 @@ def test_calculator_call_is_evaluated_and_forced(loaded):
     prompt = build_prompt(tok, "What is 6*7?")
     options = GenerationOptions(max_tokens=30, temperature=0.0)
 
-    stream = ReplyStream(model, tok, prompt, options)
-    pieces = list(stream)
-    reply = stream.reply
+    pieces = []
+    reply = ReplyStream(model, tok, prompt, options).run(on_text=pieces.append)
     expected = "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>!"
     assert "".join(pieces) == reply.text == expected == inner.decode(reply.tokens)
     assert reply.tool_calls == [ToolCall("6*7", "42")] and reply.finish_reason == "stop"
@@ -340,14 +353,14 @@ def test_calculator_call_is_evaluated_and_forced(loaded):
     # Batched: a tool-using row next to a row that stops at once and a second tool-using row.
     stop_at_once = raw_prompt_tokens(tok, "x")
     table[_ids(tok, "x")[0]] = inner.assistant_end_id
-    replies, _ = generate_batch(ScriptedModel(inner.vocab_size, table), tok, [prompt, stop_at_once, prompt], options)
+    replies, _ = generate_replies(ScriptedModel(inner.vocab_size, table), tok, [prompt, stop_at_once, prompt], options)
     assert [r.text for r in replies] == [expected, "", expected]
     assert replies[0].tool_calls == [ToolCall("6*7", "42")] and replies[1].tool_calls == []
 
     # --no-tools: the model's own continuation after <|python_end|>.
     no_tools = GenerationOptions(max_tokens=30, temperature=0.0, tools=False)
     assert generate_reply(model, tok, prompt, no_tools).text == "<|python_start|>6*7<|python_end|>9"
-    assert generate_batch(model, tok, [prompt], no_tools)[0][0].text == "<|python_start|>6*7<|python_end|>9"
+    assert generate_replies(model, tok, [prompt], no_tools)[0][0].text == "<|python_start|>6*7<|python_end|>9"
 
     # The length limit counts forced tokens too.
     short = generate_reply(model, tok, prompt, GenerationOptions(max_tokens=7, temperature=0.0))
@@ -363,7 +376,7 @@ def test_invalid_calculator_expression_forces_nothing(loaded):
     options = GenerationOptions(max_tokens=30, temperature=0.0)
     reply = generate_reply(model, tok, prompt, options)
     assert reply.text == "<|python_start|>1/0<|python_end|>?" and reply.tool_calls == [ToolCall("1/0", None)]
-    batch, _ = generate_batch(model, tok, [prompt, prompt], options)
+    batch, _ = generate_replies(model, tok, [prompt, prompt], options)
     assert [r.text for r in batch] == [reply.text] * 2 and batch[0].tool_calls == [ToolCall("1/0", None)]
 
 
@@ -373,9 +386,15 @@ def test_multibyte_characters_split_over_tokens_stream_exactly(loaded, monkeypat
     text = "Zoë 日€5"  # 2- and 3-byte characters, one byte a token (no byte repeats: a bigram script)
     model = ScriptedModel(inner.vocab_size, _script(tok, _ids(tok, text, "<|assistant_end|>")))
     stream = ReplyStream(model, tok, build_prompt(tok, "hi"), GenerationOptions(max_tokens=40, temperature=0.0))
-    pieces = list(stream)
-    assert "".join(pieces) == stream.reply.text == text
+    pieces = []
+    stream.run(on_text=pieces.append)
+    assert "".join(pieces) == stream.reply.text == text == inner.decode(stream.reply.tokens)
     assert all("\ufffd" not in p for p in pieces)  # an unfinished character is held back, never shown
+    assert 1 < len(pieces) < len(stream.reply.tokens)  # streamed as it goes; a character's bytes come out together
+    # The batch (--prompts-file) path gives the same text, for each row.
+    replies, _ = generate_replies(model, tok, [build_prompt(tok, "hi"), build_prompt(tok, "hello")],
+                                  GenerationOptions(max_tokens=40, temperature=0.0))
+    assert [r.text for r in replies] == [text, text]
 
     monkeypatch.setattr("mlx_grpo.models.load_model", lambda path: (model, tok))
     code, out, _ = run_cli(["--model", "scripted", "--prompt", "hi", "--stream", *GREEDY], capsys)
@@ -386,25 +405,38 @@ def test_multibyte_characters_split_over_tokens_stream_exactly(loaded, monkeypat
 # Model resolution, CLI errors
 
 
-def _fake_checkpoint(folder: Path, mtime: float, complete: bool = True) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
-    if complete:
-        (folder / "checkpoint.json").write_text("{}")
-        os.utime(folder / "checkpoint.json", (mtime, mtime))
-    return folder
+def _checkpoint(run_dir: Path, step: int, mtime: float, model_dir=None) -> Path:
+    """A complete training checkpoint (saved as the trainer saves one), its manifest dated `mtime`."""
+
+    def write_model_files(folder):
+        if model_dir is None:
+            (folder / "config.json").write_text("{}")
+            return
+        for f in Path(model_dir).iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+
+    path = save_checkpoint(run_dir, step, optimizer=optim.Adam(1e-3), trainer_state={}, config={},
+                           write_model_files=write_model_files)
+    os.utime(path / MANIFEST_FILE, (mtime, mtime))
+    return path
 
 
-def test_default_model_is_the_newest_complete_checkpoint(tmp_path):
+def test_default_model_is_the_newest_complete_checkpoint_at_any_depth(tmp_path):
     outputs = tmp_path / "outputs"
     with pytest.raises(InferenceError, match="pass --model"):
         inference.resolve_model(None, outputs)
-    _fake_checkpoint(outputs / "run_a" / "checkpoints" / "step_000010", mtime=1000)
-    _fake_checkpoint(outputs / "run_a" / "checkpoints" / "step_000020", mtime=2000)
-    newest = _fake_checkpoint(outputs / "run_b" / "checkpoints" / "step_000005", mtime=3000)
-    _fake_checkpoint(outputs / "run_b" / "checkpoints" / ".tmp-step_000030-123", mtime=4000)
-    _fake_checkpoint(outputs / "run_b" / "checkpoints" / "step_000040", mtime=5000, complete=False)
+    _checkpoint(outputs / "run_a", 10, mtime=1000)
+    _checkpoint(outputs / "run_a", 20, mtime=2000)
+    newest = _checkpoint(outputs / "run_b", 5, mtime=3000)
+    shutil.copytree(newest, outputs / "run_b" / "checkpoints" / ".tmp-step_000030-123")  # a save in progress
+    os.utime(outputs / "run_b" / "checkpoints" / ".tmp-step_000030-123" / MANIFEST_FILE, (4000, 4000))
+    unfinished = outputs / "run_b" / "checkpoints" / "step_000040"  # killed before its manifest
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
     assert inference.resolve_model(None, outputs) == str(newest)
+    # The demo's runs are one level deeper (outputs/demo/<run>/checkpoints/step_*).
+    demo = _checkpoint(outputs / "demo" / "20250101-000000", 100, mtime=3500)
+    assert inference.resolve_model(None, outputs) == str(demo)
     # A run folder: its checkpoint with the largest step.
     assert inference.resolve_model(str(outputs / "run_a"), outputs).endswith("step_000020")
     assert inference.resolve_model("mlx-community/some-model", outputs) == "mlx-community/some-model"
@@ -414,11 +446,7 @@ def test_default_model_is_the_newest_complete_checkpoint(tmp_path):
 
 
 def test_training_checkpoint_loads_by_default(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    step = tmp_path / "outputs" / "run1" / "checkpoints" / "step_000003"
-    step.mkdir(parents=True)
-    for f in Path(tiny_model_dir).iterdir():
-        (step / f.name).write_bytes(f.read_bytes())
-    (step / "checkpoint.json").write_text("{}")
+    _checkpoint(tmp_path / "outputs" / "demo" / "run1", 3, mtime=1000, model_dir=tiny_model_dir)
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(["--prompt", "hello", "--max-tokens", "4", *GREEDY], capsys)
     assert code == 0 and "step_000003" in err

@@ -33,15 +33,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python utils/inference.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", help="model folder, training checkpoint or run folder, or hub id "
-                        f"(default: the newest checkpoint under {DEFAULT_OUTPUTS_DIR}/*/checkpoints/); a LoRA "
+                        f"(default: the newest checkpoint at any depth under {DEFAULT_OUTPUTS_DIR}/); a LoRA "
                         "checkpoint (adapter_config.json) loads its base from the recorded model_name")
     parser.add_argument("--adapter-path", help="LoRA/DoRA adapters (adapters.safetensors + adapter_config.json, "
                         "e.g. a LoRA training checkpoint) applied to --model as the base")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--chat", action="store_true", help="multi-turn chat in the terminal (the default mode)")
     mode.add_argument("--prompt", help="answer one prompt (chat template applied unless --raw)")
-    mode.add_argument("--prompts-file", help="answer every prompt of a file, generated together as one batch: "
-                      "a .jsonl file with a \"prompt\" field a line, or any other file with one prompt a line")
+    mode.add_argument("--prompts-file", help="answer every prompt of a file, generated together in batches of "
+                      "--batch-size: a .jsonl file with a \"prompt\" field a line, or any other file with one "
+                      "prompt a line")
     parser.add_argument("--raw", action="store_true", help="send --prompt / --prompts-file text as is, "
                         "without the chat template (special-token strings in it become special tokens)")
     parser.add_argument("--system", help="system prompt (chat template only)")
@@ -80,48 +81,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Which model
 
 
-def _complete_checkpoints(pattern_root: Path, pattern: str) -> list:
-    """Complete step_* checkpoint folders matching pattern under pattern_root.
-
-    Folders being written or deleted (".tmp-*", ".old-*") and unfinished saves (no manifest,
-    which the trainer writes last) are skipped.
-    """
-    from mlx_grpo.training.checkpoint import MANIFEST_FILE
-
-    return [
-        folder for folder in pattern_root.glob(pattern)
-        if folder.name[len("step_"):].isdigit() and (folder / MANIFEST_FILE).is_file()
-        and not any(part.startswith(".") for part in folder.relative_to(pattern_root).parts)
-    ]
-
-
-def newest_checkpoint(outputs_dir: str | os.PathLike = DEFAULT_OUTPUTS_DIR) -> Path | None:
-    """The most recently saved complete checkpoint outputs_dir/*/checkpoints/step_*/, or None."""
-    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME, MANIFEST_FILE
-
-    found = _complete_checkpoints(Path(outputs_dir), f"*/{CHECKPOINTS_DIRNAME}/step_*")
-    return max(found, key=lambda f: ((f / MANIFEST_FILE).stat().st_mtime, f.name), default=None)
-
-
 def resolve_model(model: str | None, outputs_dir: str | os.PathLike = DEFAULT_OUTPUTS_DIR) -> str:
     """--model as a path or hub id for load_model: a run folder (holding checkpoints/) becomes its
-    checkpoint with the largest step; no --model, the newest checkpoint under outputs_dir."""
+    complete checkpoint with the largest step; no --model, the newest complete checkpoint at any depth
+    under outputs_dir (the demo's runs are in outputs/demo/<run>/)."""
     from mlx_grpo.generation.chat import InferenceError
-    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME
+    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME, find_latest_checkpoint, newest_checkpoint
 
     if model is None:
         newest = newest_checkpoint(outputs_dir)
         if newest is None:
-            raise InferenceError(f"no --model given and no checkpoint under {outputs_dir}/*/{CHECKPOINTS_DIRNAME}/; "
-                                 f"{MODEL_HELP}")
+            raise InferenceError(f"no --model given and no complete checkpoint under {outputs_dir}/; {MODEL_HELP}")
         return str(newest)
     path = Path(model).expanduser()
     if (path / CHECKPOINTS_DIRNAME).is_dir() and not (path / "config.json").is_file():
-        found = _complete_checkpoints(path, f"{CHECKPOINTS_DIRNAME}/step_*")
-        if not found:
+        latest = find_latest_checkpoint(path)
+        if latest is None:
             raise InferenceError(f"run folder {path} has no complete checkpoint in {CHECKPOINTS_DIRNAME}/ yet; "
                                  f"{MODEL_HELP}")
-        return str(max(found, key=lambda f: int(f.name[len("step_"):])))
+        return str(latest)
     return model
 
 
@@ -140,23 +118,21 @@ def run_prompt(model, tokenizer, args, options) -> None:
     if args.show_prompt:
         print(f"[prompt] {tokenizer.decode(prompt)}", file=sys.stderr, flush=True)
     stream = ReplyStream(model, tokenizer, prompt, options)
-    for text in stream:
-        if args.stream:
-            print(text, end="", flush=True)
-    print("" if args.stream else stream.reply.text, flush=True)
+    reply = stream.run(on_text=(lambda text: print(text, end="", flush=True)) if args.stream else None)
+    print("" if args.stream else reply.text, flush=True)
     if args.verbose:
-        _print_stats(stream.reply.stats.describe())
+        _print_stats(reply.stats.describe())
 
 
 def run_prompts_file(model, tokenizer, args, options) -> None:
-    from mlx_grpo.generation.chat import build_prompt, format_stats, generate_batch, read_prompts_file
+    from mlx_grpo.generation.chat import build_prompt, generate_replies, read_prompts_file
 
     records = read_prompts_file(args.prompts_file)
     prompts = [build_prompt(tokenizer, r["prompt"], system=args.system, raw=args.raw) for r in records]
     if args.show_prompt:
         for i, prompt in enumerate(prompts, start=1):
             print(f"[prompt {i}] {tokenizer.decode(prompt)}", file=sys.stderr)
-    replies, stats = generate_batch(model, tokenizer, prompts, options, batch_size=args.batch_size)
+    replies, stats = generate_replies(model, tokenizer, prompts, options, batch_size=args.batch_size)
     results = [
         {**record, "completion": reply.text, "finish_reason": reply.finish_reason, "num_tokens": len(reply.tokens),
          "tool_calls": [{"expression": c.expression, "result": c.result} for c in reply.tool_calls]}
@@ -173,8 +149,7 @@ def run_prompts_file(model, tokenizer, args, options) -> None:
         for i, result in enumerate(results, start=1):
             print(f"=== [{i}/{len(results)}] {result['prompt']}\n{result['completion']}\n", flush=True)
     if args.verbose:
-        _print_stats(format_stats(stats.prompt_tokens, stats.prompt_tps, stats.generation_tokens,
-                                  stats.generation_tps, stats.peak_memory))
+        _print_stats(stats.describe())
 
 
 def run_chat_mode(model, tokenizer, args, options, model_name: str) -> None:

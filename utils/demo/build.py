@@ -216,7 +216,7 @@ def sft(model, rows, settings: DemoSettings, log=partial(print, flush=True), on_
 
 
 def greedy_accuracy(model, tok: TiktokenTokenizerWrapper, examples, max_new_tokens: int) -> float:
-    from mlx_grpo.generation.engine import CalculatorTool
+    from mlx_grpo.generation.calculator import CalculatorTool
     from mlx_grpo.training.evaluation import evaluate
 
     calculator = CalculatorTool.for_tokenizer(tok)

@@ -1,6 +1,15 @@
-"""Safe arithmetic for the calculator tool (nanochat's <|python_start|> expr <|python_end|>).
+"""nanochat's calculator tool: the one tool-call protocol (CalculatorTool, ToolCallReader) and its safe arithmetic.
 
-The expression comes from model output, so it is never given to eval/exec: it is parsed with
+The protocol, as nanochat's engine reads it, token by token along a completion (rollouts, evaluation and
+inference all read it through utils/generation/engine.py):
+- <|python_start|> opens a call; another <|python_start|> inside an open call starts it over;
+- <|python_end|> closes the open call; a <|python_end|> with no open call is ordinary text;
+- the tokens between them, decoded, are the expression. Valid arithmetic forces
+  <|output_start|> result <|output_end|> into the sequence; anything else forces nothing.
+- every closed call is one ToolCall with its result or None, an empty one too (nanochat's engine
+  skips an empty call silently; here it counts as a failed call, so the tool metrics show it).
+
+Safe arithmetic: the expression comes from model output, so it is never given to eval/exec: it is parsed with
 Python's ast in "eval" mode and the tree is walked here, allowing only numbers, + - * /,
 unary + - and parentheses. Everything is bounded (length, node count, magnitudes), so a hostile
 expression costs microseconds and can execute nothing.
@@ -25,6 +34,7 @@ import ast
 import math
 import operator
 import re
+from dataclasses import dataclass
 
 CALCULATOR_MAX_EXPR_CHARS = 100  # longest GSM8K annotation is far shorter; see tests
 CALCULATOR_MAX_NODES = 100  # AST nodes; 100 chars cannot legitimately need more
@@ -98,3 +108,61 @@ def evaluate_expression(expr: str) -> str | None:
     except _Invalid:
         return None
     return str(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tool-call protocol
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One closed call: the expression as decoded and its result (None: not valid arithmetic, nothing forced)."""
+
+    expression: str
+    result: str | None
+
+
+@dataclass(frozen=True)
+class CalculatorTool:
+    """<|python_start|> expr <|python_end|> -> forced <|output_start|> result <|output_end|>."""
+
+    tokenizer: object  # nanochat's TiktokenTokenizerWrapper (encode/decode/special ids)
+    python_start: int
+    python_end: int
+    output_start: int
+    output_end: int
+
+    @classmethod
+    def for_tokenizer(cls, tok) -> "CalculatorTool":
+        ids = [tok.special_token_id(name) for name in
+               ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")]
+        return cls(tok, *ids)
+
+    def call(self, expression_tokens: list) -> tuple[ToolCall, list]:
+        """Evaluate one call: its record and the tokens to force after it (none for an invalid expression)."""
+        expression = self.tokenizer.decode(expression_tokens)
+        result = evaluate_expression(expression)
+        forced = [] if result is None else [self.output_start, *self.tokenizer.encode(result), self.output_end]
+        return ToolCall(expression, result), forced
+
+    def reader(self) -> "ToolCallReader":
+        return ToolCallReader(self)
+
+
+class ToolCallReader:
+    """The protocol (see the module docstring) read along one completion: feed() every token as it is appended."""
+
+    def __init__(self, tool: CalculatorTool):
+        self.tool = tool
+        self.expression = None  # the open call's tokens; None outside a call
+
+    def feed(self, token: int) -> tuple[ToolCall, list] | None:
+        """(the call and the tokens to force) when `token` closes a call, else None."""
+        if token == self.tool.python_start:
+            self.expression = []
+        elif self.expression is not None:
+            if token == self.tool.python_end:
+                expression, self.expression = self.expression, None
+                return self.tool.call(expression)
+            self.expression.append(token)
+        return None

@@ -1,12 +1,11 @@
-"""Generation for the inference CLI: streamed replies with nanochat's calculator, chat sessions, batches.
+"""Inference on the one generation engine (utils/generation/engine.py): replies as text, prompts, the chat REPL.
 
-mlx-lm does the decoding (stream_generate, BatchGenerator), the sampling (make_sampler,
-make_logits_processors) and the KV cache (make_prompt_cache). Added here:
-- the calculator round trip of nanochat's engine: generation stops at <|python_end|>, the
-  expression is evaluated by mlx_grpo.generation.calculator, <|output_start|> result <|output_end|> are forced
-  into the sequence and generation goes on from the same KV cache;
-- KV-cache reuse across chat turns (only the part of a prompt the cache does not hold is processed);
-- the chat history and the REPL commands (/clear, /system, /exit).
+The engine decodes, samples (with mlx-lm's logits processors) and runs nanochat's calculator; added here:
+- options and replies as inference sees them: text through the tokenizer's streaming detokenizer, the
+  same pieces whether streamed or not, finish reasons (stop / length / interrupted), tool calls, stats;
+- prompts: chat-templated or raw, and prompts files;
+- the chat: history, a KV cache kept across turns (only the new part of the history is prefilled),
+  and the REPL commands (/clear, /system, /exit); Ctrl-C stops one answer.
 """
 
 from __future__ import annotations
@@ -15,15 +14,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TextIO
+from typing import Callable, Optional, TextIO
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, stream_generate
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
-from mlx_lm.utils import common_prefix_len
+from mlx_lm.sample_utils import make_logits_processors
 
-from mlx_grpo.generation.calculator import evaluate_expression
+from mlx_grpo.generation.calculator import CalculatorTool
+from mlx_grpo.generation.engine import Completion, ReusableCache, RolloutStats, generate_completions
+from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
 
 
@@ -64,23 +62,17 @@ class GenerationOptions:
         if problems:
             raise InferenceError("; ".join(problems))
 
-    def make_sampler(self):
-        return make_sampler(self.temperature, self.top_p, self.min_p, top_k=self.top_k)
+    def sampler(self):
+        return make_rollout_sampler(self.temperature, self.top_p, self.top_k, self.min_p)
 
-    def make_logits_processors(self) -> list:
+    def logits_processors(self) -> list:
         penalty = None if self.repetition_penalty == 1.0 else self.repetition_penalty
         return make_logits_processors(repetition_penalty=penalty)
 
 
 @dataclass
-class ToolCall:
-    expression: str
-    result: Optional[str]  # None: not valid arithmetic, nothing was forced
-
-
-@dataclass
 class GenerationStats:
-    """Totals over the mlx-lm calls of one reply (a calculator round trip makes several)."""
+    """Totals over the engine calls of one reply or batch."""
 
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
@@ -88,26 +80,21 @@ class GenerationStats:
     generation_seconds: float = 0.0
     peak_memory_gb: float = 0.0
 
-    def add(self, response) -> None:
-        """Fold in the last mlx-lm GenerationResponse of one stream_generate call."""
-        self.prompt_tokens += response.prompt_tokens
-        self.prompt_seconds += response.prompt_tokens / max(response.prompt_tps, 1e-9)
-        self.generation_tokens += response.generation_tokens
-        self.generation_seconds += response.generation_tokens / max(response.generation_tps, 1e-9)
-        self.peak_memory_gb = max(self.peak_memory_gb, response.peak_memory)
+    def add(self, stats: RolloutStats) -> None:
+        self.prompt_tokens += stats.prompt_tokens
+        self.prompt_seconds += stats.prefill_seconds
+        self.generation_tokens += stats.generated_tokens
+        self.generation_seconds += stats.seconds - stats.prefill_seconds
+        self.peak_memory_gb = max(self.peak_memory_gb, mx.get_peak_memory() / 1e9)
 
     def describe(self) -> str:
         prompt_tps = self.prompt_tokens / max(self.prompt_seconds, 1e-9)
         generation_tps = self.generation_tokens / max(self.generation_seconds, 1e-9)
-        return format_stats(self.prompt_tokens, prompt_tps, self.generation_tokens, generation_tps, self.peak_memory_gb)
-
-
-def format_stats(prompt_tokens, prompt_tps, generation_tokens, generation_tps, peak_memory_gb) -> str:
-    return (
-        f"Prompt: {prompt_tokens} tokens, {prompt_tps:.3f} tokens-per-sec\n"
-        f"Generation: {generation_tokens} tokens, {generation_tps:.3f} tokens-per-sec\n"
-        f"Peak memory: {peak_memory_gb:.3f} GB"
-    )
+        return (
+            f"Prompt: {self.prompt_tokens} tokens, {prompt_tps:.3f} tokens-per-sec\n"
+            f"Generation: {self.generation_tokens} tokens, {generation_tps:.3f} tokens-per-sec\n"
+            f"Peak memory: {self.peak_memory_gb:.3f} GB"
+        )
 
 
 @dataclass
@@ -117,50 +104,14 @@ class Reply:
     tokens: list = field(default_factory=list)  # sampled and forced ids, without the stop token
     text: str = ""
     finish_reason: Optional[str] = None  # "stop", "length" or "interrupted"
-    tool_calls: list = field(default_factory=list)  # ToolCall, in order
-    stats: GenerationStats = field(default_factory=GenerationStats)
+    tool_calls: list = field(default_factory=list)  # calculator.ToolCall, in order
+    stats: GenerationStats = field(default_factory=GenerationStats)  # of the call (batch) that generated it
 
 
-# ---------------------------------------------------------------------------------------------
-# nanochat's calculator tool
-
-
-@dataclass
-class Calculator:
-    """<|python_start|> expr <|python_end|> -> forced <|output_start|> result <|output_end|>."""
-
-    tokenizer: object  # the nanochat TiktokenTokenizerWrapper
-
-    def __post_init__(self):
-        tok = self.tokenizer
-        self.python_start = tok.python_start_id
-        self.python_end = tok.python_end_id
-        self.output_start = tok.output_start_id
-        self.output_end = tok.output_end_id
-
-    def call(self, tokens: list) -> Optional[tuple]:
-        """For `tokens` ending in <|python_end|>: (ToolCall, forced token ids or None), or None when
-        that <|python_end|> closes no <|python_start|> block (nanochat's engine ignores it then)."""
-        block_enders = (self.python_end, self.output_start, self.output_end)
-        for i in range(len(tokens) - 2, -1, -1):
-            if tokens[i] == self.python_start:
-                break
-            if tokens[i] in block_enders:
-                return None
-        else:
-            return None
-        expression = self.tokenizer.decode(tokens[i + 1 : -1])
-        result = evaluate_expression(expression)
-        forced = None
-        if result is not None:
-            forced = [self.output_start, *self.tokenizer.encode(result), self.output_end]
-        return ToolCall(expression, result), forced
-
-
-def calculator_for(tokenizer, options: GenerationOptions) -> Optional[Calculator]:
+def calculator_for(tokenizer, options: GenerationOptions) -> Optional[CalculatorTool]:
     """The calculator when the model is a nanochat model and tools are on, else None."""
     inner = nanochat_tokenizer(tokenizer)
-    return Calculator(inner) if inner is not None and options.tools else None
+    return CalculatorTool.for_tokenizer(inner) if inner is not None and options.tools else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,68 +183,72 @@ def read_prompts_file(path) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# KV cache reuse
-
-
-class ReusableCache:
-    """mlx-lm's prompt cache plus the tokens it holds, so that a prompt extending them (the next
-    chat turn, the sequence after a forced tool output) is only processed from where it differs."""
-
-    def __init__(self, model):
-        self.model = model
-        self.reset()
-
-    def reset(self) -> None:
-        self.cache = make_prompt_cache(self.model)
-        self.tokens = []
-
-    def prepare(self, prompt: list) -> list:
-        """Trim the cache to its longest prefix shared with `prompt`, keeping at least one prompt
-        token to feed (mlx-lm needs one); return the tokens still to process."""
-        if self.tokens and not can_trim_prompt_cache(self.cache):
-            self.reset()  # e.g. recurrent-state caches: start over
-        keep = min(common_prefix_len(self.tokens, prompt), len(prompt) - 1)
-        if keep < len(self.tokens):
-            trim_prompt_cache(self.cache, len(self.tokens) - keep)
-        self.tokens = list(prompt[:keep])
-        return list(prompt[keep:])
-
-    def record(self, sequence: list) -> None:
-        """After generating: `sequence` is every token fed or generated; the cache holds a prefix."""
-        if not can_trim_prompt_cache(self.cache):
-            self.tokens = []  # cannot be reused; prepare() starts over
-            return
-        held = self.cache[0].offset
-        if held > len(sequence):
-            raise RuntimeError(f"KV cache holds {held} tokens but only {len(sequence)} were seen")
-        self.tokens = list(sequence[:held])
-
-
-def _with_history(processors: list, history: list) -> list:
-    """Logits processors that also see `history`, the tokens already in the cache (mlx-lm only
-    passes them the tokens of the current call; the repetition penalty needs the earlier ones)."""
-    if not processors or not history:
-        return processors
-    prefix = mx.array(history)
-    return [lambda tokens, logits, p=p: p(mx.concatenate([prefix, tokens.astype(prefix.dtype)]), logits)
-            for p in processors]
-
-
-# ---------------------------------------------------------------------------------------------
 # Generation
 
 
+class TextPieces:
+    """Generated tokens to text pieces through the tokenizer's streaming detokenizer: a character split over
+    tokens comes out whole, and the pieces join to the same text however they are read."""
+
+    def __init__(self, tokenizer):
+        self.detokenizer = tokenizer.detokenizer
+
+    def add(self, token: int) -> str:
+        self.detokenizer.add_token(token)
+        return self.detokenizer.last_segment
+
+    def finish(self) -> str:
+        self.detokenizer.finalize()
+        return self.detokenizer.last_segment
+
+
+def detokenize(tokenizer, tokens: list) -> str:
+    """The text of generated tokens, exactly as TextPieces streams it."""
+    pieces = TextPieces(tokenizer)
+    return "".join([pieces.add(token) for token in tokens] + [pieces.finish()])
+
+
+def reply_from(tokenizer, completion: Completion) -> Reply:
+    """An engine completion as inference reports it."""
+    return Reply(tokens=completion.content_tokens, text=detokenize(tokenizer, completion.content_tokens),
+                 finish_reason="stop" if completion.stopped else "length", tool_calls=list(completion.calls))
+
+
+def generate_replies(model, tokenizer, prompts: list, options: GenerationOptions, *, batch_size: int = 32,
+                     on_token: Optional[Callable[[Completion], None]] = None,
+                     cache: Optional[ReusableCache] = None):
+    """Replies to `prompts` (token id lists), `batch_size` of them decoded together by the engine:
+    (replies in prompt order, GenerationStats). on_token and cache go to generate_completions."""
+    if not prompts or any(not p for p in prompts):
+        raise InferenceError("generation needs a non-empty list of non-empty prompts")
+    if batch_size < 1:
+        raise InferenceError(f"batch size must be >= 1, got {batch_size}")
+    calculator = calculator_for(tokenizer, options)
+    sampler, processors = options.sampler(), options.logits_processors()
+    replies, stats = [], GenerationStats()
+    for start in range(0, len(prompts), batch_size):
+        completions, batch_stats = generate_completions(
+            model, prompts[start:start + batch_size], group_size=1, max_new_tokens=options.max_tokens,
+            sampler=sampler, stop_token_ids=tokenizer.eos_token_ids, calculator=calculator,
+            logits_processors=processors, on_token=on_token, cache=cache)
+        replies += [reply_from(tokenizer, c) for c in completions]
+        stats.add(batch_stats)
+    for reply in replies:
+        reply.stats = stats
+    return replies, stats
+
+
 class ReplyStream:
-    """Iterate to generate one reply as text pieces; `reply` holds everything so far.
+    """One reply, its text handed to `on_text` piece by piece as it is generated; `reply` holds the result.
 
         stream = ReplyStream(model, tokenizer, prompt_tokens, options)
-        for text in stream:
-            print(text, end="", flush=True)
+        stream.run(on_text=lambda piece: print(piece, end="", flush=True))
         stream.reply.text  # == "".join(pieces)
 
-    Uses mlx-lm's stream_generate on a KV cache (pass a ReusableCache to keep it between calls).
-    With nanochat's calculator, tool calls and their results appear in the text as the
-    special-token strings the model sees, e.g. "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>".
+    Pass a ReusableCache to keep the KV cache between calls (a chat). After Ctrl-C (KeyboardInterrupt) during
+    run(), interrupted() gives the reply so far. With nanochat's calculator, tool calls and their results
+    appear in the text as the special-token strings the model sees, e.g.
+    "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>".
     """
 
     def __init__(self, model, tokenizer, prompt: list, options: GenerationOptions,
@@ -304,149 +259,42 @@ class ReplyStream:
         self.tokenizer = tokenizer
         self.prompt = list(prompt)
         self.options = options
-        self.cache = cache if cache is not None else ReusableCache(model)
+        self.cache = cache
         self.reply = Reply()
+        self._completion = None  # the engine's, as it grows
         self._started = False
 
-    def __iter__(self) -> Iterator[str]:
+    def run(self, on_text: Optional[Callable[[str], None]] = None) -> Reply:
         if self._started:
             raise RuntimeError("a ReplyStream generates once; make a new one for another reply")
         self._started = True
-        reply, options = self.reply, self.options
-        calculator = calculator_for(self.tokenizer, options)
-        sampler = options.make_sampler()
-        sequence = list(self.prompt)  # everything the model has seen or produced
-        while True:
-            remaining = options.max_tokens - len(reply.tokens)
-            feed = self.cache.prepare(sequence)
-            processors = _with_history(options.make_logits_processors(), sequence[: len(sequence) - len(feed)])
-            forced = None
-            for response in stream_generate(
-                self.model, self.tokenizer, feed, max_tokens=remaining, sampler=sampler,
-                logits_processors=processors, prompt_cache=self.cache.cache,
-            ):
-                # Every response carries a new token, already fed to the model (the cache holds it).
-                sequence.append(response.token)
-                if response.finish_reason != "stop":  # a stop token ends the reply, not part of it
-                    reply.tokens.append(response.token)
-                reply.text += response.text
-                if response.text:
-                    yield response.text
-                if response.finish_reason is not None:
-                    reply.finish_reason = response.finish_reason
-                    reply.stats.add(response)
-                    break
-                if calculator is not None and response.token == calculator.python_end:
-                    call = calculator.call(reply.tokens)
-                    if call is not None:
-                        reply.tool_calls.append(call[0])
-                        forced = call[1]
-                    if forced:  # stop here; the forced tokens are fed as the next prompt
-                        reply.stats.add(response)
-                        break
-            self.cache.record(sequence)
-            if not forced:
-                return
-            forced = forced[: options.max_tokens - len(reply.tokens)]
-            sequence += forced
-            reply.tokens += forced
-            text = self.tokenizer.decode(forced)
-            reply.text += text
-            yield text
-            if len(reply.tokens) >= options.max_tokens:
-                reply.finish_reason = "length"
-                return
+        pieces = TextPieces(self.tokenizer)
+
+        def on_token(completion):
+            self._completion = completion
+            if on_text is not None and not completion.stopped:  # a stop token ends the reply, it is no text
+                piece = pieces.add(completion.tokens[-1])
+                if piece:
+                    on_text(piece)
+
+        (self.reply,), _ = generate_replies(self.model, self.tokenizer, [self.prompt], self.options,
+                                            on_token=on_token, cache=self.cache)
+        piece = pieces.finish()
+        if on_text is not None and piece:
+            on_text(piece)
+        return self.reply
 
     def interrupted(self) -> Reply:
-        """Mark the reply as stopped by the user (Ctrl-C); the cache is reset (its state is unknown)."""
+        """The reply so far, marked as stopped by the user (Ctrl-C); the engine has reset the cache."""
+        self.reply = reply_from(self.tokenizer, self._completion) if self._completion is not None else Reply()
         self.reply.finish_reason = "interrupted"
-        self.cache.reset()
         return self.reply
 
 
 def generate_reply(model, tokenizer, prompt: list, options: GenerationOptions,
                    cache: Optional[ReusableCache] = None) -> Reply:
     """The whole reply at once (see ReplyStream)."""
-    stream = ReplyStream(model, tokenizer, prompt, options, cache)
-    for _ in stream:
-        pass
-    return stream.reply
-
-
-def detokenize(tokenizer, tokens: list) -> str:
-    """Text of generated tokens through the tokenizer's streaming detokenizer, so a batch result
-    reads exactly as the same tokens streamed."""
-    detokenizer = tokenizer.detokenizer
-    for token in tokens:
-        detokenizer.add_token(token)
-    detokenizer.finalize()
-    return detokenizer.text
-
-
-def generate_batch(model, tokenizer, prompts: list, options: GenerationOptions, *, batch_size: int = 32):
-    """All prompts generated together with mlx-lm's BatchGenerator: (replies in prompt order, BatchStats).
-
-    With nanochat's calculator a row stops at <|python_end|>, and is inserted again with its
-    KV cache and the forced tool output as its next prompt, while the other rows go on.
-    """
-    if not prompts or any(not p for p in prompts):
-        raise InferenceError("generate_batch needs a non-empty list of non-empty prompts")
-    if batch_size < 1:
-        raise InferenceError(f"batch size must be >= 1, got {batch_size}")
-    calculator = calculator_for(tokenizer, options)
-    eos = set(tokenizer.eos_token_ids)
-    stops = sorted(eos | ({calculator.python_end} if calculator else set()))
-    generator = BatchGenerator(
-        model, max_tokens=options.max_tokens, stop_tokens=[[t] for t in stops],
-        sampler=options.make_sampler(), logits_processors=options.make_logits_processors(),
-        completion_batch_size=batch_size, prefill_batch_size=min(8, batch_size),
-    )
-    replies = [Reply() for _ in prompts]
-    owner = dict(zip(generator.insert([list(p) for p in prompts]), range(len(prompts))))
-    try:
-        with generator.stats() as stats:
-            while responses := generator.next_generated():
-                for r in responses:
-                    reply = replies[owner[r.uid]]
-                    if r.finish_reason == "stop" and r.token in eos:
-                        reply.finish_reason = "stop"
-                        continue
-                    reply.tokens.append(r.token)
-                    if r.finish_reason is None:
-                        continue
-                    if r.finish_reason == "length":
-                        reply.finish_reason = "length"
-                        continue
-                    # Stopped at <|python_end|>: run the tool, then put the row back in.
-                    remaining = options.max_tokens - len(reply.tokens)
-                    if remaining <= 0:
-                        reply.finish_reason = "length"
-                        continue
-                    call = calculator.call(reply.tokens)
-                    forced = None
-                    if call is not None:
-                        reply.tool_calls.append(call[0])
-                        forced = call[1]
-                    cache, seen = r.prompt_cache, list(r.all_tokens)  # both include <|python_end|>
-                    if forced:
-                        forced = forced[:remaining]
-                        reply.tokens += forced
-                        remaining -= len(forced)
-                        feed = forced
-                    else:
-                        # Nothing to force: step back one token so the model is fed <|python_end|> again.
-                        trim_prompt_cache(cache, 1)
-                        seen, feed = seen[:-1], seen[-1:]
-                    if remaining <= 0:
-                        reply.finish_reason = "length"
-                        continue
-                    (uid,) = generator.insert([feed], max_tokens=[remaining], caches=[cache], all_tokens=[seen])
-                    owner[uid] = owner[r.uid]
-    finally:
-        generator.close()
-    for reply in replies:
-        reply.text = detokenize(tokenizer, reply.tokens)
-    return replies, stats
+    return ReplyStream(model, tokenizer, prompt, options, cache).run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +335,7 @@ class ChatSession:
 
         session = ChatSession(model, tokenizer, GenerationOptions(), system="Be brief.")
         stream = session.reply_stream("Hi!")
-        for text in stream: print(text, end="")
+        stream.run(on_text=lambda text: print(text, end=""))
         session.commit("Hi!", stream.reply)  # the exchange joins the history
         session.ask("And then?")           # the same without streaming
         session.clear()                    # forget the conversation (the system prompt stays)
@@ -569,6 +417,11 @@ def run_chat(session: ChatSession, *, read_line: Callable[[str], str] = input, o
              err: TextIO = sys.stderr, prompt: str = ">>> ", show_prompt: bool = False,
              verbose: bool = False) -> None:
     """The REPL: read a line, run a command or stream the answer; until /exit or end of input."""
+
+    def show(text):
+        out.write(text)
+        out.flush()
+
     while True:
         try:
             line = read_line(prompt)
@@ -591,9 +444,7 @@ def run_chat(session: ChatSession, *, read_line: Callable[[str], str] = input, o
             err.write(f"[prompt] {session.tokenizer.decode(stream.prompt)}\n")
             err.flush()
         try:
-            for text in stream:
-                out.write(text)
-                out.flush()
+            stream.run(on_text=show)
         except KeyboardInterrupt:
             stream.interrupted()
             out.write(" [stopped]")

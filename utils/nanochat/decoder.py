@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from mlx_grpo import cuda_kernels
 from mlx_grpo.cuda_kernels import decode as cuda_decode
@@ -118,9 +118,13 @@ class NanochatDecoder:
       each row's generated keys on their own, so nothing is padded or masked;
     - elsewhere: each prompt's cache is copied to its group's rows, left-padded to the longest
       prompt, and MLX's fused attention runs with a mask over the padding.
+
+    `prefilled`: as for the engine's MlxLmDecoder, a list with an mlx-lm prompt cache per prompt that already
+    holds all of it but its last token (here one prompt: a chat's kept cache), so nothing is prefilled. The
+    per-row layout is used then, which row_cache() reads to hand the cache back.
     """
 
-    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None):
+    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None):
         attn = model.transformer.h[0].attn
         self.model = model
         self.n_heads, self.n_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -135,8 +139,12 @@ class NanochatDecoder:
         ]
         self.head = _linear_arrays([model.lm_head])
         kernel_fits = cuda_decode.supports_shape(self.n_heads, self.n_kv_heads, self.head_dim, self.scale)
+        if prefilled is not None and (len(prompts) != 1 or use_kernel):
+            raise ValueError("NanochatDecoder: a prefilled cache is one prompt's and needs the per-row layout; "
+                             "pass one prompt and use_kernel=None or False with it")
+        self.prefilled = prefilled
         if use_kernel is None:
-            use_kernel = cuda_kernels.available() and kernel_fits
+            use_kernel = cuda_kernels.available() and kernel_fits and prefilled is None
         elif use_kernel and not (cuda_kernels.available() and kernel_fits):
             raise ValueError("NanochatDecoder: use_kernel=True needs MLX's CUDA backend on the GPU, the kernels "
                              f"switched on ({cuda_kernels.ENV_VAR}) and a head shape utils/cuda_kernels/decode.py "
@@ -162,6 +170,8 @@ class NanochatDecoder:
         only mask and every real token sits at its true position: each layer's (keys, values) of
         shape (prompts, kv_heads, prefix_len, head_dim), prompt p's in columns [0, prefix_lens[p])."""
         width = self.prefix_len
+        if self.prefilled is not None:
+            return [(c.keys[..., :width, :], c.values[..., :width, :]) for c in self.prefilled[0]]
         # The forward's length is rounded up so that steps with other prompts reuse its shape: on CUDA
         # MLX's fused attention plans every new shape anew, each time it meets one.
         padded = -(-width // PREFILL_ALIGN) * PREFILL_ALIGN
@@ -245,6 +255,22 @@ class NanochatDecoder:
                 x = block_output(x, attention, layer.proj, layer.fc, layer.fc_proj)
         self.t += 1
         return logits(x, self.head)
+
+    def row_cache(self, row):
+        """Batch row `row`'s keys and values (its prompt and every token fed since) as an mlx-lm prompt cache
+        (the per-row layout only)."""
+        if self.use_kernel:
+            raise ValueError("NanochatDecoder.row_cache reads the per-row layout: make the decoder with "
+                             "use_kernel=False")
+        start, end = int(self.left_padding[row].item()), self.prefix_len + self.t
+        caches = []
+        for keys, values in zip(self.keys, self.values):
+            cache = KVCache()
+            cache.keys = mx.contiguous(keys[row:row + 1, :, start:end])
+            cache.values = mx.contiguous(values[row:row + 1, :, start:end])
+            cache.offset = end - start
+            caches.append(cache)
+        return caches
 
     def filter(self, keep):
         """Keep only these batch rows (an int array of row indices)."""

@@ -316,6 +316,19 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def newest_checkpoint(root: str | Path) -> Path | None:
+    """The most recently saved complete checkpoint of any run under `root`, at any depth
+    (outputs/<run>/checkpoints/step_*, outputs/demo/<run>/checkpoints/step_*), or None. Hidden folders
+    (saves being written or deleted) are skipped; incomplete checkpoints silently."""
+    root = Path(root)
+    found = [
+        step for folder in root.rglob(CHECKPOINTS_DIRNAME)
+        if folder.is_dir() and not any(part.startswith(".") for part in folder.relative_to(root).parts)
+        for step in folder.iterdir() if _STEP_DIR_RE.match(step.name) and _problem(step) is None
+    ]
+    return max(found, key=lambda step: ((step / MANIFEST_FILE).stat().st_mtime, step.name), default=None)
+
+
 def load_checkpoint(path: str | Path, *, optimizer, restore_rng: bool = True) -> dict:
     """Restore optimizer state (and RNG states) from a checkpoint; return the caller's trainer_state.
 

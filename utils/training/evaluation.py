@@ -1,6 +1,7 @@
-"""GSM8K evaluation: greedy accuracy and pass@k, batched like rollouts."""
+"""GSM8K evaluation: greedy accuracy and pass@k, on the rollouts' generation engine."""
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,9 +30,7 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 def evaluate(model, prompts, answers, *, decode, is_correct, stop_token_ids, max_new_tokens,
              calculator=None, pass_k=0, temperature=1.0, top_k=0, top_p=1.0, batch_size=64,
              questions=None):
-    """Score `prompts` (token id lists) against `answers`; decode(tokens) -> text for the checker."""
-    import time
-
+    """Score `prompts` (token id lists) against `answers`; decode(completion) -> text for the checker."""
     start = time.perf_counter()
     greedy = make_rollout_sampler(0.0)
     correct, samples, generated = [], [], 0
