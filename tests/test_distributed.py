@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from conftest import subprocess_env
 from mlx.utils import tree_flatten
 
 from mlx_grpo.config import ConfigError
@@ -212,7 +213,7 @@ def free_port_pair():
 
 def launch(args, log_path, timeout=120):
     """mlx.launch -n 2 (ring backend, 127.0.0.1) running `python args...`; returns (returncode, output)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     command = [*LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_port_pair()), sys.executable, *map(str, args)]
     with open(log_path, "w") as log:
         # stdin stays an open pipe: the launcher forwards stdin and would spin on an EOF.
