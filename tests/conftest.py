@@ -1,10 +1,31 @@
-"""Session-scoped fixtures shared by the tests: a tiny nanochat checkpoint and its MLX conversion."""
+"""Session-scoped fixtures shared by the tests: a tiny nanochat checkpoint and its MLX conversion, and the
+one way tests run the trainer script (mlx-grpo.py) and start subprocesses on this checkout's package."""
+
+import os
+import runpy
+from pathlib import Path
 
 import pytest
 from fixture_checkpoint import build_tiny_checkpoint, build_tiny_mlx_lm_model
 
+import mlx_grpo
 from mlx_grpo.nanochat.checkpoint import find_checkpoint
 from mlx_grpo.nanochat.convert import convert_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINER = REPO / "mlx-grpo.py"
+
+
+def trainer_main(argv):
+    """mlx-grpo.py's main(argv), run in this process as `python mlx-grpo.py ARGS` would run it."""
+    return runpy.run_path(str(TRAINER), run_name="mlx_grpo_trainer")["main"](list(map(str, argv)))
+
+
+def subprocess_env(**extra):
+    """os.environ for a subprocess that imports the same mlx_grpo as this process (this checkout's)."""
+    package_parent = str(Path(mlx_grpo.__file__).parent.parent)
+    path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 @pytest.fixture(scope="session")

@@ -15,15 +15,18 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from conftest import subprocess_env
 from mlx.utils import tree_flatten
 
 from mlx_grpo.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     find_latest_checkpoint,
+    find_latest_run,
     list_checkpoints,
     load_checkpoint,
     restore_rng_state,
+    resume_point,
     save_checkpoint,
 )
 
@@ -62,7 +65,7 @@ def weights_writer(model):
 
 
 def save(run_dir, step, model, optimizer, **kwargs):
-    return save_checkpoint(run_dir, step, model=model, optimizer=optimizer,
+    return save_checkpoint(run_dir, step, optimizer=optimizer,
                            trainer_state={"update": step, "data_position": 3 * step},
                            config={"lr": 1e-2, "output_dir": Path(run_dir)},
                            write_model_files=weights_writer(model), **kwargs)
@@ -171,8 +174,8 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
     model, optimizer = TinyNet(), make_optimizer()
     previous = save(tmp_path, 1, model, optimizer)
     ready = tmp_path / "ready"
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(tmp_path), str(ready)], env=env, cwd=REPO_ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(tmp_path), str(ready)], env=subprocess_env(),
+                            cwd=REPO_ROOT)
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
@@ -251,3 +254,52 @@ def test_bad_arguments(tmp_path):
         save_checkpoint(tmp_path, 1, optimizer=optimizer, trainer_state={}, config={},
                         write_model_files=lambda d: (d / "trainer_state.json").write_text("{}"))
     assert find_latest_checkpoint(tmp_path) is None
+
+
+def test_the_newest_run_is_the_one_whose_last_checkpoint_was_written_last(tmp_path):
+    model, optimizer = TinyNet(), make_optimizer()
+    assert find_latest_run(tmp_path / "none") is None
+    for name, age in (("a", 0), ("b", 50), ("c", 100)):
+        path = save(tmp_path / name, 1, model, optimizer)
+        os.utime(path / "checkpoint.json", (time.time() - age,) * 2)
+    (tmp_path / "no-checkpoint").mkdir()
+    assert find_latest_run(tmp_path) == tmp_path / "a"
+    later = save(tmp_path / "c", 2, model, optimizer)  # written now: c is the newest run
+    assert find_latest_run(tmp_path) == tmp_path / "c"
+    assert resume_point(tmp_path) == (tmp_path / "c", later)
+    assert resume_point(tmp_path, "b") == (tmp_path / "b", tmp_path / "b" / "checkpoints" / "step_000001")
+    first = tmp_path / "c" / "checkpoints" / "step_000001"
+    assert resume_point(tmp_path, checkpoint=first) == (tmp_path / "c", first)  # the run holding it
+    with pytest.raises(CheckpointError, match="no run with a complete checkpoint"):
+        resume_point(tmp_path / "none")
+    with pytest.raises(CheckpointError, match="no complete checkpoint under"):
+        resume_point(tmp_path, "no-checkpoint")
+    with pytest.raises(CheckpointError, match="set run_name"):
+        resume_point(tmp_path, checkpoint=tmp_path / "a")
+
+
+def test_the_train_state_round_trips_through_a_checkpoint_as_a_whole(tmp_path, tiny_model_dir):
+    from mlx_grpo.config import GRPOConfig, validate
+    from mlx_grpo.models import load_model
+    from mlx_grpo.training.distributed import World
+    from mlx_grpo.training.step import TrainState, build_step, load_training_checkpoint, save_training_checkpoint
+
+    def setup():
+        cfg = validate(GRPOConfig(run_name="r", use_compile=False, quantize_for_rollouts=False))
+        return build_step(cfg, World(), load_model(tiny_model_dir)[0], total_updates=10, stop_token_ids=set())
+
+    state = TrainState(step=3, update=6, nan_streak=1, nan_events=2, rollouts_quantized=True,
+                       data={"epoch": 0, "position": 6, "seed": 0, "shuffle": True, "num_examples": 8},
+                       eval_history=[{"update": 0, "eval/accuracy": 0.25}],
+                       config_changes=[{"key": "learning_rate", "old": 1e-6, "new": 2e-6, "update": 5}])
+    saved = setup()
+    saved.model.update({"lm_head": {"weight": saved.model.lm_head.weight + 1.0}})  # not the starting weights
+    saved.optimizer.init(saved.model.trainable_parameters())
+    path = save_training_checkpoint(saved, state, tmp_path, lambda folder: saved.model.save_weights(
+        str(folder / "model.safetensors")))
+    assert path == tmp_path / "checkpoints" / "step_000003"
+    resumed = setup()
+    assert load_training_checkpoint(resumed, path) == state
+    assert mx.array_equal(resumed.model.lm_head.weight, saved.model.lm_head.weight).item()
+    with pytest.raises(CheckpointError, match="has no nan_streak, data"):
+        TrainState.from_dict({k: v for k, v in state.to_dict().items() if k not in ("nan_streak", "data")})

@@ -7,12 +7,19 @@ import pytest
 
 from mlx_grpo.config import (
     CONFIG_ENV_VAR,
+    SAFE_KEYS,
     ConfigError,
     GRPOConfig,
+    add_config_arguments,
+    check_resume_changes,
+    config_changes,
     config_from_dict,
+    config_from_values,
     config_to_dict,
     load_config,
     load_resolved_config,
+    read_config_values,
+    resolve_for_model,
     save_resolved_config,
     validate,
 )
@@ -62,9 +69,29 @@ def test_key_both_flat_and_in_table_is_error(tmp_path):
 def test_env_var_used_only_without_config(tmp_path, monkeypatch):
     env_path = write_toml(tmp_path, "seed = 11\n", "env.toml")
     arg_path = write_toml(tmp_path, "seed = 22\n", "arg.toml")
+    default_path = write_toml(tmp_path, "seed = 33\n", "default.toml")
+    assert load_config(None, [], default_path=default_path).seed == 33  # neither --config nor the variable
     monkeypatch.setenv(CONFIG_ENV_VAR, env_path)
     assert load_config(None, []).seed == 11
-    assert load_config(arg_path, []).seed == 22
+    assert load_config(None, [], default_path=default_path).seed == 11
+    assert load_config(arg_path, [], default_path=default_path).seed == 22
+
+
+def test_the_given_keys_are_the_toml_and_set_ones_only(tmp_path):
+    path = write_toml(tmp_path, "seed = 4\nclip_eps = 0.3\n")
+    assert read_config_values(path, ["seed=5", "top_k=7"]) == {"seed": 5, "epsilon": 0.3, "top_k": 7}
+    saved = GRPOConfig(run_name="r", learning_rate=3e-6, seed=1)
+    cfg = config_from_values({"seed": 5}, base=saved)  # the given keys on a saved config, not on the defaults
+    assert (cfg.seed, cfg.learning_rate, cfg.run_name) == (5, 3e-6, "r") and saved.seed == 1
+
+
+def test_config_arguments_parse_into_load_config():
+    import argparse
+
+    parser = add_config_arguments(argparse.ArgumentParser(), default="configs/demo.toml")
+    args = parser.parse_args(["--set", "seed=3", "--set", "top_k=2"])
+    assert args.config is None and load_config(args.config, args.set).seed == 3
+    assert "configs/demo.toml" in parser.format_help()
 
 
 def test_missing_file_and_bad_toml(tmp_path):
@@ -246,10 +273,43 @@ def test_derived_values():
     assert cfg.generation_limit == 256
     cfg.prompts_per_step, cfg.micro_batch_size = 5, 3
     assert cfg.effective_prompts_per_step == 5 and cfg.effective_micro_batch_size == 3
-    assert cfg.resolved_prompt_format(True) == "nanochat" and cfg.resolved_prompt_format(False) == "xml"
-    assert cfg.calculator_enabled(True) and not cfg.calculator_enabled(False)
-    assert not GRPOConfig(use_calculator=False).calculator_enabled(True)
-    assert GRPOConfig(prompt_format="xml").resolved_prompt_format(True) == "xml"
+
+
+def test_auto_choices_are_resolved_once_from_the_model():
+    auto = GRPOConfig(run_name="r")
+    nano, other = resolve_for_model(auto, is_nanochat=True), resolve_for_model(auto, is_nanochat=False)
+    assert (nano.prompt_format, nano.use_calculator, nano.reward_funcs) == ("nanochat", True, ["gsm8k"])
+    assert (other.prompt_format, other.use_calculator) == ("xml", False)
+    assert other.reward_funcs == ["xmlcount", "soft_format", "strict_format", "int", "correctness"]
+    assert auto.prompt_format == "auto" and auto.use_calculator is None and auto.reward_funcs == []  # a copy
+    xml_on_nanochat = resolve_for_model(GRPOConfig(run_name="r", prompt_format="xml"), is_nanochat=True)
+    assert not xml_on_nanochat.use_calculator  # the calculator's tool tokens are the nanochat format's
+    given = GRPOConfig(run_name="r", use_calculator=False, reward_funcs=["correctness"])
+    kept = resolve_for_model(given, True)
+    assert kept.reward_funcs == ["correctness"] and not kept.use_calculator
+    with pytest.raises(ConfigError, match="use_calculator needs a nanochat model"):
+        resolve_for_model(GRPOConfig(run_name="r", use_calculator=True), is_nanochat=False)
+    with pytest.raises(ConfigError, match="reward_weights has 2 entries but reward_funcs has 1"):
+        resolve_for_model(GRPOConfig(run_name="r", reward_weights=[1.0, 2.0]), is_nanochat=True)
+    assert resolve_for_model(nano, True) == nano  # resolving is done once: again changes nothing
+
+
+def test_resume_changes_name_old_and_new_and_only_safe_ones_pass_unasked():
+    saved = GRPOConfig(run_name="a", output_dir="o")
+    cfg = GRPOConfig(run_name="b", output_dir="p", learning_rate=3e-6, reward_funcs=["int"], eval_samples=10,
+                     report_to=["tensorboard"])
+    changes = config_changes(saved, cfg)
+    assert [str(c) for c in changes] == ["learning_rate 1e-06 -> 3e-06", "reward_funcs [] -> ['int']",
+                                         "eval_samples 200 -> 10", "report_to [] -> ['tensorboard']"]
+    assert [c.safe for c in changes] == [False, False, True, True]  # where the run lives is no change
+    assert changes[0].record(7) == {"key": "learning_rate", "old": 1e-6, "new": 3e-6, "update": 7}
+    with pytest.raises(ConfigError) as err:
+        check_resume_changes(changes, accept=False)
+    assert "learning_rate 1e-06 -> 3e-06; reward_funcs [] -> ['int']." in str(err.value)
+    assert "eval_samples" not in str(err.value) and "\n" not in str(err.value)
+    check_resume_changes(changes, accept=True)
+    check_resume_changes([c for c in changes if c.safe], accept=False)
+    assert {"eval_steps", "save_steps", "logging_steps", "completions_log_steps", "report_to"} <= set(SAFE_KEYS)
 
 
 def test_run_name_fixed_once():

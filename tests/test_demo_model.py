@@ -1,12 +1,12 @@
 """The embedded demo: the committed model and data, the script that makes them, and a short GRPO run."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import trainer_main
 from mlx.utils import tree_flatten
 
 from mlx_grpo.demo.build import (
@@ -122,17 +122,10 @@ def test_written_checkpoint_converts_to_the_same_model(tiny_tokenizer, tmp_path)
     assert np.array_equal(np.array(converted(x)), np.array(model(x)))
 
 
-def _trainer_main():
-    spec = importlib.util.spec_from_file_location("mlx_grpo_script", REPO_ROOT / "mlx-grpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_short_demo_run_raises_accuracy(tmp_path, monkeypatch):
     # A shortened configs/demo.toml: same model, data and settings, fewer steps, no plots.
     monkeypatch.chdir(REPO_ROOT)
-    history = _trainer_main()([
+    history = trainer_main([
         "--config", "configs/demo.toml",
         "--set", f"output_dir={tmp_path}", "--set", "run_name=short",
         "--set", "max_train_samples=160", "--set", "eval_steps=0", "--set", "plot=false",

@@ -1,7 +1,8 @@
 """Data-parallel training (utils/training/distributed.py): 2 ranks on the CPU, ring backend over loopback.
 
 - The update of 2 ranks equals the one-process update on the same global batch (fixed completions
-  and rewards, so rollout sampling plays no part): this file is also the rank worker for that test.
+  and rewards, so rollout sampling plays no part): this file is also the rank worker for that test,
+  and the same 2 ranks then run bench/grpo_step.py's main: the trainer's data-parallel step.
 - A real 2-rank `mlx.launch ... mlx-grpo.py` run: identical weights on every rank, only rank 0
   writes files, and a resumed 2-rank run continues exactly.
 
@@ -10,6 +11,7 @@ Run as a worker: python tests/test_distributed.py MODEL_DIR OUT_DIR  (under mlx.
 
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -20,6 +22,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from conftest import subprocess_env
 from mlx.utils import tree_flatten
 
 from mlx_grpo.config import ConfigError
@@ -191,6 +194,11 @@ def worker(model_dir, out_dir):
                             dict(tree_flatten(model.parameters())))
         mx.save_safetensors(str(Path(out_dir) / f"{name}-grads-rank{world.rank}.safetensors"), grads)
         (Path(out_dir) / f"{name}-rank{world.rank}.json").write_text(json.dumps(results))
+    # The step benchmark in the same 2 processes (a second launch would only add its start-up).
+    bench = runpy.run_path(str(REPO / "bench" / "grpo_step.py"), run_name="grpo_step")
+    bench["main"](["--depth", "2", "--vocab", "256", "--prompts", "3", "--group", "2", "--prompt-len", "6",
+                   "--new-tokens", "3", "--micro-batch-size", "2", "--pad-multiple", "1", "--compute-dtype", "float32",
+                   "--num-iterations", "2", "--steps", "1", "--json", str(Path(out_dir) / "bench.json")])
 
 
 def free_port_pair():
@@ -212,7 +220,7 @@ def free_port_pair():
 
 def launch(args, log_path, timeout=120):
     """mlx.launch -n 2 (ring backend, 127.0.0.1) running `python args...`; returns (returncode, output)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     command = [*LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_port_pair()), sys.executable, *map(str, args)]
     with open(log_path, "w") as log:
         # stdin stays an open pipe: the launcher forwards stdin and would spin on an EOF.
@@ -228,9 +236,17 @@ def launch(args, log_path, timeout=120):
     return code, Path(log_path).read_text()
 
 
-def test_two_ranks_compute_the_one_process_update(tmp_path, tiny_model_dir):
-    code, output = launch([Path(__file__), tiny_model_dir, tmp_path], tmp_path / "launch.log")
+@pytest.fixture(scope="module")
+def two_rank_worker(tmp_path_factory, tiny_model_dir):
+    """This file's worker under mlx.launch -n 2: (its output folder, the launch's console output)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    code, output = launch([Path(__file__), tiny_model_dir, out], out / "launch.log")
     assert code == 0, output[-3000:]
+    return out, output
+
+
+def test_two_ranks_compute_the_one_process_update(two_rank_worker, tiny_model_dir):
+    tmp_path, _ = two_rank_worker
     for name, setting in SETTINGS.items():
         model, _ = load_model(tiny_model_dir)
         before = {k: mx.array(v) for k, v in tree_flatten(model.parameters())}
@@ -250,6 +266,15 @@ def test_two_ranks_compute_the_one_process_update(tmp_path, tiny_model_dir):
             assert ours.keys() == theirs.keys()
             for key in ours:
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (name, key)
+
+
+def test_the_step_benchmark_runs_the_data_parallel_step_under_mlx_launch(two_rank_worker):
+    tmp_path, output = two_rank_worker
+    result = json.loads((tmp_path / "bench.json").read_text())
+    summary, (row,) = result["summary"], result["steps"]
+    assert summary["processes"] == 2 and summary["identical_weights"]  # gradients summed: one update everywhere
+    assert row["shape"] == "3x2x3" and row["update_s"] > 0 and row["old_policy_s"] > 0  # num_iterations 2
+    assert output.count("[mean]") == 1  # rank 0 alone prints
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""mlx-grpo.py end to end on the tiny fixture: smoke run, learning signal, eval-only, exact resume."""
+"""mlx-grpo.py end to end on the tiny fixture: smoke run, learning signal, eval-only, exact resume, the
+resumed config; and the pieces of a step (utils/training/step.py, utils/training/update.py)."""
 
-import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from conftest import trainer_main
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_grpo.generation.engine import Completion
@@ -30,16 +32,6 @@ from mlx_grpo.training.update import (
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def load_trainer():
-    spec = importlib.util.spec_from_file_location("mlx_grpo", REPO / "mlx-grpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAINER = load_trainer()
-
 TOY_REWARD = '''
 def digit_reward(completions, **kwargs):
     """Toy task: the share of characters that are digits. A random model earns a little of it."""
@@ -48,13 +40,15 @@ def digit_reward(completions, **kwargs):
 
 
 def run(tmp_path, model_dir, *overrides, run_name="run", extra_args=()):
+    """The smoke config on model_dir, its runs in tmp_path/out; run_name=None gives none (--resume: the newest)."""
     args = ["--config", str(REPO / "configs" / "smoke.toml"),
             "--set", f"model_name={model_dir}", "--set", f"output_dir={tmp_path / 'out'}",
-            "--set", f"run_name={run_name}", "--set", "max_prompt_length=4096",
-            "--set", f"dataset_path={REPO / 'data' / 'gsm8k'}", *extra_args]
+            "--set", "max_prompt_length=4096", "--set", f"dataset_path={REPO / 'data' / 'gsm8k'}", *extra_args]
+    if run_name is not None:
+        args += ["--set", f"run_name={run_name}"]
     for item in overrides:
         args += ["--set", item]
-    return TRAINER.main(args)
+    return trainer_main(args)
 
 
 def read_records(run_dir):
@@ -124,15 +118,24 @@ def interrupted_copy(full, part, step, update):
     return part
 
 
-def test_resume_continues_exactly(tmp_path, tiny_model_dir):
-    """A run stopped after step 2 and resumed logs the same metrics for steps 3-4 as an uninterrupted one."""
+def test_resume_continues_exactly_and_every_steps_key_counts_steps(tmp_path, tiny_model_dir, capsys):
+    """A run stopped after step 2 and resumed logs the same metrics for steps 3-4 as an uninterrupted one.
+
+    With num_iterations = 2 a step is 2 updates: eval, save, logging and completions every 2 steps
+    happen after updates 4 and 8.
+    """
     reward_file = tmp_path / "toy_reward.py"
     reward_file.write_text(TOY_REWARD)
     settings = ("max_train_samples=8", "save_steps=2", "temperature=1.0", "learning_rate=1e-3",
-                f"reward_file={reward_file}", "reward_funcs=digit_reward",
-                "num_iterations=2", "beta=0.05")
+                f"reward_file={reward_file}", "reward_funcs=digit_reward", "num_iterations=2", "beta=0.05",
+                "eval_steps=2", "logging_steps=2", "completions_log_steps=2")
     run(tmp_path, tiny_model_dir, *settings, run_name="full")
     full = tmp_path / "out" / "full"
+    console = [line.split(" |")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("update ")]
+    assert console == ["update 3", "update 4", "update 7", "update 8"]
+    assert [r["update"] for r in read_records(full) if "eval/accuracy" in r] == [0, 4, 8]
+    assert [r["update"] for r in map(json.loads, open(full / "completions.jsonl"))] == [4, 4, 8, 8]
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
 
     part = interrupted_copy(full, tmp_path / "out" / "part", step=2, update=4)
     run(tmp_path, tiny_model_dir, *settings, run_name="part", extra_args=["--resume"])
@@ -141,6 +144,88 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir):
     final = lambda d: dict(tree_flatten(mx.load(str(d / "checkpoints" / "step_000004" / "model.safetensors"))))
     a, b = final(full), final(part)
     assert all(mx.array_equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume continues the saved config of its run
+
+
+def folder_contents(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, tiny_model_dir):
+    """A finished run of 2 steps, checkpointed after each (settings: what it was started with)."""
+    tmp = tmp_path_factory.mktemp("saved_run")
+    settings = ("max_train_samples=4", "save_steps=1", "eval_samples=2")
+    run(tmp, tiny_model_dir, *settings, run_name="base")
+    return tmp, settings
+
+
+def test_resume_refuses_a_math_change_and_accepts_it_with_the_flag_on_record(saved_run, tiny_model_dir, capsys):
+    tmp, settings = saved_run
+    part = interrupted_copy(tmp / "out" / "base", tmp / "out" / "lr", step=1, update=1)
+    before = folder_contents(part)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp, tiny_model_dir, *settings, "learning_rate=2e-5", "seed=3", run_name="lr", extra_args=["--resume"])
+    message = str(stop.value)
+    assert "seed 0 -> 3; learning_rate 1e-05 -> 2e-05." in message and "--accept-changes" in message
+    assert "\n" not in message
+    assert folder_contents(part) == before  # a refused resume writes nothing
+
+    run(tmp, tiny_model_dir, *settings, "learning_rate=2e-5", run_name="lr",
+        extra_args=["--resume", "--accept-changes"])
+    out = capsys.readouterr().out
+    assert "[resume] learning_rate 1e-05 -> 2e-05 from update 2 (accepted with --accept-changes)" in out
+    change = {"key": "learning_rate", "old": 1e-5, "new": 2e-5, "update": 2}
+    state = json.loads((part / "checkpoints" / "step_000002" / "trainer_state.json").read_text())["trainer_state"]
+    assert state["config_changes"] == [change]
+    records = read_records(part)
+    assert [r for r in records if "config_changes" in r] == [{"update": 2, "config_changes": [change]}]
+    # Update 2 of 2 on the new schedule: cosine from 2e-5 over 2 updates, halfway = 1e-5 (the old one: 5e-6).
+    assert [r["lr"] for r in records if "loss" in r] == pytest.approx([1e-5, 1e-5])
+    assert json.loads((part / "config.resolved.json").read_text())["learning_rate"] == 2e-5
+
+
+def test_resume_without_run_name_continues_the_newest_run_and_safe_keys_change_freely(saved_run, tiny_model_dir,
+                                                                                      capsys):
+    tmp, settings = saved_run
+    runs = tmp / "runs"
+    for name, age in (("a-newer", 0), ("b-older", 100)):  # the newest by its last checkpoint, not by name
+        shutil.copytree(tmp / "out" / "base", runs / name)
+        manifest = runs / name / "checkpoints" / "step_000002" / "checkpoint.json"
+        os.utime(manifest, (manifest.stat().st_mtime - age,) * 2)
+    older = folder_contents(runs / "b-older")
+    history = run(tmp, tiny_model_dir, *settings, f"output_dir={runs}", "eval_samples=1", "logging_steps=3",
+                  run_name=None, extra_args=["--resume"])
+    out = capsys.readouterr().out
+    assert f"[resume] no run_name given: continuing {runs / 'a-newer'}" in out
+    assert "[resume] eval_samples 2 -> 1 from update 3 (a safe key)" in out
+    assert "[resume] logging_steps 1 -> 3 from update 3 (a safe key)" in out
+    assert [h["update"] for h in history] == [0, 2]  # the run had finished: nothing more to train
+    assert json.loads((runs / "a-newer" / "config.resolved.json").read_text())["eval_samples"] == 1
+    assert folder_contents(runs / "b-older") == older
+
+
+def test_a_resume_that_fails_on_the_checkpoint_writes_nothing(saved_run, tiny_model_dir):
+    tmp, settings = saved_run
+    part = interrupted_copy(tmp / "out" / "base", tmp / "out" / "broken", step=1, update=1)
+    state_file = part / "checkpoints" / "step_000001" / "trainer_state.json"
+    # A key misspelt in place: the file keeps its size, so only loading the trainer state finds it.
+    state_file.write_text(state_file.read_text().replace('"nan_streak"', '"nan_streaX"'))
+    before = folder_contents(part)
+    with pytest.raises(SystemExit, match="has no nan_streak in its trainer state"):
+        run(tmp, tiny_model_dir, *settings, "eval_samples=1", run_name="broken", extra_args=["--resume"])
+    assert folder_contents(part) == before
+
+
+def test_a_fresh_run_into_a_run_folder_and_accept_changes_without_resume_are_refused(saved_run, tiny_model_dir):
+    tmp, settings = saved_run
+    with pytest.raises(SystemExit, match="already holds a run: pass --resume"):
+        run(tmp, tiny_model_dir, *settings, run_name="base")
+    with pytest.raises(SystemExit):
+        run(tmp, tiny_model_dir, *settings, run_name="base", extra_args=["--accept-changes"])
 
 
 def test_unknown_config_key_stops_before_the_model_loads(tmp_path, capsys):
@@ -329,3 +414,82 @@ def test_update_in_chunks_equals_the_update_at_once(tiny_model_dir):
         results.append(dict(tree_flatten(model.parameters())))
     for name, value in results[0].items():
         np.testing.assert_array_equal(np.array(value), np.array(results[1][name]), err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step (utils/training/step.py)
+
+
+def tiny_step(model_dir, **settings):
+    from mlx_grpo.config import GRPOConfig, validate
+    from mlx_grpo.training.distributed import World
+    from mlx_grpo.training.lora import add_adapters
+    from mlx_grpo.training.step import build_step
+
+    cfg = validate(GRPOConfig(run_name="t", num_generations=2, max_new_tokens=4, max_completion_length=4,
+                              use_compile=False, pad_to_multiple_of=1, quantize_for_rollouts=False,
+                              rollout_quant_group_size=32, **settings))
+    model, _ = load_model(model_dir)
+    if cfg.train_type != "full":
+        add_adapters(model, cfg)
+    return build_step(cfg, World(), model, total_updates=4, stop_token_ids=set())
+
+
+PROMPTS = [[1, 2, 3], [4, 5]]
+
+
+def test_rollouts_come_from_the_copy_the_settings_ask_for(tiny_model_dir):
+    from mlx_grpo.training.lora import is_quantized
+    from mlx_grpo.training.step import rollout_policy
+
+    plain = tiny_step(tiny_model_dir)
+    assert rollout_policy(plain, quantized=False) is plain.model  # float32: the policy itself
+    bf16 = tiny_step(tiny_model_dir, compute_dtype="bfloat16")
+    copy = rollout_policy(bf16, quantized=False)
+    assert copy is not bf16.model and all(v.dtype == mx.bfloat16 for _, v in tree_flatten(copy.parameters()))
+    assert is_quantized(rollout_policy(bf16, quantized=True))
+    lora = tiny_step(tiny_model_dir, compute_dtype="bfloat16", train_type="lora")
+    assert rollout_policy(lora, quantized=False) is lora.model  # the base is in compute_dtype already
+
+
+def test_old_policy_log_probs_only_where_they_differ_from_the_current_ones(tiny_model_dir):
+    from mlx_grpo.training.step import TrainState, sample_rollouts
+
+    on_policy = sample_rollouts(tiny_step(tiny_model_dir), TrainState(), PROMPTS)
+    assert on_policy.old_logp is None and on_policy.ref_logp is None and len(on_policy.completions) == 4
+    assert set(on_policy.seconds) == {"rollout", "old_policy", "reference"}
+    reused = sample_rollouts(tiny_step(tiny_model_dir, num_iterations=2), TrainState(), PROMPTS)
+    quantized = sample_rollouts(tiny_step(tiny_model_dir, beta=0.1), TrainState(rollouts_quantized=True), PROMPTS)
+    assert reused.old_logp is not None and quantized.old_logp is not None and quantized.quantized
+    assert quantized.ref_logp is not None and len(quantized.ref_logp) == len(quantized.batches)
+
+
+def test_non_finite_quantized_rollouts_switch_to_full_precision_and_sample_again(tiny_model_dir, monkeypatch, capsys):
+    import mlx_grpo.training.step as step
+
+    checked = []
+    monkeypatch.setattr(step, "masked_all_finite", lambda arrays, batches: checked.append(1) and False)
+    state = step.TrainState(rollouts_quantized=True)
+    rollouts = step.sample_rollouts(tiny_step(tiny_model_dir), state, PROMPTS)
+    assert checked == [1] and "switch to full precision" in capsys.readouterr().out
+    assert (state.rollouts_quantized, state.nan_events) == (False, 1)
+    assert not rollouts.quantized and rollouts.old_logp is None and len(rollouts.completions) == 4
+
+
+def test_updates_count_skips_and_stop_after_max_nan_steps_in_a_row(tiny_model_dir):
+    from mlx_grpo.training.step import TrainingError, TrainState, every, grpo_updates, sample_rollouts
+
+    setup = tiny_step(tiny_model_dir, num_iterations=2, max_nan_steps=3)
+    state = TrainState()
+    rollouts = sample_rollouts(setup, state, PROMPTS)
+    updates = grpo_updates(setup, state, rollouts, [1.0, 0.0, 0.0, 1.0])
+    assert [u.update for u in updates] == [1, 2] and all(u.result.applied for u in updates)
+    assert (state.step, state.update, state.nan_streak) == (1, 2, 0)
+    assert updates[0].lr == pytest.approx(1e-6 / 1)  # the first warmup update (warmup of 1 of 4 updates)
+    head = setup.model.lm_head.weight
+    setup.model.update({"lm_head": {"weight": mx.full(head.shape, float("nan"))}})  # every loss is NaN now
+    with pytest.raises(TrainingError, match="3 updates in a row had non-finite loss"):
+        grpo_updates(setup, state, rollouts, [1.0, 0.0, 0.0, 1.0])  # two skipped ...
+        grpo_updates(setup, state, rollouts, [1.0, 0.0, 0.0, 1.0])  # ... and the third stops the run
+    assert (state.update, state.nan_streak, state.nan_events) == (5, 3, 3)
+    assert [s for s in range(1, 7) if every(2, s)] == [2, 4, 6] and not any(every(0, s) for s in range(1, 7))

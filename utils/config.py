@@ -1,7 +1,12 @@
 """Run configuration: one typed dataclass, filled from defaults < TOML file < --set overrides.
 
-    cfg = load_config(args.config, args.set)   # raises ConfigError before any model loads
-    save_resolved_config(cfg, cfg.run_dir)     # config.resolved.json, reloadable for resume
+    cfg = load_config(args.config, args.set)         # raises ConfigError before any model loads
+    cfg = resolve_for_model(cfg, is_nanochat)        # every "auto" choice made from the model, validated
+    save_resolved_config(cfg, cfg.run_dir)           # config.resolved.json: what the run uses, once
+
+A resumed run continues its saved config: the keys given now go on top of it
+(config_from_values(given, base=saved)), and config_changes / check_resume_changes say which of
+them differ and refuse those that change the math.
 
 TOML keys may sit at the top level or in an [mlx_grpo] table. Keys of the original MLX-GRPO keep
 their meaning: clip_eps = epsilon, kl_coeff = beta, eval_every_updates = eval_steps,
@@ -125,7 +130,7 @@ class GRPOConfig:
     reward_errors: str = "raise"  # a reward function that raises: raise (stop) | zero (score 0, counted)
     prompt_format: str = "auto"  # nanochat | xml | auto (nanochat for nanochat tokenizers, else xml)
     system_prompt: str | None = None  # None = the format's default; "" = no system prompt
-    use_calculator: bool | None = None  # nanochat calculator tool; None ("auto") = on for nanochat models
+    use_calculator: bool | None = None  # nanochat calculator tool; None ("auto") = on for nanochat models in their format
 
     # --- data ---
     dataset: str = "openai/gsm8k"  # HF dataset id (ignored when dataset_path is set)
@@ -135,17 +140,20 @@ class GRPOConfig:
     eval_split: str = "test"
     shuffle: bool = True  # shuffle training prompts each epoch (seeded)
 
+    # Every *_steps key counts steps: one step is one generation batch and its num_iterations updates,
+    # so with num_iterations = 1 steps and updates coincide (as eval_every_updates counted them).
+
     # --- evaluation ---
-    eval_steps: int = 50  # evaluate every N steps (= updates when num_iterations is 1; alias eval_every_updates); 0 = only before/after
+    eval_steps: int = 50  # evaluate every N steps (alias eval_every_updates); 0 = only before and after training
     eval_samples: int = 200  # eval questions (alias eval_subset_size); 0 = the whole eval split
     eval_max_new_tokens: int = 128
     eval_pass_k: int = 0  # 0 = off; k sampled answers per question for pass@1..k
     eval_temperature: float = 1.0  # sampling temperature for pass@k
 
     # --- saving and logging ---
-    save_steps: int = 100  # checkpoint every N steps (generation batches); 0 = only the final save
+    save_steps: int = 100  # checkpoint every N steps; 0 = only the final save
     keep_last: int = 0  # checkpoints to keep; 0 = keep all
-    logging_steps: int = 1  # print metrics every N updates
+    logging_steps: int = 1  # print the metrics of every N-th step's updates
     log_jsonl: bool = True  # write metrics.jsonl and completions.jsonl in the run dir
     completions_log_steps: int = 10  # write sample completions every N steps; 0 = never
     completions_log_count: int = 4  # completions written each time
@@ -183,21 +191,18 @@ class GRPOConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.resolved_run_name
 
-    def resolved_prompt_format(self, is_nanochat_tokenizer: bool) -> str:
-        if self.prompt_format != "auto":
-            return self.prompt_format
-        return "nanochat" if is_nanochat_tokenizer else "xml"
-
-    def calculator_enabled(self, is_nanochat_tokenizer: bool) -> bool:
-        if self.use_calculator is None:
-            return is_nanochat_tokenizer
-        return self.use_calculator
-
 
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(GRPOConfig)
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GRPOConfig))
 # Optional fields where the string "auto" also means None.
 AUTO_MEANS_NONE = {"use_calculator"}
+
+# Where a run lives: a resumed run takes them from its folder, so they are never compared.
+IDENTITY_KEYS = ("output_dir", "run_name")
+# Keys a resumed run may change freely: what is evaluated, logged, saved and reported, not what is trained.
+SAFE_KEYS = ("eval_split", "eval_steps", "eval_samples", "eval_max_new_tokens", "eval_pass_k", "eval_temperature",
+             "save_steps", "keep_last", "logging_steps", "log_jsonl", "completions_log_steps",
+             "completions_log_count", "report_to", "plot")
 
 
 def default_run_name() -> str:
@@ -524,21 +529,89 @@ def config_from_dict(d: dict[str, Any]) -> GRPOConfig:
     return validate(GRPOConfig(**_values_from_mapping(d, "in config dict")))
 
 
-def load_config(config_path: str | os.PathLike | None, overrides: list[str] | None = None) -> GRPOConfig:
-    """defaults < TOML (config_path, else $MLX_GRPO_CONFIG if set) < --set overrides; validated.
+def read_config_values(config_path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                       default_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The keys given for a run, canonical and type-checked: the TOML (config_path, else
+    $MLX_GRPO_CONFIG if set, else default_path) with the --set overrides on top."""
+    origin = "(from --config)"
+    if config_path is None and os.environ.get(CONFIG_ENV_VAR):
+        config_path, origin = os.environ[CONFIG_ENV_VAR], f"(from ${CONFIG_ENV_VAR})"
+    elif config_path is None and default_path is not None:
+        config_path, origin = default_path, "(the default config)"
+    values = read_toml(config_path, origin) if config_path is not None else {}
+    values.update(_values_from_overrides(list(overrides or [])))
+    return values
+
+
+def config_from_values(values: dict[str, Any], base: GRPOConfig | None = None) -> GRPOConfig:
+    """`values` on top of `base` (a run's saved config; default: the dataclass defaults), validated.
 
     An empty run_name is replaced by a timestamp here, so the saved config names the real run dir.
     """
-    origin = "(from --config)"
-    if config_path is None:
-        config_path = os.environ.get(CONFIG_ENV_VAR) or None
-        origin = f"(from ${CONFIG_ENV_VAR})"
-    values = read_toml(config_path, origin) if config_path is not None else {}
-    values.update(_values_from_overrides(list(overrides or [])))
-    cfg = GRPOConfig(**values)
+    cfg = dataclasses.replace(base, **values) if base is not None else GRPOConfig(**values)
     if not cfg.run_name:
         cfg.run_name = default_run_name()
     return validate(cfg)
+
+
+def load_config(config_path: str | os.PathLike | None, overrides: list[str] | None = None,
+                default_path: str | os.PathLike | None = None) -> GRPOConfig:
+    """defaults < TOML (config_path, else $MLX_GRPO_CONFIG if set, else default_path) < --set; validated."""
+    return config_from_values(read_config_values(config_path, overrides, default_path))
+
+
+def resolve_for_model(cfg: GRPOConfig, is_nanochat: bool) -> GRPOConfig:
+    """A copy of cfg with every model-dependent "auto" choice made, validated: the config a run uses and saves.
+
+    prompt_format auto -> nanochat for a nanochat tokenizer, else xml; use_calculator auto -> on in
+    the nanochat format of a nanochat model; reward_funcs [] -> the prompt format's defaults.
+    """
+    from mlx_grpo.data.rewards import default_reward_names  # the reward registry, not needed to read a config
+
+    prompt_format = cfg.prompt_format if cfg.prompt_format != "auto" else ("nanochat" if is_nanochat else "xml")
+    use_calculator = cfg.use_calculator
+    if use_calculator is None:
+        use_calculator = is_nanochat and prompt_format == "nanochat"
+    if use_calculator and not is_nanochat:
+        raise ConfigError("use_calculator needs a nanochat model (its tokenizer has the python/output tokens); "
+                          "set use_calculator = false")
+    return validate(dataclasses.replace(cfg, prompt_format=prompt_format, use_calculator=use_calculator,
+                                        reward_funcs=list(cfg.reward_funcs) or default_reward_names(prompt_format)))
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """A key whose value a resumed run changes: `update` is the first update that uses the new value."""
+
+    key: str
+    old: Any
+    new: Any
+
+    @property
+    def safe(self) -> bool:
+        return self.key in SAFE_KEYS
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.old!r} -> {self.new!r}"
+
+    def record(self, update: int) -> dict:
+        return {"key": self.key, "old": self.old, "new": self.new, "update": update}
+
+
+def config_changes(saved: GRPOConfig, cfg: GRPOConfig) -> list[ConfigChange]:
+    """Every key (but where the run lives) whose value differs between a run's saved config and cfg."""
+    before, after = config_to_dict(saved), config_to_dict(cfg)
+    return [ConfigChange(key, before[key], after[key]) for key in FIELD_NAMES
+            if key not in IDENTITY_KEYS and before[key] != after[key]]
+
+
+def check_resume_changes(changes: list[ConfigChange], accept: bool) -> None:
+    """Refuse changes to keys that change the math of a resumed run, unless accepted; one line naming each."""
+    unsafe = [str(change) for change in changes if not change.safe]
+    if unsafe and not accept:
+        raise ConfigError(f"--resume: the run was saved with other values of keys that change its math: "
+                          f"{'; '.join(unsafe)}. Give the saved values, or pass --accept-changes to continue "
+                          "with the new ones (the run records both and the update where they changed)")
 
 
 def config_to_dict(cfg: GRPOConfig) -> dict[str, Any]:
@@ -571,12 +644,15 @@ def load_resolved_config(path: str | os.PathLike) -> GRPOConfig:
     return config_from_dict(data)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --config PATH and repeatable --set KEY=VALUE; then call load_config(args.config, args.set)."""
+def add_config_arguments(parser: argparse.ArgumentParser, default: str = "built-in defaults"):
+    """Add --config PATH and repeatable --set KEY=VALUE, for read_config_values / load_config(args.config, args.set).
+
+    default: what a run without --config and $MLX_GRPO_CONFIG uses, for the help text.
+    """
     parser.add_argument("--config", default=None, metavar="PATH",
-                        help=f"TOML config file (default: ${CONFIG_ENV_VAR} if set, else built-in defaults)")
+                        help=f"TOML config file (default: ${CONFIG_ENV_VAR} if set, else {default})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set learning_rate=3e-6 (repeatable)")
+                        help="override one config key, e.g. --set learning_rate=3e-6 (repeatable); wins over the TOML")
     return parser
 
 

@@ -4,7 +4,7 @@ Layout of one checkpoint, run_dir/checkpoints/step_{step:06d}/:
     <model files>             written by the caller (weights safetensors, config.json, tokenizer)
     optimizer.safetensors     the whole optimizer state tree (step, learning_rate, m/v, ...)
     trainer_state.json        {"step", "trainer_state": <caller dict>, "rng_state": <capture_rng_state()>}
-    config.resolved.json      the run config
+    config.resolved.json      the run config (loads with config.load_resolved_config(folder))
     checkpoint.json           manifest, written last: the completion marker (file names and sizes)
 
 A checkpoint is built in a hidden sibling folder (.tmp-step_000010-<pid>), fsynced, then renamed
@@ -26,13 +26,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_grpo.config import RESOLVED_CONFIG_NAME
+
 FORMAT_VERSION = 1
 CHECKPOINTS_DIRNAME = "checkpoints"
 MANIFEST_FILE = "checkpoint.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "config.resolved.json"
-_RESERVED_FILES = (MANIFEST_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, CONFIG_FILE)
+_RESERVED_FILES = (MANIFEST_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, RESOLVED_CONFIG_NAME)
 
 _STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
 _TMP_PREFIX = ".tmp-"  # folder being written
@@ -98,7 +99,6 @@ def save_checkpoint(
     run_dir: str | Path,
     step: int,
     *,
-    model: Any = None,
     optimizer,
     trainer_state: dict,
     config: dict,
@@ -108,12 +108,10 @@ def save_checkpoint(
     """Atomically write run_dir/checkpoints/step_{step:06d}/ and return its path.
 
     write_model_files(folder) must write the model (weights + config.json + tokenizer files) so
-    that the folder loads as a model. `model` is not written by this function (the caller's
-    writer does it); it is accepted so call sites read naturally. trainer_state must be
-    JSON-serialisable. The RNG states are captured here, at save time. keep_last > 0 prunes
-    older checkpoints after the save succeeded (never ones with a larger step than this one).
+    that the folder loads as a model. trainer_state must be JSON-serialisable. The RNG states are
+    captured here, at save time. keep_last > 0 prunes older checkpoints after the save succeeded
+    (never ones with a larger step than this one).
     """
-    del model  # written by write_model_files
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
     if not isinstance(keep_last, int) or keep_last < 0:
@@ -146,7 +144,7 @@ def save_checkpoint(
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), optimizer_arrays,
                             metadata={"format": "mlx-grpo-optimizer", "optimizer": type(optimizer).__name__})
         (tmp / TRAINER_STATE_FILE).write_text(state_text)
-        (tmp / CONFIG_FILE).write_text(config_text)
+        (tmp / RESOLVED_CONFIG_NAME).write_text(config_text)
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -329,12 +327,45 @@ def newest_checkpoint(root: str | Path) -> Path | None:
     return max(found, key=lambda step: ((step / MANIFEST_FILE).stat().st_mtime, step.name), default=None)
 
 
-def load_checkpoint(path: str | Path, *, optimizer, restore_rng: bool = True) -> dict:
-    """Restore optimizer state (and RNG states) from a checkpoint; return the caller's trainer_state.
+def find_latest_run(output_dir: str | Path) -> Path | None:
+    """The run folder in output_dir whose newest complete checkpoint was written last, or None."""
+    output_dir = Path(output_dir)
+    runs = []
+    for run_dir in sorted(output_dir.iterdir()) if output_dir.is_dir() else []:
+        latest = find_latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        if latest is not None:
+            runs.append(((latest / MANIFEST_FILE).stat().st_mtime_ns, run_dir))
+    return max(runs)[1] if runs else None
 
-    Load the model weights yourself (from the same folder) BEFORE calling this: building or
-    initialising nn modules draws from mx.random, which would spoil the restored RNG state.
+
+def resume_point(output_dir: str | Path, run_name: str = "", checkpoint: str | Path | None = None) -> tuple[Path, Path]:
+    """(run folder, complete checkpoint) that a resumed run continues.
+
+    The run: output_dir/run_name; without run_name, the run holding `checkpoint`, else the newest
+    run in output_dir (find_latest_run). The checkpoint: `checkpoint`, else the run's newest.
     """
+    if run_name:
+        run_dir = Path(output_dir) / run_name
+    elif checkpoint is not None:
+        run_dir = Path(checkpoint).parent.parent
+        if Path(checkpoint).parent.name != CHECKPOINTS_DIRNAME:
+            raise CheckpointError(f"{checkpoint} is not in a run's {CHECKPOINTS_DIRNAME}/ folder: set run_name "
+                                  "to the run that continues from it")
+    else:
+        run_dir = find_latest_run(output_dir)
+        if run_dir is None:
+            raise CheckpointError(f"--resume: no run with a complete checkpoint in {output_dir}; start without "
+                                  "--resume, or set output_dir / run_name to the run")
+    path = Path(checkpoint) if checkpoint is not None else find_latest_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(f"--resume: no complete checkpoint under {run_dir / CHECKPOINTS_DIRNAME}; "
+                              "start without --resume")
+    require_complete(path)
+    return run_dir, path
+
+
+def require_complete(path: str | Path) -> None:
+    """Raise CheckpointError naming the problem unless `path` is a complete checkpoint."""
     path = Path(path)
     problem = _problem(path)
     if problem:
@@ -342,6 +373,16 @@ def load_checkpoint(path: str | Path, *, optimizer, restore_rng: bool = True) ->
         if (path / CHECKPOINTS_DIRNAME).is_dir():
             hint = " (this is a run folder: pass find_latest_checkpoint(run_dir))"
         raise CheckpointError(f"{path} is not a complete checkpoint: {problem}{hint}")
+
+
+def load_checkpoint(path: str | Path, *, optimizer, restore_rng: bool = True) -> dict:
+    """Restore optimizer state (and RNG states) from a checkpoint; return the caller's trainer_state.
+
+    Load the model weights yourself (from the same folder) BEFORE calling this: building or
+    initialising nn modules draws from mx.random, which would spoil the restored RNG state.
+    """
+    path = Path(path)
+    require_complete(path)
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     if manifest["optimizer"] != type(optimizer).__name__:
         raise CheckpointError(f"{path} holds {manifest['optimizer']} state but the optimizer is "

@@ -2,6 +2,7 @@
 
 Record format (one JSON object per line, keys sorted, flushed after every line):
     metrics.jsonl      {"update": 12, "kl": 0.003, "reward": 0.41, ...}
+                       {"update": 13, "config_changes": [{"key", "old", "new", "update"}]}  (a resume that changed keys)
     completions.jsonl  {"update": 12, "prompt": ..., "completion": ..., "rewards": ..., "answer": ...}
 Values are JSON numbers, strings, bools or null. Non-finite floats (NaN, +-inf) are written as
 null, so every line is standard JSON that jq/pandas/JS can read; the trainer counts NaNs in
@@ -17,10 +18,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from mlx_grpo.config import REPORT_TO
+
 METRICS_FILE = "metrics.jsonl"
 COMPLETIONS_FILE = "completions.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
-REPORT_TO_CHOICES = ("tensorboard", "wandb")
 
 # (metric key, short console label), in console order.
 CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
@@ -47,7 +49,7 @@ CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
 class MetricsLogger:
     """Append-only metric and completion logs for one run.
 
-    report_to: names from REPORT_TO_CHOICES (a string or a sequence; "none" or () for neither).
+    report_to: names from config.REPORT_TO (a string or a sequence; "none" or () for neither).
     is_main=False (other processes of a multi-process run): writes nothing anywhere.
     """
 
@@ -105,6 +107,11 @@ class MetricsLogger:
             return
         for item in records:
             self._write_line(COMPLETIONS_FILE, _record(update, item, convert=_jsonable))
+
+    def log_config_changes(self, update: int, changes: list[dict]) -> None:
+        """Record the keys a resumed run changed, from `update` on (metrics.jsonl only: not scalars)."""
+        if self.is_main and self.log_jsonl and changes:
+            self._write_line(METRICS_FILE, _record(update, {"config_changes": changes}, convert=_jsonable))
 
     def truncate_after(self, update: int) -> None:
         """Drop records with update > `update` (call when resuming from that update)."""
@@ -200,9 +207,9 @@ def _parse_report_to(report_to: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(report_to, str):
         report_to = [] if report_to in ("", "none") else [s.strip() for s in report_to.split(",")]
     names = tuple(dict.fromkeys(report_to))
-    unknown = [n for n in names if n not in REPORT_TO_CHOICES]
+    unknown = [n for n in names if n not in REPORT_TO]
     if unknown:
-        raise ValueError(f"unknown report_to {unknown}: choose from {list(REPORT_TO_CHOICES)} (or 'none')")
+        raise ValueError(f"unknown report_to {unknown}: choose from {list(REPORT_TO)} (or 'none')")
     return names
 
 

@@ -1,0 +1,333 @@
+"""One GRPO step, as the trainer (mlx-grpo.py) and bench/grpo_step.py both run it.
+
+    setup = build_step(cfg, world, model, total_updates, stop_token_ids, calculator)
+    state = TrainState(rollouts_quantized=cfg.quantize_for_rollouts)
+    rollouts = sample_rollouts(setup, state, prompts)        # rollouts, old-policy and reference log-probs
+    updates = grpo_updates(setup, state, rollouts, rewards)  # advantages -> normalizers -> num_iterations updates
+    save_training_checkpoint(setup, state, run_dir, write_model_files)
+    state = load_training_checkpoint(setup, path)            # a resumed run: weights, optimizer, RNGs, state
+
+Under mlx.launch every process runs the step on its share of the step's prompts
+(utils/training/distributed.py): the advantages' batch std, the loss normalizers and the gradients
+are global, so every process takes the same update. TrainState holds every counter a checkpoint
+restores, saved and loaded as a whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_grpo.config import GRPOConfig, config_to_dict
+from mlx_grpo.generation.engine import RolloutStats, generate_completions
+from mlx_grpo.generation.sampling import make_rollout_sampler
+from mlx_grpo.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mlx_grpo.training.distributed import World, group_advantages_across, process_states, restore_process_state
+from mlx_grpo.training.lora import base_policy, has_adapters, load_adapter_weights, rollout_copy
+from mlx_grpo.training.loss import finalize_stats, frac_reward_zero_std, group_reward_stats
+from mlx_grpo.training.update import (
+    FusedAdamW,
+    LossAndGrad,
+    UpdateResult,
+    ensure_float32,
+    frozen_copy,
+    frozen_logprobs,
+    loss_normalizers,
+    make_loss_and_grad,
+    make_lr_schedule,
+    masked_all_finite,
+    pack_micro_batches,
+    policy_update,
+)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite numbers a setting avoids); the message names the setting."""
+
+
+@dataclass
+class TrainState:
+    """Every counter of a run that a checkpoint restores (with the weights, the optimizer and the RNGs)."""
+
+    step: int = 0  # steps done (a step: one generation batch and its num_iterations updates)
+    update: int = 0  # optimizer updates done, skipped ones included
+    nan_streak: int = 0  # skipped updates in a row
+    nan_events: int = 0  # skipped updates and rollout fallbacks to full precision, over the run
+    rollouts_quantized: bool = False  # rollouts from a quantized copy (off for good after non-finite log-probs)
+    data: dict = field(default_factory=dict)  # the data order's position (PromptSampler.state_dict())
+    eval_history: list = field(default_factory=list)  # {"update", "eval/accuracy", ...} per evaluation
+    config_changes: list = field(default_factory=list)  # keys a resume changed: {"key", "old", "new", "update"}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict, source="the checkpoint") -> "TrainState":
+        """The state saved by to_dict (other keys, such as the processes' RNG states, are left alone)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in saved]
+        if missing:
+            raise CheckpointError(f"{source} has no {', '.join(missing)} in its trainer state: it was written by "
+                                  "another version of MLX-GRPO; resume it with that version, or start a new run")
+        return cls(**{name: saved[name] for name in names})
+
+
+def every(interval: int, step: int) -> bool:
+    """True on every interval-th step (the unit of all *_steps keys); interval 0 = never."""
+    return interval > 0 and step % interval == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# What every step runs on
+
+
+@dataclass
+class StepSetup:
+    """The policy, its reference, the optimizer and the samplers of a run, built once (build_step)."""
+
+    cfg: GRPOConfig
+    world: World
+    model: Any  # the policy: float32 master weights, or float32 adapters on a frozen base
+    reference: Any  # the KL reference (beta > 0) or None
+    optimizer: FusedAdamW
+    schedule: Callable  # optimizer step -> learning rate
+    loss_and_grad: LossAndGrad
+    sampler: Callable  # rollout sampler (temperature, top_p, top_k, min_p)
+    stop_token_ids: set
+    calculator: Any = None  # generation.engine.CalculatorTool, or None
+    fast_decode: bool = True  # False: rollouts through mlx-lm's model call, never the nanochat decoder
+    adapters: bool = False  # LoRA/DoRA: the base is already in compute_dtype
+
+    @property
+    def compute_dtype(self):
+        return getattr(mx, self.cfg.compute_dtype)
+
+
+def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_token_ids, calculator=None,
+               fast_decode: bool = True) -> StepSetup:
+    """The reference, the optimizer (warmup and decay sized on total_updates), the loss and the samplers."""
+    compute_dtype = getattr(mx, cfg.compute_dtype)
+    adapters = has_adapters(model)
+    # The reference exists only with a KL term: the starting weights (quantized with the rollouts), or
+    # with adapters the base itself, the policy with its adapters switched off: no copy.
+    reference = None
+    if cfg.beta > 0 and adapters:
+        reference = base_policy(model)
+    elif cfg.beta > 0:
+        reference = frozen_copy(model, cfg.rollout_quant_bits if cfg.quantize_for_rollouts else None,
+                                cfg.rollout_quant_group_size, dtype=compute_dtype)
+    schedule = make_lr_schedule(cfg.learning_rate, total_updates, cfg.warmup_ratio, cfg.lr_scheduler_type)
+    optimizer = FusedAdamW(learning_rate=schedule, betas=[cfg.adam_beta1, cfg.adam_beta2],
+                           weight_decay=cfg.weight_decay)
+    loss_and_grad = make_loss_and_grad(
+        model, temperature=cfg.temperature, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+        epsilon_high=cfg.effective_epsilon_high, beta=cfg.beta,
+        importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.generation_limit,
+        compute_dtype=compute_dtype, use_compile=cfg.use_compile)
+    return StepSetup(cfg, world, model, reference, optimizer, schedule, loss_and_grad,
+                     make_rollout_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p), set(stop_token_ids),
+                     calculator, fast_decode, adapters)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollouts:
+    """One step's completions on this process, packed for the loss, with the log-probs the loss compares to."""
+
+    prompts: list
+    completions: list
+    stats: RolloutStats
+    slices: list  # rows of each micro-batch
+    batches: list  # update.PackedBatch per micro-batch
+    old_logp: list | None  # per micro-batch; None where they equal the current policy's (on-policy)
+    ref_logp: list | None  # per micro-batch, under the reference (beta > 0)
+    quantized: bool  # sampled by a quantized copy
+    seconds: dict = field(default_factory=dict)  # "rollout", "old_policy", "reference"
+
+
+def rollout_policy(setup: StepSetup, quantized: bool):
+    """The model rollouts sample from: decode is memory-bound, so fewer bytes are faster.
+
+    A quantized copy, or a compute_dtype copy of the float32 policy, or the policy itself (float32,
+    or adapters on a base already in compute_dtype).
+    """
+    cfg = setup.cfg
+    if quantized or (setup.compute_dtype != mx.float32 and not setup.adapters):
+        return rollout_copy(setup.model, cfg.rollout_quant_bits if quantized else None, cfg.rollout_quant_group_size,
+                            setup.compute_dtype)
+    return setup.model
+
+
+def _lap(seconds: dict, phase: str, start: float) -> float:
+    mx.synchronize()  # the phase's work is done, not only queued
+    now = time.perf_counter()
+    seconds[phase] = seconds.get(phase, 0.0) + now - start
+    return now
+
+
+def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict) -> Rollouts:
+    cfg = setup.cfg
+    start = time.perf_counter()
+    policy = rollout_policy(setup, quantized)
+    completions, stats = generate_completions(
+        policy, prompts, group_size=cfg.num_generations, max_new_tokens=cfg.generation_limit, sampler=setup.sampler,
+        stop_token_ids=setup.stop_token_ids, calculator=setup.calculator, fast_decode=setup.fast_decode)
+    slices, batches = pack_micro_batches(prompts, completions, cfg.effective_micro_batch_size,
+                                         cfg.mask_truncated_completions, pad_multiple=cfg.pad_to_multiple_of)
+    start = _lap(seconds, "rollout", start)
+    # Old-policy log-probs only where they differ from the current ones: the policy that sampled them
+    # is a quantized copy, or the batch is reused for more than one update.
+    old_logp = None
+    if quantized or cfg.num_iterations > 1:
+        old_logp = frozen_logprobs(policy, batches, cfg.temperature)
+    _lap(seconds, "old_policy", start)
+    return Rollouts(prompts, completions, stats, slices, batches, old_logp, None, quantized, seconds)
+
+
+def sample_rollouts(setup: StepSetup, state: TrainState, prompts) -> Rollouts:
+    """num_generations completions per prompt (token id lists), their old-policy and reference log-probs.
+
+    Non-finite log-probs of a quantized rollout copy switch rollouts to full precision for the rest
+    of the run (state.rollouts_quantized, counted in state.nan_events) and the rollouts are sampled
+    again; every process takes the same branch.
+    """
+    seconds = {}
+    rollouts = _sample(setup, prompts, state.rollouts_quantized, seconds)
+    if rollouts.quantized and not setup.world.all_true(masked_all_finite(rollouts.old_logp, rollouts.batches)):
+        print("[nan] the quantized rollout copy gave non-finite log-probs: rollouts switch to full precision "
+              "for the rest of the run; sampling this step again")
+        state.rollouts_quantized = False
+        state.nan_events += 1
+        rollouts = _sample(setup, prompts, False, seconds)
+    start = time.perf_counter()
+    rollouts.ref_logp = reference_logprobs(setup, rollouts.batches)
+    _lap(seconds, "reference", start)
+    return rollouts
+
+
+def reference_logprobs(setup: StepSetup, batches) -> list | None:
+    if setup.reference is None:
+        return None
+    ref_logp = frozen_logprobs(setup.reference, batches, setup.cfg.temperature)
+    if not setup.world.all_true(masked_all_finite(ref_logp, batches)):
+        quantized = setup.cfg.quantize_for_rollouts
+        fix = "set quantize_for_rollouts = false" if quantized else 'use compute_dtype = "float32"'
+        raise TrainingError(f"the reference model gave non-finite log-probs; {fix}")
+    return ref_logp
+
+
+# ----------------------------------------------------------------------------------------------
+# Updates
+
+
+@dataclass
+class StepUpdate:
+    update: int  # 1-based index of the update in the run
+    lr: float  # the learning rate it used
+    nan_events: int  # state.nan_events after it
+    result: UpdateResult
+
+
+def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, rewards) -> list[StepUpdate]:
+    """Rewards (one per completion) -> group-relative advantages -> num_iterations optimizer updates.
+
+    A non-finite loss or gradient skips its update; max_nan_steps skipped in a row stop the run
+    (TrainingError). Counts the step done in `state`.
+    """
+    cfg, world, model = setup.cfg, setup.world, setup.model
+    advantages = group_advantages_across(world, mx.array(np.asarray(rewards), dtype=mx.float32),
+                                         cfg.num_generations, cfg.scale_rewards)
+    # Loss normalizers of the whole (global) batch, so the processes' gradients add up to its gradient.
+    normalizers = world.sum_values(loss_normalizers(rollouts.completions, rollouts.batches))
+    updates = []
+    for _ in range(cfg.num_iterations):
+        lr = float(setup.schedule(setup.optimizer.step))
+        model.train()  # only the loss forward runs in train mode (LoRA dropout)
+        result = policy_update(model, setup.optimizer, setup.loss_and_grad, rollouts.batches, rollouts.slices,
+                               advantages, rollouts.old_logp, rollouts.ref_logp, normalizers, cfg.max_grad_norm,
+                               all_sum=world.sum_tree)
+        model.eval()
+        state.update += 1
+        if result.applied:
+            state.nan_streak = 0
+        else:
+            state.nan_streak, state.nan_events = state.nan_streak + 1, state.nan_events + 1
+            print(f"[nan] non-finite loss or gradients at update {state.update}: skipped ({state.nan_streak} in a "
+                  f"row; the run stops at max_nan_steps={cfg.max_nan_steps})")
+            if state.nan_streak >= cfg.max_nan_steps:
+                raise TrainingError(f"stopping: {state.nan_streak} updates in a row had non-finite loss or "
+                                    "gradients; lower learning_rate or use compute_dtype = \"float32\"")
+        updates.append(StepUpdate(state.update, lr, state.nan_events, result))
+    state.step += 1
+    return updates
+
+
+def update_metrics(cfg: GRPOConfig, rollouts: Rollouts, rewards, update: StepUpdate, accuracy: float) -> dict:
+    """Everything logged for one update (names follow TRL's where one exists); rewards: data.rewards' result."""
+    _, group_stds = group_reward_stats(mx.array(rewards.total, dtype=mx.float32), cfg.num_generations)
+    completions, result = rollouts.completions, update.result
+    lengths = [len(c.tokens) for c in completions]
+    return {
+        "lr": update.lr,
+        "nan_events": update.nan_events,
+        "loss": result.loss,
+        "reward": float(rewards.total.mean()),
+        "reward_std": float(group_stds.mean()),
+        **{f"rewards/{name}/mean": float(values.mean()) for name, values in rewards.per_function.items()},
+        "reward_failures": int(sum(rewards.failures.values())),
+        "frac_reward_zero_std": frac_reward_zero_std(group_stds),
+        "train/accuracy": accuracy,
+        **finalize_stats(result.stats),
+        "completions/mean_length": float(np.mean(lengths)),
+        "completions/min_length": int(min(lengths)),
+        "completions/max_length": int(max(lengths)),
+        "completions/clipped_ratio": float(np.mean([c.truncated for c in completions])),
+        "tools/calls": sum(c.tool_calls for c in completions),
+        "tools/failures": sum(c.tool_failures for c in completions),
+        "grad_norm": result.grad_norm,
+        "tokens_per_sec/rollout": rollouts.stats.tokens_per_sec,
+        "tokens_per_sec/train": result.stats.get("num_tokens", 0.0) / max(result.seconds, 1e-9),
+        "time/rollout": rollouts.stats.seconds,
+        "time/rollout_prefill": rollouts.stats.prefill_seconds,
+        "time/update": result.seconds,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints of a run
+
+
+def save_training_checkpoint(setup: StepSetup, state: TrainState, run_dir, write_model_files, keep_last: int = 0):
+    """Checkpoint the run after state.step: every process takes part (RNG states, weight check), rank 0 writes."""
+    processes = process_states(setup.world, setup.model)
+    if not setup.world.is_main:
+        return None
+    return save_checkpoint(run_dir, state.step, optimizer=setup.optimizer, config=config_to_dict(setup.cfg),
+                           trainer_state={**state.to_dict(), **processes}, write_model_files=write_model_files,
+                           keep_last=keep_last)
+
+
+def load_training_checkpoint(setup: StepSetup, path) -> TrainState:
+    """The policy's weights, the optimizer, the RNG states (each process its own) and the TrainState of a checkpoint.
+
+    Nothing is written: a checkpoint that does not fit the run raises before the run folder changes.
+    """
+    model, path = setup.model, Path(path)
+    if setup.adapters:
+        load_adapter_weights(model, path)
+    else:
+        model.load_weights(str(path / "model.safetensors"))
+    ensure_float32(model, adapters_only=setup.adapters)
+    setup.optimizer.init(model.trainable_parameters())
+    saved = load_checkpoint(path, optimizer=setup.optimizer)
+    restore_process_state(setup.world, saved, path)  # same world size; each process's own RNG state
+    return TrainState.from_dict(saved, source=str(path))
