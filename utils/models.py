@@ -1,8 +1,9 @@
 """Load a policy model and its tokenizer, and write one back as a folder that loads the same way.
 
 A folder with tokenizer.pkl is a converted nanochat model (see utils/nanochat/folder.py): mlx-lm's
-nanochat model, strictly loaded, with the tiktoken tokenizer wrapped for mlx-lm. Every other
-path or hub id goes through mlx_lm.load unchanged.
+nanochat model (October 2025) or the 2026 architecture's (utils/nanochat/model.py), strictly loaded,
+with the tiktoken tokenizer wrapped for mlx-lm. Every other path or hub id goes through mlx_lm.load
+unchanged.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Convert a nanochat checkpoint into an MLX folder, and the command line that does it (convert_nanochat.py).
 
-Only the October-2025 architecture (the released d20/d32 chat models) is converted; it is mlx-lm's
-model_type "nanochat". Its checks below refuse anything else (a newer architecture, a missing,
-unexpected or wrongly shaped tensor), naming what is wrong, so nothing converts into a wrong model.
-`convert` is the one path both command lines take (convert_nanochat.py and utils/convert_model.py's
-nanochat route): resolve the checkpoint, pick the output folder, convert.
+Every architecture era nanochat has had converts (utils/nanochat/eras.py identifies it from the tensors
+and meta). The October-2025 architecture (the released d20/d32 chat models) becomes mlx-lm's model_type
+"nanochat"; the 2026 eras become model_type "nanochat_2026" (utils/nanochat/model.py), whose config.json
+states every constant of the era. The checks refuse anything else (tensors of no known era, a missing,
+unexpected or wrongly shaped tensor, a meta or tokenizer that does not fit), naming what is wrong, before
+anything is written. `convert` is the one path both command lines take (convert_nanochat.py and
+utils/convert_model.py's nanochat route): resolve the checkpoint, pick the output folder, convert.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_grpo.config import QUANT_BITS, QUANT_GROUP_SIZES
+from mlx_grpo.nanochat import eras
 from mlx_grpo.nanochat.checkpoint import (
     HUB_DEFAULT_REPO,
     STAGE_DIRS,
@@ -29,6 +32,7 @@ from mlx_grpo.nanochat.checkpoint import (
     resolve_checkpoint,
 )
 from mlx_grpo.nanochat.folder import build_model, save_nanochat_folder
+from mlx_grpo.nanochat.tokenizer import load_tiktoken_encoding
 
 # The weight dtypes a conversion can write (nanochat's and mlx_lm.convert's alike).
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -36,12 +40,10 @@ DEFAULT_DTYPE = "bfloat16"
 DEFAULT_Q_BITS = 4  # mlx-lm's defaults for affine quantization
 DEFAULT_Q_GROUP_SIZE = 64
 
-# The October-2025 architecture: its model_config keys, its RoPE base (mlx-lm's nanochat default),
-# and tensor-name fragments of the 2026 architecture (value embeddings, per-layer lambdas,
-# smear/backout), which mlx-lm's nanochat model does not implement.
+# nanochat's model_config keys (GPTConfig's fields): six in every era, window_pattern from fbc1484 (2026-01-11).
 MODEL_CONFIG_KEYS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
-ROPE_THETA = 10000.0
-ARCH_2026_MARKERS = ("value_embeds", "ve_gate", "resid_lambdas", "x0_lambdas", "smear", "backout")
+OPTIONAL_MODEL_CONFIG_KEYS = ("window_pattern",)
+ROPE_THETA = 10000.0  # the October-2025 architecture's RoPE base (mlx-lm's nanochat default)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class ConversionSummary:
     dtype: str
     quantization: dict | None
     size_bytes: int
+    architecture: str = ""  # the era line (eras.Architecture.describe)
 
     def describe(self) -> str:
         quant = (
@@ -65,61 +68,53 @@ class ConversionSummary:
         return (
             f"Converted {self.source} step {self.step} -> {self.output_dir}: "
             f"depth {self.depth}, width {self.width}, {self.num_params:,} params, "
-            f"{self.dtype}{quant}, {self.size_bytes / 1e6:.1f} MB on disk"
+            f"{self.dtype}{quant}, {self.size_bytes / 1e6:.1f} MB on disk; {self.architecture}"
         )
 
 
 # ---------------------------------------------------------------------------------------------
-# The October-2025 architecture: checks and its mlx-lm config
+# Checks of the files, and the October-2025 architecture's mlx-lm config
 
 
-def check_model_config(model_config: dict) -> dict:
-    """The six October-2025 keys as ints; other keys (e.g. 2026's window_pattern) are refused."""
+def check_model_config(model_config: dict, source: str = "meta") -> dict:
+    """The six size keys as ints (window_pattern, where present, is read by eras.identify); unknown keys
+    (no nanochat era has them) and sizes that do not fit together are refused, naming `source`."""
     missing = [k for k in MODEL_CONFIG_KEYS if k not in model_config]
-    unknown = sorted(set(model_config) - set(MODEL_CONFIG_KEYS))
+    unknown = sorted(set(model_config) - set(MODEL_CONFIG_KEYS) - set(OPTIONAL_MODEL_CONFIG_KEYS))
     if missing:
-        raise NanochatCheckpointError(f"model_config lacks {', '.join(missing)}: not a nanochat checkpoint")
+        raise NanochatCheckpointError(f"{source}: model_config lacks {', '.join(missing)}: not a nanochat checkpoint")
     if unknown:
         raise NanochatCheckpointError(
-            f"model_config has keys of a newer nanochat architecture ({', '.join(unknown)}); only the "
-            f"October-2025 architecture (the released d20/d32 chat models) can be converted"
+            f"{source}: model_config has keys of no known nanochat era ({', '.join(unknown)}; newer than nanochat "
+            f"{eras.KNOWN_HEAD}?); only the eras in README's 'nanochat checkpoints that work' convert"
         )
     cfg = {k: int(model_config[k]) for k in MODEL_CONFIG_KEYS}
     n_embd, n_head, n_kv_head = cfg["n_embd"], cfg["n_head"], cfg["n_kv_head"]
     if n_head <= 0 or n_kv_head <= 0 or n_embd % n_head or n_head % n_kv_head or (n_embd // n_head) % 2:
         raise NanochatCheckpointError(
-            f"inconsistent model_config: n_embd {n_embd}, n_head {n_head}, n_kv_head {n_kv_head} "
-            f"(need n_embd divisible by n_head into an even head_dim, n_head by n_kv_head)"
+            f"{source}: inconsistent model_config: n_embd {n_embd}, n_head {n_head}, n_kv_head {n_kv_head}; "
+            f"n_head must divide n_embd into an even head_dim and n_kv_head must divide n_head: fix the meta's "
+            f"model_config (it must be the one the run trained with)"
         )
     return cfg
 
 
-def expected_shapes(model_config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the October-2025 architecture, torch (out, in) layout."""
-    cfg = check_model_config(model_config)
-    n, vocab = cfg["n_embd"], cfg["vocab_size"]
-    kv = cfg["n_kv_head"] * (n // cfg["n_head"])
-    shapes = {"transformer.wte.weight": (vocab, n), "lm_head.weight": (vocab, n)}
-    for i in range(cfg["n_layer"]):
-        p = f"transformer.h.{i}."
-        shapes[p + "attn.c_q.weight"] = (n, n)
-        shapes[p + "attn.c_k.weight"] = (kv, n)
-        shapes[p + "attn.c_v.weight"] = (kv, n)
-        shapes[p + "attn.c_proj.weight"] = (n, n)
-        shapes[p + "mlp.c_fc.weight"] = (4 * n, n)
-        shapes[p + "mlp.c_proj.weight"] = (n, 4 * n)
-    return shapes
-
-
-def check_state_dict_shapes(shapes: dict[str, tuple[int, ...]], model_config: dict, source: str = "checkpoint") -> None:
-    """Refuse anything but exactly the expected tensors with the expected shapes, naming offenders."""
-    expected = expected_shapes(model_config)
-    newer = [k for k in shapes if any(m in k for m in ARCH_2026_MARKERS)]
-    if newer:
+def check_tokenizer(tokenizer_path: Path, vocab_size: int, meta_path) -> None:
+    """The tokenizer must be the run's: nanochat's loader asserts its size is the model's vocab_size."""
+    size = load_tiktoken_encoding(tokenizer_path).n_vocab
+    if size != vocab_size:
         raise NanochatCheckpointError(
-            f"{source} is a newer (2026) nanochat architecture ({list_names(newer)}); only the "
-            f"October-2025 architecture (the released d20/d32 chat models) can be converted"
+            f"{tokenizer_path} has {size:,} tokens but {meta_path} says vocab_size {vocab_size:,}: pass the "
+            f"tokenizer.pkl of the run that trained this checkpoint"
         )
+
+
+def check_state_dict_shapes(shapes: dict[str, tuple[int, ...]], model_config: dict, source: str = "checkpoint",
+                            arch: eras.Architecture | None = None, meta: str = "its meta") -> None:
+    """Refuse anything but exactly the tensors of the era (October 2025 when arch is None) with the shapes
+    the model_config gives, naming the offenders."""
+    arch = arch or eras.Architecture(eras.OCTOBER_2025, None, eras.OCTOBER_2025.softcap)
+    expected = eras.expected_shapes(check_model_config(model_config), arch)
     unexpected = set(shapes) - set(expected)
     if unexpected:
         raise NanochatCheckpointError(f"{source} has unexpected tensors: {list_names(unexpected)}")
@@ -129,7 +124,8 @@ def check_state_dict_shapes(shapes: dict[str, tuple[int, ...]], model_config: di
     wrong = [f"{k} {tuple(shapes[k])} != {expected[k]}" for k in expected if tuple(shapes[k]) != expected[k]]
     if wrong:
         raise NanochatCheckpointError(
-            f"{source} has tensors of the wrong shape for its model_config: {list_names(wrong, 4)}"
+            f"{source} has tensors of the wrong shape for the model_config of {meta}: {list_names(wrong, 4)}; "
+            f"the model and meta files must be of the same step of one run"
         )
 
 
@@ -198,23 +194,37 @@ def convert_checkpoint(
     q_bits: int | None = None,
     q_group_size: int | None = None,
     overwrite: bool = False,
+    softcap: float | None = None,
+    window_pattern: str | None = None,
 ) -> ConversionSummary:
-    """Convert one nanochat checkpoint into an MLX folder (optionally quantized with mlx-lm)."""
+    """Convert one nanochat checkpoint of any known era into an MLX folder (optionally quantized with mlx-lm).
+
+    softcap and window_pattern give the constants some checkpoints cannot show (eras.identify); left None,
+    a documented default is used and a warning line naming the ambiguity goes to stderr.
+    """
     q_group_size = check_options(dtype, q_bits, q_group_size)
     output_dir = Path(output_dir)
     _check_output(output_dir, overwrite)
 
     meta = read_meta(checkpoint.meta_path)
-    model_config = check_model_config(meta["model_config"])
+    model_config = check_model_config(meta["model_config"], str(checkpoint.meta_path))
+    check_tokenizer(checkpoint.tokenizer_path, model_config["vocab_size"], checkpoint.meta_path)
     state = read_state_dict(checkpoint.model_path)
-    check_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()}, model_config, str(checkpoint.model_path))
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    arch = eras.identify(shapes, meta["model_config"], model_path=checkpoint.model_path,
+                         meta_path=checkpoint.meta_path, softcap=softcap, window_pattern=window_pattern)
+    check_state_dict_shapes(shapes, model_config, str(checkpoint.model_path), arch, str(checkpoint.meta_path))
+    for warning in arch.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
-    config = mlx_config(model_config)
+    config = mlx_config(model_config) if arch.is_october_2025 else eras.model_config(model_config, arch)
     target = DTYPES[dtype]
     num_params = sum(v.numel() for v in state.values())
-    weights = [(name, torch_to_mx(state.pop(name), target)) for name in sorted(state)]
     model = build_model(config)
-    model.load_weights(weights, strict=True)
+    weights = {name: torch_to_mx(state.pop(name), target) for name in sorted(state)}
+    if hasattr(model, "sanitize"):  # nanochat's names to the 2026 model's
+        weights = model.sanitize(weights)
+    model.load_weights(list(weights.items()), strict=True)
     del weights
     mx.eval(model.parameters())
 
@@ -232,6 +242,8 @@ def convert_checkpoint(
         "model_file": checkpoint.model_path.name,
         "dtype": dtype,
         "quantization": quantization,
+        "era": arch.era.commit,
+        "warnings": list(arch.warnings),
     }
     save_nanochat_folder(output_dir, model, config, checkpoint.tokenizer_path, extra_meta=provenance)
     size = sum(p.stat().st_size for p in output_dir.iterdir() if p.is_file())
@@ -245,6 +257,7 @@ def convert_checkpoint(
         dtype=dtype,
         quantization=quantization,
         size_bytes=size,
+        architecture=arch.describe(),
     )
 
 
@@ -259,24 +272,29 @@ def convert(
     q_bits: int | None = None,
     q_group_size: int | None = None,
     overwrite: bool = False,
+    softcap: float | None = None,
+    window_pattern: str | None = None,
 ) -> ConversionSummary:
     """Resolve `source` (see resolve_checkpoint), choose the output folder (default_output_dir of the
     checkpoint's name when None) and convert. The options and a given output folder are checked
     before anything is downloaded."""
     check_options(dtype, q_bits, q_group_size)
+    if window_pattern is not None:
+        eras.check_window_pattern(window_pattern, "--window-pattern")
     if output_dir is not None:
         _check_output(Path(output_dir), overwrite)
     checkpoint = resolve_checkpoint(source, stage=stage, tag=tag, step=step)
     if output_dir is None:
         output_dir = default_output_dir(checkpoint_name(checkpoint), q_bits)
     return convert_checkpoint(checkpoint, output_dir, dtype=dtype, q_bits=q_bits, q_group_size=q_group_size,
-                              overwrite=overwrite)
+                              overwrite=overwrite, softcap=softcap, window_pattern=window_pattern)
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line (convert_nanochat.py)
 
-USAGE = """Convert a nanochat checkpoint into an MLX folder for mlx_grpo.models.load_model (and mlx-lm).
+USAGE = """Convert a nanochat checkpoint of any era (October 2025 to now) into an MLX folder for
+mlx_grpo.models.load_model and mlx_lm.load. It prints the era it identified (README: nanochat checkpoints that work).
 
     python convert_nanochat.py                                   # karpathy/nanochat-d32 -> models/nanochat-d32-mlx
     python convert_nanochat.py path/to/ckpt_dir --output models/mine [--step N]
@@ -305,6 +323,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--q-group-size", type=int, choices=QUANT_GROUP_SIZES,
                         help=f"quantization group size (default with --q-bits: {DEFAULT_Q_GROUP_SIZE})")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    parser.add_argument("--softcap", type=float,
+                        help=f"the logit softcap of a value-embedding checkpoint from before 6ed7d1d, which the "
+                             f"tensors do not show: 15 (e85db6b, 2026-01-16) or 20 (aba30cb, 2026-03-02 to 03-09) "
+                             f"(default: {eras.DEFAULT_SOFTCAP:g}, with a warning)")
+    parser.add_argument("--window-pattern",
+                        help=f"the base run's window pattern (S and L letters) when the meta does not record it "
+                             f"(chat_sft before 8b4849d, 2026-02-01) (default: {eras.DEFAULT_WINDOW_PATTERN}, or "
+                             f"full attention for the lambdas-only era, with a warning)")
     return parser.parse_args(argv)
 
 
@@ -312,7 +338,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = convert(args.source, args.output, stage=args.stage, tag=args.tag, step=args.step, dtype=args.dtype,
-                          q_bits=args.q_bits, q_group_size=args.q_group_size, overwrite=args.overwrite)
+                          q_bits=args.q_bits, q_group_size=args.q_group_size, overwrite=args.overwrite,
+                          softcap=args.softcap, window_pattern=args.window_pattern)
     except NanochatCheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,14 +1,16 @@
 """Converted nanochat MLX folders: build the model a config.json describes, write a folder, load one.
 
-A folder holds config.json (mlx-lm format, model_type "nanochat": mlx_lm.utils.load_model reads the
-folder too), model.safetensors, tokenizer.pkl, nanochat_meta.json (the nanochat meta plus provenance
-or training state), and Hugging Face tokenizer files made from tokenizer.pkl
-(utils/nanochat/hf_tokenizer.py) so plain mlx_lm.load reads it too.
+A folder holds config.json (mlx-lm format: model_type "nanochat", mlx-lm's October-2025 model, or
+"nanochat_2026", utils/nanochat/model.py), model.safetensors, tokenizer.pkl, nanochat_meta.json (the
+nanochat meta plus provenance or training state), and Hugging Face tokenizer files made from
+tokenizer.pkl (utils/nanochat/hf_tokenizer.py) so plain mlx_lm.load reads it too (for "nanochat_2026"
+through utils/nanochat/mlx_lm_hook.py).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,18 +19,35 @@ import mlx.nn as nn
 
 from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError, checkpoint_steps, list_names
 from mlx_grpo.nanochat.hf_tokenizer import hf_tokenizer_files, write_hf_tokenizer_files
+from mlx_grpo.nanochat.mlx_lm_hook import MODEL_TYPE as MODEL_TYPE_2026
 from mlx_grpo.nanochat.tokenizer import TOKENIZER_FILENAME, load_tiktoken_encoding
 
 META_FILE = "nanochat_meta.json"
+MODEL_TYPES = ("nanochat", MODEL_TYPE_2026)  # October 2025 (mlx-lm's model), the 2026 eras (ours)
+
+
+def model_classes(config: dict):
+    """(Model, ModelArgs) for a nanochat config.json; mlx_lm.utils.load_model's get_model_classes."""
+    # Imported where used: mlx_lm pulls in transformers (slow).
+    model_type = config.get("model_type")
+    if model_type == "nanochat":
+        from mlx_lm.models import nanochat as arch
+    elif model_type == MODEL_TYPE_2026:
+        from mlx_grpo.nanochat import model as arch
+
+        missing = [f.name for f in dataclasses.fields(arch.ModelArgs) if f.name not in config]
+        if missing:
+            raise NanochatCheckpointError(f"config.json lacks {', '.join(missing)} (model_type {model_type}): "
+                                          f"convert the checkpoint again with this version of convert_nanochat.py")
+    else:
+        raise NanochatCheckpointError(f"config model_type is {model_type!r}, expected one of {', '.join(MODEL_TYPES)}")
+    return arch.Model, arch.ModelArgs
 
 
 def build_model(config: dict) -> nn.Module:
-    """An mlx-lm nanochat model for a config.json dict (random init; quantized if config says so)."""
-    from mlx_lm.models import nanochat  # imported where used: mlx_lm pulls in transformers (slow)
-
-    if config.get("model_type") != "nanochat":
-        raise NanochatCheckpointError(f"config model_type is {config.get('model_type')!r}, expected 'nanochat'")
-    model = nanochat.Model(nanochat.ModelArgs.from_dict(config))
+    """The nanochat model for a config.json dict (random init; quantized if config says so)."""
+    model_class, args_class = model_classes(config)
+    model = model_class(args_class.from_dict(config))
     if (q := config.get("quantization")) is not None:
         # Same layer choice as mlx_lm.utils.quantize_model: layers whose input dim fits the group.
         nn.quantize(
@@ -121,11 +140,12 @@ def load_nanochat_model(folder: str | Path, lazy: bool = False) -> tuple[nn.Modu
             f"{folder} has {TOKENIZER_FILENAME} but no config.json: not a converted nanochat folder"
         )
     model_type = load_config(folder).get("model_type")
-    if model_type != "nanochat":
+    if model_type not in MODEL_TYPES:
         raise NanochatCheckpointError(
-            f"{folder} holds {TOKENIZER_FILENAME} but config.json says model_type {model_type!r}, expected 'nanochat'"
+            f"{folder} holds {TOKENIZER_FILENAME} but config.json says model_type {model_type!r}, expected one of "
+            f"{', '.join(MODEL_TYPES)}"
         )
     try:
-        return load_model(folder, lazy=lazy, strict=True)
+        return load_model(folder, lazy=lazy, strict=True, get_model_classes=model_classes)
     except (ValueError, FileNotFoundError) as e:  # mlx's strict load_weights names the weights
         raise NanochatCheckpointError(f"cannot load {folder}: {' '.join(str(e).split())}") from e

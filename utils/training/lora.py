@@ -27,12 +27,18 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_grpo.config import ConfigError
 from mlx_grpo.models import ADAPTER_CONFIG_FILE, ModelLoadError, is_adapter_folder, load_model
+from mlx_grpo.nanochat.mlx_lm_hook import MODEL_TYPE as NANOCHAT_2026
 from mlx_grpo.training.update import frozen_copy
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_TRAIN_TYPES = ("lora", "dora")
 # The trainable leaves of mlx-lm's adapter layers (DoRA's magnitude "m" too); mlx-lm's load_adapters uses the same.
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+# lora_keys = [] adapts these where a model type has them, else every linear of a block (mlx-lm's default).
+# nanochat 2026: the six block matrices, as on the October-2025 model; its value embeddings, their
+# (n_kv_head x 12) gates, the smear gate and the lambdas stay frozen with the base (a rank-8 update of a
+# 12-wide gate is not low-rank, and a LoRA checkpoint holds adapters only).
+DEFAULT_LORA_KEYS = {NANOCHAT_2026: ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
 
 
 def _adapter_types():
@@ -69,11 +75,19 @@ def trainable_summary(model: nn.Module) -> str:
 # Adding adapters for a run
 
 
-def adapter_config_for(cfg, num_blocks: int) -> dict:
-    """adapter_config.json content (mlx-lm's keys, plus the base and its quantization) for a run config."""
+def default_lora_keys(model: nn.Module) -> tuple[str, ...]:
+    """The layers lora_keys = [] adapts in this model ((): mlx-lm's default, every linear of a block)."""
+    return DEFAULT_LORA_KEYS.get(getattr(model, "model_type", None), ())
+
+
+def adapter_config_for(cfg, num_blocks: int, default_keys: tuple[str, ...] = ()) -> dict:
+    """adapter_config.json content (mlx-lm's keys, plus the base and its quantization) for a run config.
+
+    The keys are recorded whenever they are not mlx-lm's default, so mlx-lm's load_adapters rebuilds
+    the same adapter layers."""
     lora_parameters = {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout}
-    if cfg.lora_keys:
-        lora_parameters["keys"] = list(cfg.lora_keys)
+    if keys := cfg.lora_keys or default_keys:
+        lora_parameters["keys"] = list(keys)
     base_quantization = None
     if cfg.base_quant_bits:
         base_quantization = {"bits": cfg.base_quant_bits, "group_size": cfg.base_quant_group_size}
@@ -146,7 +160,7 @@ def add_adapters(model: nn.Module, cfg) -> dict:
     """
     if cfg.train_type not in ADAPTER_TRAIN_TYPES:
         raise ConfigError(f"add_adapters needs train_type lora or dora, got {cfg.train_type!r}")
-    adapter_config = adapter_config_for(cfg, len(model.layers))
+    adapter_config = adapter_config_for(cfg, len(model.layers), default_lora_keys(model))
     model.set_dtype(getattr(mx, cfg.compute_dtype))
     if cfg.base_quant_bits:
         _quantize_base(model, cfg.base_quant_bits, cfg.base_quant_group_size)
