@@ -1,14 +1,17 @@
 """The fast Llama/Qwen decoder (utils/generation/llama_decoder.py) against mlx-lm's own generation, on tiny
 random-weight models of each family built from mlx-lm's ModelArgs."""
 
+import runpy
+from pathlib import Path
+
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import quantize_model
 
 from mlx_grpo import cuda_kernels
 from mlx_grpo.generation import llama_decoder
@@ -44,8 +47,8 @@ def build(family, quantize=False, seed=0):
     mx.random.seed(seed)
     model = FAMILIES[family]()
     model.set_dtype(mx.float32)
-    if quantize:
-        nn.quantize(model, group_size=32, bits=8)
+    if quantize:  # as the trainer's quantized rollout copy is made (utils/training/update.py's frozen_copy)
+        model, _ = quantize_model(model, {}, group_size=32, bits=8)
     mx.eval(model.parameters())
     return model
 
@@ -162,3 +165,14 @@ def test_cuda_kernel_matches_the_portable_path(family, dtype):
         a, b = (d.step(tokens).astype(mx.float32) for d in decoders)
         np.testing.assert_allclose(np.array(a), np.array(b), atol=tol, rtol=tol)
         tokens = mx.argmax(b, axis=-1).astype(mx.int32)
+
+
+def test_bench_compares_the_three_rollout_paths():
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "grpo_step.py"), run_name="grpo_step")
+    tiny = '{"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 64, "num_attention_heads": 4, ' \
+           '"num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128}'
+    summary = bench["main"](["--family", "qwen3", "--model-args", tiny, "--prompts", "2", "--group", "2",
+                             "--prompt-len", "5", "--new-tokens", "4", "--steps", "1", "--rollout-paths",
+                             "--compute-dtype", "float32"])
+    assert summary["generate_completions (LlamaDecoder)"]["tok_s"] > 0
+    assert summary["fast_over_model_call"] > 0 and summary["fast_over_batch_generator"] > 0
