@@ -136,6 +136,8 @@ def test_other_models_keep_mlx_lms_path():
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}, **COMMON))
     assert not llama_decoder.supports(yarn)
     assert llama_decoder.supports(build("qwen3"))
+    mistral = llama.Model(llama.ModelArgs(model_type="mistral", num_key_value_heads=2, rms_norm_eps=1e-5, **COMMON))
+    assert llama_decoder.supports(mistral)  # mlx-lm loads model type mistral with its llama module
 
 
 @pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 2.0}, LLAMA3_ROPE])

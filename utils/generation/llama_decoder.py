@@ -1,4 +1,5 @@
-"""A fast batched decode step for mlx-lm's Llama and Qwen families (model types llama, qwen2, qwen3).
+"""A fast batched decode step for mlx-lm's Llama and Qwen families (mlx-lm's llama, qwen2 and qwen3 modules:
+model types llama, qwen2, qwen3, and those mlx-lm maps to llama, such as mistral).
 
 The structure is utils/nanochat/decoder.py's, whose cache layouts, shared prompt prefill, filter and row_cache
 this decoder inherits: the per-layer work on each side of attention runs as two compiled functions of fixed
@@ -15,6 +16,7 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.rope_utils import Llama3RoPE
 
@@ -22,7 +24,7 @@ from mlx_grpo.cuda_kernels import decode as cuda_decode
 from mlx_grpo.generation.fused_linear import linear_arrays, linear_spec, matmul, residual_matmul
 from mlx_grpo.nanochat.decoder import NanochatDecoder
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3")
+MODEL_CLASSES = (llama.Model, qwen2.Model, qwen3.Model)  # exactly these: a subclass may change the forward
 # Rope modules whose call is mx.fast.rope on x alone, so per-row position offsets work (dynamic NTK reads a
 # scalar offset; Yarn and longrope scale x first and stay on mlx-lm's path).
 ROPE_TYPES = (nn.RoPE, Llama3RoPE)
@@ -58,9 +60,9 @@ def _block_parts(block):
 
 
 def supports(model) -> bool:
-    """True for an mlx-lm llama/qwen2/qwen3 model with full attention in every layer, a rope of ROPE_TYPES, and
+    """True for a model of MODEL_CLASSES with full attention in every layer, a rope of ROPE_TYPES, and
     linear layers all plain or all equally quantized (the head may be quantized on its own); no adapters."""
-    if getattr(model, "model_type", None) not in MODEL_TYPES or not _blocks(model):
+    if type(model) not in MODEL_CLASSES or not _blocks(model):
         return False
     if any(t != "full_attention" for t in getattr(model.args, "layer_types", None) or []):
         return False
