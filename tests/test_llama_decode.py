@@ -26,26 +26,27 @@ LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
 COMMON = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, vocab_size=VOCAB)
 FAMILIES = {
     # Llama 3: GQA 4:1, llama3 rope scaling (its short original context makes every frequency band differ), untied.
-    "llama": lambda: llama.Model(llama.ModelArgs(
-        model_type="llama", num_key_value_heads=1, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
-        max_position_embeddings=128, tie_word_embeddings=False, **COMMON)),
-    "llama_biases": lambda: llama.Model(llama.ModelArgs(
-        model_type="llama", num_key_value_heads=2, rms_norm_eps=1e-5, attention_bias=True, mlp_bias=True,
-        rope_scaling={"type": "linear", "factor": 2.0}, **COMMON)),
+    "llama": lambda **o: llama.Model(llama.ModelArgs(**{
+        **COMMON, "model_type": "llama", "num_key_value_heads": 1, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 128, "tie_word_embeddings": False, **o})),
+    "llama_biases": lambda **o: llama.Model(llama.ModelArgs(**{
+        **COMMON, "model_type": "llama", "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "attention_bias": True,
+        "mlp_bias": True, "rope_scaling": {"type": "linear", "factor": 2.0}, **o})),
     # Qwen2: q/k/v biases, tied embeddings.
-    "qwen2": lambda: qwen2.Model(qwen2.ModelArgs(model_type="qwen2", num_key_value_heads=2, rms_norm_eps=1e-6,
-                                                 **COMMON)),
+    "qwen2": lambda **o: qwen2.Model(qwen2.ModelArgs(**{
+        **COMMON, "model_type": "qwen2", "num_key_value_heads": 2, "rms_norm_eps": 1e-6, **o})),
     # Qwen3: q/k norms before RoPE, head_dim 32 != hidden / heads.
-    "qwen3": lambda: qwen3.Model(qwen3.ModelArgs(
-        model_type="qwen3", num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=512, head_dim=32,
-        tie_word_embeddings=True, rope_theta=1e6, **COMMON)),
+    "qwen3": lambda **o: qwen3.Model(qwen3.ModelArgs(**{
+        **COMMON, "model_type": "qwen3", "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "max_position_embeddings": 512,
+        "head_dim": 32, "tie_word_embeddings": True, "rope_theta": 1e6, **o})),
 }
+KERNEL_HEADS = {"llama": {"head_dim": 32}, "qwen2": {"hidden_size": 128}, "qwen3": {}}  # head_dim 32: the kernel's
 PROMPTS = [[1, 5, 9, 11, 3, 8, 2, 6, 4], [2, 7], [4, 4, 8, 1]]  # ragged: left padding / per-prompt lengths
 
 
-def build(family, quantize=False, seed=0):
+def build(family, quantize=False, seed=0, **overrides):
     mx.random.seed(seed)
-    model = FAMILIES[family]()
+    model = FAMILIES[family](**overrides)
     model.set_dtype(mx.float32)
     if quantize:  # as the trainer's quantized rollout copy is made (utils/training/update.py's frozen_copy)
         model, _ = quantize_model(model, {}, group_size=32, bits=8)
@@ -152,11 +153,53 @@ def test_kernel_rope_frequencies_are_the_rope_modules(scaling):
     assert llama_decoder._kernel_rope_freqs(initialize_rope(32, 1e4, True, None, 128), 32) is None
 
 
+def emulated_decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv,
+                              n_heads, n_kv_heads, head_dim, eps, qk_norm=True):
+    """utils/cuda_kernels/decode.py's decode_attention in MLX ops (RoPE only: qk_norm=False), cache write included."""
+    assert not qk_norm
+    rows, t, qk_heads = qkv.shape[0], int(step[0].item()), n_heads + n_kv_heads
+    x = qkv.reshape(rows, qk_heads + n_kv_heads, 1, head_dim)
+    lens = prompt_len[row_prompt]
+    qk = mx.fast.rope(x[:, :qk_heads], head_dim, traditional=False, base=None, scale=1.0, offset=lens + t,
+                      freqs=1.0 / inv_freq)
+    generated_kv[:, 0, :, t:t + 1] = qk[:, n_heads:]
+    generated_kv[:, 1, :, t:t + 1] = x[:, qk_heads:]
+    keys = mx.concatenate([prompt_k[row_prompt], generated_kv[:, 0]], axis=2)
+    values = mx.concatenate([prompt_v[row_prompt], generated_kv[:, 1]], axis=2)
+    width, capacity = prompt_k.shape[2], generated_kv.shape[3]
+    column = mx.arange(width + capacity)[None]
+    mask = (column < lens[:, None]) | ((column >= width) & (column <= width + t))
+    out = mx.fast.scaled_dot_product_attention(qk[:, :n_heads], keys, values, scale=head_dim ** -0.5,
+                                               mask=mask[:, None, None, :])
+    return out.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_the_kernel_layout_with_an_emulated_kernel_equals_mlx_lm(family, monkeypatch):
+    """The CUDA path's wiring (each prompt's keys once, q/k/v as the kernel reads them, its RoPE frequencies,
+    compaction) on the CPU, with the kernel replaced by the same math in MLX ops."""
+    monkeypatch.setattr(cuda_kernels, "available", lambda: True)
+    monkeypatch.setattr(llama_decoder.cuda_decode, "decode_attention", emulated_decode_attention)
+    model = build(family, **KERNEL_HEADS[family])
+    steps, keep_after, keep = 6, 3, mx.array([1, 2, 5])
+    fast, slow = llama_decoder.LlamaDecoder(model, PROMPTS, 2, steps), MlxLmDecoder(model, PROMPTS, 2)
+    assert fast.use_kernel
+    tokens = mx.array([p[-1] for p in PROMPTS for _ in range(2)], dtype=mx.int32)
+    for t in range(steps):
+        if t == keep_after:
+            fast.filter(keep)
+            slow.filter(keep)
+            tokens = tokens[keep]
+        a, b = fast.step(tokens), slow.step(tokens)
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=5e-5, rtol=1e-5)
+        tokens = mx.argmax(b, axis=-1).astype(mx.int32)
+
+
 @on_cuda
 @pytest.mark.parametrize("family, dtype", [("llama", mx.float32), ("qwen3", mx.float32), ("qwen2", mx.bfloat16),
                                            ("qwen3", mx.bfloat16)])
 def test_cuda_kernel_matches_the_portable_path(family, dtype):
-    model = build(family)
+    model = build(family, **KERNEL_HEADS[family])
     model.set_dtype(dtype)
     steps = 6
     decoders = [llama_decoder.LlamaDecoder(model, PROMPTS, 2, steps, use_kernel=k) for k in (True, False)]
