@@ -82,8 +82,8 @@ def supports(model) -> bool:
     if type(model.model.norm) is not nn.RMSNorm or _head_spec(_head_layer(model)) is None:
         return False
     eps.add(model.model.norm.eps)
-    return len(specs) == 1 and None not in specs and len(eps) == 1 and len(structure) == 1 \
-        and None not in next(iter(structure))
+    uniform = len(specs) == 1 and None not in specs and len(eps) == 1 and len(structure) == 1
+    return uniform and None not in structure.pop()  # every block alike, no partly biased projections
 
 
 def _rope_key(rope):
