@@ -89,20 +89,25 @@ def test_greedy_rollouts_equal_mlx_lms_generation(family, quantize):
     assert batch_generator_greedy(model, PROMPTS, n) == theirs
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_step_logits_equal_mlx_lm_model_call_through_compaction(family):
-    model = build(family)
-    steps, keep_after, keep = 7, 3, mx.array([0, 3, 5])
-    fast, slow = llama_decoder.LlamaDecoder(model, PROMPTS, 2, steps), MlxLmDecoder(model, PROMPTS, 2)
+def assert_same_steps(fast, slow, steps, atol, rtol, keep_after=None, keep=None):
+    """Greedy decode on both decoders (group size 2) from the same first tokens, the rows in `keep` only from
+    step `keep_after` on; every step's logits must agree."""
     tokens = mx.array([p[-1] for p in PROMPTS for _ in range(2)], dtype=mx.int32)
     for t in range(steps):
         if t == keep_after:
-            fast.filter(keep)
-            slow.filter(keep)
-            tokens = tokens[keep]
-        a, b = fast.step(tokens), slow.step(tokens)
-        np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-5, rtol=1e-5)
+            fast.filter(mx.array(keep))
+            slow.filter(mx.array(keep))
+            tokens = tokens[mx.array(keep)]
+        a, b = (d.step(tokens).astype(mx.float32) for d in (fast, slow))
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=atol, rtol=rtol)
         tokens = mx.argmax(b, axis=-1).astype(mx.int32)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_step_logits_equal_mlx_lm_model_call_through_compaction(family):
+    model = build(family)
+    fast, slow = llama_decoder.LlamaDecoder(model, PROMPTS, 2, 7), MlxLmDecoder(model, PROMPTS, 2)
+    assert_same_steps(fast, slow, 7, atol=2e-5, rtol=1e-5, keep_after=3, keep=[0, 3, 5])
 
 
 def test_a_kept_chat_cache_continues_on_the_fast_decoder():
@@ -181,18 +186,9 @@ def test_the_kernel_layout_with_an_emulated_kernel_equals_mlx_lm(family, monkeyp
     monkeypatch.setattr(cuda_kernels, "available", lambda: True)
     monkeypatch.setattr(llama_decoder.cuda_decode, "decode_attention", emulated_decode_attention)
     model = build(family, **KERNEL_HEADS[family])
-    steps, keep_after, keep = 6, 3, mx.array([1, 2, 5])
-    fast, slow = llama_decoder.LlamaDecoder(model, PROMPTS, 2, steps), MlxLmDecoder(model, PROMPTS, 2)
+    fast, slow = llama_decoder.LlamaDecoder(model, PROMPTS, 2, 6), MlxLmDecoder(model, PROMPTS, 2)
     assert fast.use_kernel
-    tokens = mx.array([p[-1] for p in PROMPTS for _ in range(2)], dtype=mx.int32)
-    for t in range(steps):
-        if t == keep_after:
-            fast.filter(keep)
-            slow.filter(keep)
-            tokens = tokens[keep]
-        a, b = fast.step(tokens), slow.step(tokens)
-        np.testing.assert_allclose(np.array(a), np.array(b), atol=5e-5, rtol=1e-5)
-        tokens = mx.argmax(b, axis=-1).astype(mx.int32)
+    assert_same_steps(fast, slow, 6, atol=5e-5, rtol=1e-5, keep_after=3, keep=[1, 2, 5])
 
 
 @on_cuda
@@ -201,15 +197,10 @@ def test_the_kernel_layout_with_an_emulated_kernel_equals_mlx_lm(family, monkeyp
 def test_cuda_kernel_matches_the_portable_path(family, dtype):
     model = build(family, **KERNEL_HEADS[family])
     model.set_dtype(dtype)
-    steps = 6
-    decoders = [llama_decoder.LlamaDecoder(model, PROMPTS, 2, steps, use_kernel=k) for k in (True, False)]
-    assert decoders[0].use_kernel and not decoders[1].use_kernel
-    tokens = mx.array([p[-1] for p in PROMPTS for _ in range(2)], dtype=mx.int32)
+    kernel, portable = (llama_decoder.LlamaDecoder(model, PROMPTS, 2, 6, use_kernel=k) for k in (True, False))
+    assert kernel.use_kernel and not portable.use_kernel
     tol = 2e-4 if dtype == mx.float32 else 5e-2
-    for _ in range(steps):
-        a, b = (d.step(tokens).astype(mx.float32) for d in decoders)
-        np.testing.assert_allclose(np.array(a), np.array(b), atol=tol, rtol=tol)
-        tokens = mx.argmax(b, axis=-1).astype(mx.int32)
+    assert_same_steps(kernel, portable, 6, atol=tol, rtol=tol, keep_after=3, keep=[0, 4, 5])
 
 
 def test_bench_compares_the_three_rollout_paths():
