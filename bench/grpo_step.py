@@ -3,7 +3,7 @@
     python bench/grpo_step.py --depth 20 --compile --micro-batch-size 64   # nanochat's RL shape, as the trainer runs it
     python bench/grpo_step.py --depth 32 --micro-batch-size 8  # d32 at the same shape
     python bench/grpo_step.py --depth 4 --prompts 2 --group 4 --new-tokens 16   # a CPU smoke run
-    python bench/grpo_step.py --family qwen3 --rollout-paths   # Qwen3-0.6B's shape: our decoder, mlx-lm's model call, BatchGenerator
+    python bench/grpo_step.py --family qwen3 --rollout-paths   # Qwen3-0.6B's shape: the three rollout paths
     python bench/grpo_step.py --family llama --compile --micro-batch-size 64   # the whole step on Llama-3.2-1B's shape
     mlx.launch -n 8 --backend nccl python bench/grpo_step.py --depth 20 --prompts 128   # data-parallel, 8 GPUs
 
@@ -42,9 +42,9 @@ VOCAB = 65536
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", default="nanochat", choices=["nanochat", *FAMILIES],
-                   help="nanochat (--depth), or a random-weight model of Qwen3-0.6B's (qwen3) or Llama-3.2-1B's (llama) shape")
-    p.add_argument("--depth", type=int, default=None, help="nanochat depth: width 64*depth, heads depth/2 (default 20); "
-                   "qwen3/llama: the number of layers (default the config's)")
+                   help="nanochat (--depth), or random weights in Qwen3-0.6B's (qwen3) or Llama-3.2-1B's (llama) shape")
+    p.add_argument("--depth", type=int, default=None, help="nanochat depth: width 64*depth, heads depth/2 "
+                   "(default 20); qwen3/llama: the number of layers (default the config's)")
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default nanochat's or the config's)")
     p.add_argument("--model-args", type=json.loads, default=None,
                    help="qwen3/llama: ModelArgs overrides as JSON, e.g. a tiny shape for a CPU smoke run")
