@@ -34,14 +34,14 @@ from mlx_grpo.training.lora import add_adapters
 from mlx_grpo.training.step import TrainState, build_step, grpo_updates, sample_rollouts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s own modules, also when run through runpy
-from model_families import FAMILIES, build_family_model, compare_rollout_paths, decode_bound_seconds, model_dims  # noqa: E402
+import model_families as families  # noqa: E402
 
 VOCAB = 65536
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--family", default="nanochat", choices=["nanochat", *FAMILIES],
+    p.add_argument("--family", default="nanochat", choices=["nanochat", *families.FAMILIES],
                    help="nanochat (--depth), or random weights in Qwen3-0.6B's (qwen3) or Llama-3.2-1B's (llama) shape")
     p.add_argument("--depth", type=int, default=None, help="nanochat depth: width 64*depth, heads depth/2 "
                    "(default 20); qwen3/llama: the number of layers (default the config's)")
@@ -75,7 +75,7 @@ def parse_args(argv=None):
     if args.family == "nanochat":
         args.depth, args.vocab = args.depth or 20, args.vocab or VOCAB
         if args.model_args is not None:
-            p.error(f"--model-args is for --family {' or '.join(FAMILIES)}; nanochat's shape is --depth")
+            p.error(f"--model-args is for --family {' or '.join(families.FAMILIES)}; nanochat's shape is --depth")
     return args
 
 
@@ -118,11 +118,11 @@ def main(argv=None):
     if args.family == "nanochat":
         model = build_model(args.depth, args.vocab)
     else:
-        model = build_family_model(args.family, args.depth, args.vocab, args.model_args)
+        model = families.build_family_model(args.family, args.depth, args.vocab, args.model_args)
     if args.rollout_paths:
-        return compare_rollout_paths(args, model, rng)
+        return families.compare_rollout_paths(args, model, rng)
     params = count_params(model)
-    layers, width, vocab, _, matmul_params = model_dims(model)
+    layers, width, vocab, _, matmul_params = families.model_dims(model)
     if cfg.train_type != "full":  # the trainer's LoRA: float32 adapters on a frozen compute_dtype (or quantized) base
         add_adapters(model, cfg)
     broadcast_trainable(world, model)
@@ -153,8 +153,9 @@ def main(argv=None):
             * args.num_iterations})
         seq_len = args.prompt_len + args.new_tokens
         flops_per_token = 6 * matmul_params + 12 * layers * width * seq_len  # nanochat's estimate
-        bound = decode_bound_seconds(model, len(prompts) * args.group, [len(p) for p in prompts], args.new_tokens,
-                                     2 if not args.quant_bits else args.quant_bits / 8, args.bandwidth_tbs)
+        bound = families.decode_bound_seconds(model, len(prompts) * args.group, [len(p) for p in prompts],
+                                              args.new_tokens, 2 if not args.quant_bits else args.quant_bits / 8,
+                                              args.bandwidth_tbs)
         phases = rollouts.seconds  # rollout (copy, generation, packing), old policy, reference
         rollout_s, train_s = phases["rollout"], t2 - t1
         row = {
