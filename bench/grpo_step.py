@@ -3,6 +3,8 @@
     python bench/grpo_step.py --depth 20 --compile --micro-batch-size 64   # nanochat's RL shape, as the trainer runs it
     python bench/grpo_step.py --depth 32 --micro-batch-size 8  # d32 at the same shape
     python bench/grpo_step.py --depth 4 --prompts 2 --group 4 --new-tokens 16   # a CPU smoke run
+    python bench/grpo_step.py --family qwen3 --rollout-paths   # Qwen3-0.6B's shape: the three rollout paths
+    python bench/grpo_step.py --family llama --compile --micro-batch-size 64   # the whole step on Llama-3.2-1B's shape
     mlx.launch -n 8 --backend nccl python bench/grpo_step.py --depth 20 --prompts 128   # data-parallel, 8 GPUs
 
 The step is the trainer's (utils/training/step.py: the rollout copy, the old-policy and reference
@@ -16,6 +18,7 @@ once per decode step). Sampling never stops early: no stop tokens are given.
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,13 +33,23 @@ from mlx_grpo.training.distributed import broadcast_trainable, init_world, quiet
 from mlx_grpo.training.lora import add_adapters
 from mlx_grpo.training.step import TrainState, build_step, grpo_updates, sample_rollouts
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s own modules, also when run through runpy
+import model_families as families  # noqa: E402
+
 VOCAB = 65536
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--depth", type=int, default=20, help="nanochat depth: width 64*depth, heads depth/2")
-    p.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (nanochat's; smaller for a quick run)")
+    p.add_argument("--family", default="nanochat", choices=["nanochat", *families.FAMILIES],
+                   help="nanochat (--depth), or random weights in Qwen3-0.6B's (qwen3) or Llama-3.2-1B's (llama) shape")
+    p.add_argument("--depth", type=int, default=None, help="nanochat depth: width 64*depth, heads depth/2 "
+                   "(default 20); qwen3/llama: the number of layers (default the config's)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default nanochat's or the config's)")
+    p.add_argument("--model-args", type=json.loads, default=None,
+                   help="qwen3/llama: ModelArgs overrides as JSON, e.g. a tiny shape for a CPU smoke run")
+    p.add_argument("--rollout-paths", action="store_true", help="time rollouts only, side by side: our fast decoder, "
+                   "mlx-lm's model call, mlx-lm's BatchGenerator (bench/model_families.py)")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (under mlx.launch: of all processes)")
     p.add_argument("--group", type=int, default=16, help="samples per prompt (num_generations)")
     p.add_argument("--prompt-len", type=int, default=100, help="mean prompt length (varied +-20%%)")
@@ -50,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--num-iterations", type=int, default=1, help="> 1 takes old-policy log-probs")
     p.add_argument("--quant-bits", type=int, default=0, help="rollouts from a quantized copy (0 = off)")
     p.add_argument("--compile", action="store_true", help="compile the loss and gradient")
-    p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast nanochat decoder")
+    p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast decoder")
     p.add_argument("--no-cuda-kernels", action="store_true", help="all three custom CUDA kernels off (decode attention, sampling, log-probs)")
     p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
     p.add_argument("--base-quant-bits", type=int, default=0, help="QLoRA: quantize the frozen base (0 = no)")
@@ -58,7 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth for the bound (H100: 3.35)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
     p.add_argument("--json", help="also write the results to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.family == "nanochat":
+        args.depth, args.vocab = args.depth or 20, args.vocab or VOCAB
+        if args.model_args is not None:
+            p.error(f"--model-args is for --family {' or '.join(families.FAMILIES)}; nanochat's shape is --depth")
+    return args
 
 
 def build_model(depth, vocab=VOCAB):
@@ -73,20 +91,6 @@ def build_model(depth, vocab=VOCAB):
 
 def count_params(model):
     return sum(v.size for _, v in tree_flatten(model.parameters()))
-
-
-def decode_bound_seconds(args, rows, params, prompt_lens, bytes_per_weight):
-    """Seconds to read the weights (minus the embedding table) and this process's KV cache once per decode step."""
-    depth = args.depth
-    width = 64 * depth
-    weight_bytes = (params - args.vocab * width) * bytes_per_weight
-    mean_prompt = float(np.mean(prompt_lens))
-    total = 0.0
-    for step in range(args.new_tokens):
-        context = mean_prompt + step
-        kv_bytes = 2 * depth * rows * context * width * 2  # K and V in bf16
-        total += (weight_bytes + kv_bytes) / (args.bandwidth_tbs * 1e12)
-    return total
 
 
 def step_config(args) -> GRPOConfig:
@@ -111,8 +115,14 @@ def main(argv=None):
     reward_rng = np.random.default_rng(1 + world.rank)
     if args.no_cuda_kernels:
         cuda_kernels.set_enabled(False)
-    model = build_model(args.depth, args.vocab)
+    if args.family == "nanochat":
+        model = build_model(args.depth, args.vocab)
+    else:
+        model = families.build_family_model(args.family, args.depth, args.vocab, args.model_args)
+    if args.rollout_paths:
+        return families.compare_rollout_paths(args, model, rng)
     params = count_params(model)
+    layers, width, vocab, _, matmul_params = families.model_dims(model)
     if cfg.train_type != "full":  # the trainer's LoRA: float32 adapters on a frozen compute_dtype (or quantized) base
         add_adapters(model, cfg)
     broadcast_trainable(world, model)
@@ -120,12 +130,11 @@ def main(argv=None):
     setup = build_step(cfg, world, model, total_updates=(args.steps + 1) * cfg.num_iterations, stop_token_ids=set(),
                        fast_decode=not args.mlx_lm_decode)
     state = TrainState(rollouts_quantized=cfg.quantize_for_rollouts)
-    width = 64 * args.depth
 
     results = []
     for step in range(args.steps + 1):
         prompt_lens = rng.integers(int(args.prompt_len * 0.8), int(args.prompt_len * 1.2) + 1, size=args.prompts)
-        prompts = world.shard([rng.integers(0, args.vocab - 9, size=n).tolist() for n in prompt_lens])
+        prompts = world.shard([rng.integers(0, vocab - 9, size=n).tolist() for n in prompt_lens])
         mx.synchronize()
         mx.reset_peak_memory()
         t0 = time.perf_counter()
@@ -143,13 +152,14 @@ def main(argv=None):
             "trained": sum(len(prompts[c.prompt_index]) + len(c.tokens) - 1 for c in rollouts.completions)
             * args.num_iterations})
         seq_len = args.prompt_len + args.new_tokens
-        flops_per_token = 6 * (params - args.vocab * width) + 12 * args.depth * width * seq_len  # nanochat's estimate
-        bound = decode_bound_seconds(args, len(prompts) * args.group, params, [len(p) for p in prompts],
-                                     2 if not args.quant_bits else args.quant_bits / 8)
+        flops_per_token = 6 * matmul_params + 12 * layers * width * seq_len  # nanochat's estimate
+        bound = families.decode_bound_seconds(model, len(prompts) * args.group, [len(p) for p in prompts],
+                                              args.new_tokens, 2 if not args.quant_bits else args.quant_bits / 8,
+                                              args.bandwidth_tbs)
         phases = rollouts.seconds  # rollout (copy, generation, packing), old policy, reference
         rollout_s, train_s = phases["rollout"], t2 - t1
         row = {
-            "step": step, "depth": args.depth, "params": params, "processes": world.size,
+            "step": step, "family": args.family, "depth": layers, "params": params, "processes": world.size,
             "shape": f"{args.prompts}x{args.group}x{args.new_tokens}",
             "step_s": t2 - t0, "rollout_s": rollout_s, "prefill_s": rollouts.stats.prefill_seconds,
             "generate_s": rollouts.stats.seconds,

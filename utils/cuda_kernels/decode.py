@@ -15,7 +15,8 @@ when the device runs ahead of the host). This is sound because these buffers bel
 are touched only by this kernel (and by `filter`'s gather, a later graph on the same stream), and
 step t + 1's kernel depends on step t's through the sampled tokens.
 
-Elsewhere (Metal, CPU) utils/nanochat/decoder.py keeps MLX's fused attention.
+Elsewhere (Metal, CPU) utils/nanochat/decoder.py keeps MLX's fused attention. utils/generation/llama_decoder.py
+(Llama, Qwen) calls it with qk_norm=False: those models norm q and k (Qwen3) before RoPE, in their projection.
 """
 
 import hashlib
@@ -32,7 +33,8 @@ __device__ inline float ck_warp_sum(float v) {
 """
 
 # One block per (head, row) with one thread per head dimension. Template constants: H, KV (heads),
-# HD (head dim), T (the cache dtype); the QK norm's epsilon is written into the source (templates take
+# HD (head dim), T (the cache dtype), QK_NORM (false: RoPE only, for models whose QK norm, if any, comes
+# before RoPE and is applied by the caller); the QK norm's epsilon is written into the source (templates take
 # no floats). Buffer lengths are read from the shapes MLX passes, so one compiled kernel serves every
 # prompt length and capacity (compiling is slow).
 _SOURCE = r"""
@@ -66,8 +68,8 @@ _SOURCE = r"""
   __syncthreads();
   float sq = 0.f, sk = 0.f;
   for (int w = 0; w < NW; ++w) { sq += red_q[w]; sk += red_k[w]; }
-  const float qn = ck_float(T(qr * rsqrtf(sq / HD + EPS_)));
-  const float kn = ck_float(T(kr * rsqrtf(sk / HD + EPS_)));
+  const float qn = QK_NORM ? ck_float(T(qr * rsqrtf(sq / HD + EPS_))) : qr;
+  const float kn = QK_NORM ? ck_float(T(kr * rsqrtf(sk / HD + EPS_))) : kr;
   const float vn = ck_float(src[(H + KV + kvh) * HD + d]);
   q_s[d] = qn * (rsqrtf((float)HD) * 1.4426950408889634f);  // softmax scale and log2(e): exp2 below
   k_s[d] = kn;
@@ -152,7 +154,7 @@ def _kernel(eps: float):
 
 
 def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv,
-                     n_heads, n_kv_heads, head_dim, eps):
+                     n_heads, n_kv_heads, head_dim, eps, qk_norm=True):
     """Attention output (rows, n_heads * head_dim) of one decode step; writes column step[0] of generated_kv.
 
     qkv: (rows, (n_heads + 2 n_kv_heads) head_dim), the step's q/k/v before RoPE and the QK norm.
@@ -160,10 +162,11 @@ def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prom
     row_prompt: (rows,) int32 prompt of each row. prompt_len: (prompts,) int32 cached prompt tokens.
     prompt_k, prompt_v: (prompts, n_kv_heads, prompt capacity, head_dim), each prompt's keys from column 0.
     generated_kv: (rows, 2, n_kv_heads, capacity, head_dim): keys then values of the generated tokens.
-    A row's token at step t sits at RoPE position prompt_len + t. eps: the QK RMSNorm's epsilon.
+    A row's token at step t sits at RoPE position prompt_len + t. eps: the QK RMSNorm's epsilon (nanochat's,
+    after RoPE, no weight); qk_norm=False: RoPE only.
     """
     rows = qkv.shape[0]
-    template = [("T", qkv.dtype), ("H", n_heads), ("KV", n_kv_heads), ("HD", head_dim)]
+    template = [("T", qkv.dtype), ("H", n_heads), ("KV", n_kv_heads), ("HD", head_dim), ("QK_NORM", bool(qk_norm))]
     return _kernel(float(eps))(
         inputs=[qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv],
         template=template, grid=(n_heads * head_dim, rows, 1), threadgroup=(head_dim, 1, 1),

@@ -4,7 +4,8 @@ Every prompt x group_size is decoded in one batch, with nanochat's calculator (f
 tokens), mlx-lm's logits processors (they need each row's token history), a per-token callback for
 streaming, and a KV cache kept across calls for a chat. mlx-lm's BatchGenerator cannot force tokens
 into a row mid-generation, so the decode loop is written here: on mlx-lm's model and KV caches for any
-model, or on utils/nanochat/decoder.py's faster decode step for nanochat models.
+model, or on a faster decode step: utils/nanochat/decoder.py's for nanochat models, utils/generation/llama_decoder.py's
+for Llama and Qwen ones.
 """
 
 import time
@@ -17,6 +18,7 @@ import numpy as np
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.utils import common_prefix_len
 
+from mlx_grpo.generation import llama_decoder
 from mlx_grpo.nanochat import decoder as nanochat_decode
 
 
@@ -183,9 +185,11 @@ class MlxLmDecoder:
 
 
 def make_decoder(model, prompts, group_size, max_new_tokens, fast_decode=True, prefilled=None):
-    """The fast nanochat decoder where it applies (nanochat, no adapters), else mlx-lm's model call."""
+    """A fast decoder where one applies (nanochat; llama, qwen2, qwen3; no adapters), else mlx-lm's model call."""
     if fast_decode and nanochat_decode.supports(model):
         return nanochat_decode.NanochatDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled)
+    if fast_decode and llama_decoder.supports(model):
+        return llama_decoder.LlamaDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled)
     return MlxLmDecoder(model, prompts, group_size, prefilled)
 
 

@@ -19,45 +19,16 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from mlx_grpo import cuda_kernels
 from mlx_grpo.cuda_kernels import decode as cuda_decode
+from mlx_grpo.generation.fused_linear import linear_arrays as _linear_arrays
+from mlx_grpo.generation.fused_linear import linear_spec as _linear_spec
+from mlx_grpo.generation.fused_linear import matmul as _matmul
+from mlx_grpo.generation.fused_linear import residual_matmul as _residual_matmul
 
 # nanochat's RMSNorm epsilon and logit softcap. mlx-lm's nanochat model writes both as literals (rms_norm,
 # softcap), so tests/test_nanochat_decode.py checks these against it; the CUDA kernel and benches read them here.
 RMS_NORM_EPS = 1e-5
 SOFTCAP = 15.0
 PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of this
-
-
-def _linear_spec(layer):
-    """(kind, quantization) of a plain or quantized linear layer; None for anything else (adapters)."""
-    if type(layer) is nn.Linear and "bias" not in layer:
-        return ("linear", None)
-    if type(layer) is nn.QuantizedLinear and "bias" not in layer:
-        return ("quantized", (layer.group_size, layer.bits, layer.mode))
-    return None
-
-
-def _linear_arrays(layers):
-    """Weights of several linear layers stacked along their output axis (one matmul for all)."""
-    if type(layers[0]) is nn.Linear:
-        return (mx.concatenate([l.weight for l in layers], axis=0),)
-    keys = ("weight", "scales", "biases") if "biases" in layers[0] else ("weight", "scales")
-    return tuple(mx.concatenate([l[k] for l in layers], axis=0) for k in keys)
-
-
-def _matmul(x, arrays, quantization):
-    if quantization is None:
-        return x @ arrays[0].T
-    group_size, bits, mode = quantization
-    biases = arrays[2] if len(arrays) == 3 else None
-    return mx.quantized_matmul(x, arrays[0], arrays[1], biases, transpose=True, group_size=group_size,
-                               bits=bits, mode=mode)
-
-
-def _residual_matmul(residual, x, arrays, quantization):
-    """residual + x @ W.T; one GEMM (its beta term) instead of a GEMM and an add kernel."""
-    if quantization is None:
-        return mx.addmm(residual, x, arrays[0].T)
-    return residual + _matmul(x, arrays, quantization)
 
 
 def supports(model) -> bool:
@@ -139,14 +110,19 @@ class NanochatDecoder:
         ]
         self.head = _linear_arrays([model.lm_head])
         kernel_fits = cuda_decode.supports_shape(self.n_heads, self.n_kv_heads, self.head_dim, self.scale)
+        self._setup_cache(prompts, group_size, max_new_tokens, use_kernel, prefilled, kernel_fits)
+
+    def _setup_cache(self, prompts, group_size, max_new_tokens, use_kernel, prefilled, kernel_fits):
+        """Choose the cache layout and fill it (the prefill); the model's parts are read already."""
+        name = type(self).__name__
         if prefilled is not None and (len(prompts) != 1 or use_kernel):
-            raise ValueError("NanochatDecoder: a prefilled cache is one prompt's and needs the per-row layout; "
+            raise ValueError(f"{name}: a prefilled cache is one prompt's and needs the per-row layout; "
                              "pass one prompt and use_kernel=None or False with it")
         self.prefilled = prefilled
         if use_kernel is None:
             use_kernel = cuda_kernels.available() and kernel_fits and prefilled is None
         elif use_kernel and not (cuda_kernels.available() and kernel_fits):
-            raise ValueError("NanochatDecoder: use_kernel=True needs MLX's CUDA backend on the GPU, the kernels "
+            raise ValueError(f"{name}: use_kernel=True needs MLX's CUDA backend on the GPU, the kernels "
                              f"switched on ({cuda_kernels.ENV_VAR}) and a head shape utils/cuda_kernels/decode.py "
                              "supports; pass use_kernel=None to choose automatically")
         self.use_kernel = use_kernel
@@ -226,11 +202,30 @@ class NanochatDecoder:
         mx.eval(out)
         return out
 
+    def _check_capacity(self):
+        if self.t >= self.capacity:  # mlx would silently drop a write past the buffer's end
+            raise ValueError(f"{type(self).__name__}.step: all {self.t} decode steps of this batch are used; "
+                             f"make a decoder with a larger max_new_tokens")
+
+    def _per_row_inputs(self):
+        """(cache column, (rows,) RoPE positions, attention mask or None) of this decode step, per-row layout."""
+        column = self.prefix_len + self.t
+        positions = self.start_positions + self.t
+        mask = None
+        if self.padded:  # the left padding of shorter prompts is not attended to
+            mask = (mx.arange(column + 1) >= self.left_padding[:, None])[:, None, None, :]
+        return column, positions, mask
+
+    def _per_row_attention(self, keys, values, q, k, v, column, mask):
+        """Write this step's k and v into one layer's per-row cache at `column`, then attend over it."""
+        keys[..., column:column + 1, :] = k
+        values[..., column:column + 1, :] = v
+        return mx.fast.scaled_dot_product_attention(
+            q, keys[..., :column + 1, :], values[..., :column + 1, :], scale=self.scale, mask=mask)
+
     def step(self, tokens):
         """(rows,) int32 tokens at decode step t -> (rows, vocab) logits for step t + 1."""
-        if self.t >= self.capacity:  # mlx would silently drop a write past the buffer's end
-            raise ValueError(f"NanochatDecoder.step: all {self.t} decode steps of this batch are used; "
-                             f"make a decoder with a larger max_new_tokens")
+        self._check_capacity()
         attention_inputs, block_output, logits, qkv_projection = self.functions
         x = mx.fast.rms_norm(self.model.transformer.wte(tokens), None, RMS_NORM_EPS)
         if self.use_kernel:
@@ -241,17 +236,10 @@ class NanochatDecoder:
                     prompt_k, prompt_v, generated_kv, self.n_heads, self.n_kv_heads, self.head_dim, RMS_NORM_EPS)
                 x = block_output(x, attention, layer.proj, layer.fc, layer.fc_proj)
         else:
-            column = self.prefix_len + self.t
-            positions = self.start_positions + self.t
-            mask = None
-            if self.padded:  # the left padding of shorter prompts is not attended to
-                mask = (mx.arange(column + 1) >= self.left_padding[:, None])[:, None, None, :]
+            column, positions, mask = self._per_row_inputs()
             for layer, keys, values in zip(self.layers, self.keys, self.values):
                 q, k, v = attention_inputs(x, layer.qkv, self.rope_freqs, positions)
-                keys[..., column:column + 1, :] = k
-                values[..., column:column + 1, :] = v
-                attention = mx.fast.scaled_dot_product_attention(
-                    q, keys[..., :column + 1, :], values[..., :column + 1, :], scale=self.scale, mask=mask)
+                attention = self._per_row_attention(keys, values, q, k, v, column, mask)
                 x = block_output(x, attention, layer.proj, layer.fc, layer.fc_proj)
         self.t += 1
         return logits(x, self.head)
@@ -260,7 +248,7 @@ class NanochatDecoder:
         """Batch row `row`'s keys and values (its prompt and every token fed since) as an mlx-lm prompt cache
         (the per-row layout only)."""
         if self.use_kernel:
-            raise ValueError("NanochatDecoder.row_cache reads the per-row layout: make the decoder with "
+            raise ValueError(f"{type(self).__name__}.row_cache reads the per-row layout: make the decoder with "
                              "use_kernel=False")
         start, end = int(self.left_padding[row].item()), self.prefix_len + self.t
         caches = []
