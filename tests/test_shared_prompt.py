@@ -3,7 +3,6 @@ log-probs, and the loss and gradients of every loss_type and importance-sampling
 old-policy and reference passes, on every covered architecture; groups split across micro-batches included."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
@@ -212,7 +211,7 @@ def test_a_bfloat16_forward_runs_and_stays_close():
 
 def test_lora_adapters_get_the_same_gradients():
     from mlx_grpo.config import GRPOConfig
-    from mlx_grpo.training.lora import add_adapters
+    from mlx_grpo.training.lora import add_adapters, base_policy
 
     model = build("nanochat")
     add_adapters(model, GRPOConfig(train_type="lora", lora_rank=4))
@@ -228,4 +227,42 @@ def test_lora_adapters_get_the_same_gradients():
                for batches in (plain, shared)]
     for name, want in results[0][1].items():
         assert float(mx.abs(results[1][1][name] - want).max()) <= 1e-5 * float(mx.abs(want).max()), name
-    assert isinstance(model, nn.Module)
+    # The reference of a LoRA run is the policy with its adapters off (no copy): the same sharing.
+    reference = base_policy(model)
+    for a, b, la, lb in zip(plain, shared, frozen_logprobs(reference, plain, 1.0),
+                            frozen_logprobs(reference, shared, 1.0)):
+        sum_a, sum_b = (float(mx.where(x.mask > 0, lp, 0.0).sum()) for x, lp in ((a, la), (b, lb)))
+        assert sum_b == pytest.approx(sum_a, rel=1e-5)
+
+
+def test_the_trainers_step_shares_prompts_and_takes_the_same_update(tiny_model_dir):
+    """sample_rollouts + grpo_updates with share_prompt_forward on and off: quantized rollouts (old-policy
+    log-probs from the quantized copy), a quantized reference, two iterations; the same numbers either way."""
+    from mlx_grpo.config import GRPOConfig, validate
+    from mlx_grpo.models import load_model
+    from mlx_grpo.training.distributed import World
+    from mlx_grpo.training.step import TrainState, build_step, grpo_updates, sample_rollouts
+
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    runs = []
+    for share in (False, True):
+        cfg = validate(GRPOConfig(run_name="t", num_generations=3, max_new_tokens=5, max_completion_length=5,
+                                  micro_batch_size=4, use_compile=False, pad_to_multiple_of=1, beta=0.05,
+                                  num_iterations=2, rollout_quant_bits=8, rollout_quant_group_size=32,
+                                  share_prompt_forward=share))
+        model, _ = load_model(tiny_model_dir)
+        setup = build_step(cfg, World(), model, total_updates=2, stop_token_ids=set())
+        assert setup.share_prompts == share
+        mx.random.seed(0)
+        state = TrainState(rollouts_quantized=True)
+        rollouts = sample_rollouts(setup, state, prompts)
+        assert all(isinstance(b, SharedPromptBatch if share else PackedBatch) for b in rollouts.batches)
+        assert rollouts.quantized and rollouts.old_logp is not None and rollouts.ref_logp is not None
+        rewards = np.linspace(0.0, 1.0, len(rollouts.completions))
+        runs.append(([c.tokens for c in rollouts.completions], grpo_updates(setup, state, rollouts, rewards)))
+    (tokens_a, updates_a), (tokens_b, updates_b) = runs
+    assert tokens_a == tokens_b
+    for a, b in zip(updates_a, updates_b):
+        assert b.result.loss == pytest.approx(a.result.loss, abs=1e-6)  # a sum of +-O(1) terms that nearly cancel
+        assert b.result.grad_norm == pytest.approx(a.result.grad_norm, rel=1e-5)
+        assert b.result.stats == pytest.approx(a.result.stats, rel=1e-5, abs=1e-6)

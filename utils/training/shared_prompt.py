@@ -86,8 +86,8 @@ def supports_shared_prompt(model) -> bool:
     args = getattr(model, "args", None)
     if getattr(args, "model_type", None) not in SHARED_PROMPT_MODEL_TYPES:
         return False
-    caches = model.make_cache() if hasattr(model, "make_cache") else [KVCache()]
-    return all(type(c) in (KVCache, SmearCache) for c in caches)  # a rotating (windowed) cache: not covered
+    # Not covered: a rotating (sliding-window) cache, whose mask and positions differ from a plain one's.
+    return all(type(c) in (KVCache, SmearCache) for c in _cache_kinds(model))
 
 
 def batch_logits(model, model_inputs) -> mx.array:
@@ -186,11 +186,20 @@ def _smear_previous(recorded: mx.array, row_prompt, row_lengths) -> mx.array:
     return previous[:, None, None, :]
 
 
+def _cache_kinds(model) -> list:
+    """The caches the model's own generation would make, one per layer (nanochat 2026: + its smear cache)."""
+    from mlx_grpo.training.lora import BasePolicy  # here: lora imports update, which imports this module
+
+    if isinstance(model, BasePolicy):  # a LoRA run's reference: the policy with its adapters off
+        model = model.model
+    return model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in model.layers]
+
+
 def shared_prompt_logits(model, prompt_inputs, prompt_lengths, row_prompt, inputs) -> mx.array:
     """[B, T, V] logits of the completion rows; equal to the plain forward's at the same tokens."""
     from mlx_grpo.nanochat.model import SmearCache
 
-    kinds = model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in model.layers]
+    kinds = _cache_kinds(model)
     recorders = [_PromptRecorder() for _ in kinds]
     model(prompt_inputs, cache=recorders)  # for the keys and values only: its logits are never computed
     row_lengths = prompt_lengths[row_prompt]
