@@ -107,7 +107,9 @@ def test_packing_by_hand():
     batch = pack_shared_prompt_rows(prompts, completions, pad_id=0, drop_rows={2}, pad_multiple=4)
     assert batch.prompt_inputs.tolist() == [[5, 6, 0, 0], [0, 0, 0, 0]]  # all but the last token, padded to 4
     assert batch.prompt_lengths.tolist() == [2, 0]
-    assert batch.row_prompt.tolist() == [0, 1, 0]
+    assert batch.row_prompt.tolist() == [0, 1, 0] and not batch.grouped
+    grouped = pack_shared_prompt_rows(prompts, [completions[0], completions[2], completions[1], completions[1]])
+    assert grouped.row_prompt.tolist() == [0, 0, 1, 1] and grouped.grouped and grouped.model_inputs[2] is None
     assert batch.inputs.tolist() == [[7, 1, 0, 0], [8, 3, 4, 0], [7, 0, 0, 0]]
     assert batch.targets.tolist() == [[1, 2, 0, 0], [3, 4, 9, 0], [2, 0, 0, 0]]
     assert batch.mask.tolist() == [[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
@@ -132,6 +134,7 @@ def test_logprobs_equal_the_plain_forward(kind):
         slices, plain = pack_micro_batches(prompts, completions, micro_batch_size, pad_multiple=4)
         _, shared = pack_micro_batches(prompts, completions, micro_batch_size, pad_multiple=4, share_prompts=True)
         assert all(isinstance(b, SharedPromptBatch) for b in shared)
+        assert all(b.grouped for b in shared) == (micro_batch_size % GROUP == 0)  # both layouts run
         for rows, a, b, la, lb in zip(slices, plain, shared, frozen_logprobs(model, plain, 0.7),
                                       frozen_logprobs(model, shared, 0.7)):
             part = completions[rows]
@@ -169,8 +172,10 @@ def test_loss_and_gradients_equal_the_plain_forward(kind, passes):
     advantages = mx.array(np.random.default_rng(2).normal(size=len(completions)), dtype=mx.float32)
     old_model = perturbed(model, 0.3, seed=3) if passes != "on-policy" else None
     ref_model = perturbed(model, 0.05, seed=4) if passes != "on-policy" else None
-    slices, plain = pack_micro_batches(prompts, completions, 4, mask_truncated=True, pad_multiple=4)
-    _, shared = pack_micro_batches(prompts, completions, 4, mask_truncated=True, pad_multiple=4, share_prompts=True)
+    micro_batch_size = 2 * GROUP if passes == "on-policy" else 4  # whole groups (a broadcast); split groups
+    slices, plain = pack_micro_batches(prompts, completions, micro_batch_size, mask_truncated=True, pad_multiple=4)
+    _, shared = pack_micro_batches(prompts, completions, micro_batch_size, mask_truncated=True, pad_multiple=4,
+                                   share_prompts=True)
     normalizers = loss_normalizers(completions, plain)
     for loss_type in LOSS_TYPES:
         for level in IMPORTANCE_SAMPLING_LEVELS:

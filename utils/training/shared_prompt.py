@@ -39,10 +39,13 @@ class SharedPromptBatch:
     inputs: mx.array  # [B, T] int: the prompt's last token, then the completion but its last token
     targets: mx.array  # [B, T] int: the completion tokens
     mask: mx.array  # [B, T] float32: 1 where the target is a sampled completion token
+    grouped: bool  # row r belongs to prompt r // (B / S): every prompt has the same number of consecutive rows
 
     @property
     def model_inputs(self) -> tuple:
-        return self.prompt_inputs, self.prompt_lengths, self.row_prompt, self.inputs
+        # Grouped rows need no index: a prompt's keys reach its rows as a broadcast, whose gradient is a sum
+        # (an index's is a scatter-add).
+        return self.prompt_inputs, self.prompt_lengths, None if self.grouped else self.row_prompt, self.inputs
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -71,11 +74,14 @@ def pack_shared_prompt_rows(prompts, completions, pad_id=0, drop_rows=(), pad_mu
         if i not in drop_rows:
             row_mask[: len(c.sampled)] = c.sampled
         mask.append(row_mask)
+    row_prompt = [segment_of[c.prompt_index] for c in completions]
+    rows_per_prompt = len(completions) // len(segments)
+    grouped = row_prompt == [r // rows_per_prompt for r in range(len(completions))]
     return SharedPromptBatch(
         prompt_inputs=mx.array([h[:-1] + [pad_id] * (prompt_width - len(h) + 1) for h in heads]),
         prompt_lengths=mx.array([len(h) - 1 for h in heads], dtype=mx.int32),
-        row_prompt=mx.array([segment_of[c.prompt_index] for c in completions], dtype=mx.int32),
-        inputs=mx.array(inputs), targets=mx.array(targets), mask=mx.array(mask, dtype=mx.float32))
+        row_prompt=mx.array(row_prompt, dtype=mx.int32), inputs=mx.array(inputs), targets=mx.array(targets),
+        mask=mx.array(mask, dtype=mx.float32), grouped=grouped)
 
 
 def supports_shared_prompt(model) -> bool:
@@ -122,8 +128,16 @@ class _PromptRecorder:
         return "causal"
 
 
+def _per_row(x: mx.array, row_prompt, rows: int) -> mx.array:
+    """[S, ...] per prompt -> [rows, ...] per completion row (row_prompt None: grouped rows, a broadcast)."""
+    if row_prompt is not None:
+        return x[row_prompt]
+    S = x.shape[0]
+    return mx.broadcast_to(x[:, None], (S, rows // S, *x.shape[1:])).reshape(rows, *x.shape[1:])
+
+
 class _SharedPromptKV:
-    """Completion pass of one layer: each row's keys are its prompt's (gathered per row) and then its own."""
+    """Completion pass of one layer: each row's keys are its prompt's and then its own."""
 
     def __init__(self, prompt: _PromptRecorder, row_prompt, row_lengths, masks: dict):
         self.prompt, self.row_prompt, self.masks = prompt, row_prompt, masks
@@ -134,9 +148,10 @@ class _SharedPromptKV:
 
     def update_and_fetch(self, keys, values):
         # mx.fast.scaled_dot_product_attention takes one key array per query row, so the prompt's keys and
-        # values are gathered per row: a copy of K/V only; the prompt's projections and MLP ran once.
-        prompt_keys = self.prompt.keys[self.row_prompt]
-        prompt_values = self.prompt.values[self.row_prompt]
+        # values are laid out per row: a copy of K/V only; the prompt's projections and MLP ran once.
+        rows = keys.shape[0]
+        prompt_keys = _per_row(self.prompt.keys, self.row_prompt, rows)
+        prompt_values = _per_row(self.prompt.values, self.row_prompt, rows)
         return mx.concatenate([prompt_keys, keys], axis=2), mx.concatenate([prompt_values, values], axis=2)
 
     def make_mask(self, N, return_array=False, window_size=None):
@@ -177,13 +192,12 @@ def completion_mask(row_lengths, prompt_width: int, length: int, window_size=Non
     return mask[:, None]
 
 
-def _smear_previous(recorded: mx.array, row_prompt, row_lengths) -> mx.array:
+def _smear_previous(recorded: mx.array, prompt_lengths, row_prompt, rows: int) -> mx.array:
     """[B, 1, 1, C]: the normed embedding of the prompt token before each row's first (zero for a 1-token prompt)."""
     S, _, P, C = recorded.shape
-    flat = recorded.reshape(S * P, C)
-    previous = flat[row_prompt * P + mx.maximum(row_lengths - 1, 0)]
-    previous = mx.where((row_lengths > 0)[:, None], previous, mx.zeros_like(previous))
-    return previous[:, None, None, :]
+    last = recorded.reshape(S * P, C)[mx.arange(S) * P + mx.maximum(prompt_lengths - 1, 0)]
+    last = mx.where((prompt_lengths > 0)[:, None], last, mx.zeros_like(last))
+    return _per_row(last, row_prompt, rows)[:, None, None, :]
 
 
 def _cache_kinds(model) -> list:
@@ -196,15 +210,17 @@ def _cache_kinds(model) -> list:
 
 
 def shared_prompt_logits(model, prompt_inputs, prompt_lengths, row_prompt, inputs) -> mx.array:
-    """[B, T, V] logits of the completion rows; equal to the plain forward's at the same tokens."""
+    """[B, T, V] logits of the completion rows; equal to the plain forward's at the same tokens.
+    row_prompt None: grouped rows (SharedPromptBatch.grouped)."""
     from mlx_grpo.nanochat.model import SmearCache
 
     kinds = _cache_kinds(model)
     recorders = [_PromptRecorder() for _ in kinds]
     model(prompt_inputs, cache=recorders)  # for the keys and values only: its logits are never computed
-    row_lengths = prompt_lengths[row_prompt]
+    rows = inputs.shape[0]
+    row_lengths = _per_row(prompt_lengths, row_prompt, rows)
     masks = {}
-    caches = [_SharedPromptSmear(_smear_previous(recorder.keys, row_prompt, row_lengths))
+    caches = [_SharedPromptSmear(_smear_previous(recorder.keys, prompt_lengths, row_prompt, rows))
               if isinstance(kind, SmearCache) else _SharedPromptKV(recorder, row_prompt, row_lengths, masks)
               for kind, recorder in zip(kinds, recorders)]
     return model(inputs, cache=caches)
