@@ -156,7 +156,11 @@ class _SharedPromptKV:
 
     def make_mask(self, N, return_array=False, window_size=None):
         if window_size not in self.masks:  # one mask per window for every layer
-            self.masks[window_size] = completion_mask(self.offset, self.size(), N, window_size)
+            # Additive, in the activations' dtype: MLX turns a boolean mask into one inside every attention
+            # call, materialized over the heads.
+            dtype = self.prompt.keys.dtype
+            sees = completion_mask(self.offset, self.size(), N, window_size)
+            self.masks[window_size] = mx.where(sees, mx.array(0.0, dtype), mx.array(-float("inf"), dtype))
         return self.masks[window_size]
 
 
