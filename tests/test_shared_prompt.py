@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models import llama, nanochat, qwen3
+from mlx_lm.models import llama, nanochat, qwen2, qwen3
 
 from mlx_grpo.config import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 from mlx_grpo.generation.engine import Completion
@@ -59,7 +59,13 @@ def _qwen3():
                                        tie_word_embeddings=True))
 
 
-MODELS = {"nanochat": _october, "nanochat_2026": _nanochat_2026, "llama": _llama, "qwen3": _qwen3}
+def _qwen2():
+    return qwen2.Model(qwen2.ModelArgs(model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                                       vocab_size=VOCAB, tie_word_embeddings=True))
+
+
+MODELS = {"nanochat": _october, "nanochat_2026": _nanochat_2026, "llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3}
 
 
 def build(kind, seed=0):
