@@ -59,10 +59,10 @@ def pack_shared_prompt_rows(prompts, completions, pad_id=0, drop_rows=(), pad_mu
         raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
     segments = list(dict.fromkeys(c.prompt_index for c in completions))  # distinct prompts, first-seen order
     segment_of = {index: s for s, index in enumerate(segments)}
-    heads = [list(prompts[index]) for index in segments]
-    if any(len(head) == 0 for head in heads):
+    segment_prompts = [list(prompts[index]) for index in segments]
+    if any(len(p) == 0 for p in segment_prompts):
         raise ValueError("a prompt has no tokens: every prompt starts with at least one token (BOS)")
-    prompt_width = _round_up(max(max(len(h) - 1 for h in heads), 1), pad_multiple)  # >= 1 even for 1-token prompts
+    prompt_width = _round_up(max(max(len(p) - 1 for p in segment_prompts), 1), pad_multiple)  # >= 1: 1-token prompts
     width = _round_up(max(max(len(c.tokens) for c in completions), 1), pad_multiple)
     inputs, targets, mask = [], [], []
     for i, c in enumerate(completions):
@@ -78,8 +78,8 @@ def pack_shared_prompt_rows(prompts, completions, pad_id=0, drop_rows=(), pad_mu
     rows_per_prompt = len(completions) // len(segments)
     grouped = row_prompt == [r // rows_per_prompt for r in range(len(completions))]
     return SharedPromptBatch(
-        prompt_inputs=mx.array([h[:-1] + [pad_id] * (prompt_width - len(h) + 1) for h in heads]),
-        prompt_lengths=mx.array([len(h) - 1 for h in heads], dtype=mx.int32),
+        prompt_inputs=mx.array([p[:-1] + [pad_id] * (prompt_width - len(p) + 1) for p in segment_prompts]),
+        prompt_lengths=mx.array([len(p) - 1 for p in segment_prompts], dtype=mx.int32),
         row_prompt=mx.array(row_prompt, dtype=mx.int32), inputs=mx.array(inputs), targets=mx.array(targets),
         mask=mx.array(mask, dtype=mx.float32), grouped=grouped)
 
