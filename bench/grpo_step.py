@@ -3,6 +3,7 @@
     python bench/grpo_step.py --depth 20 --compile --micro-batch-size 64   # nanochat's RL shape, as the trainer runs it
     python bench/grpo_step.py --depth 32 --micro-batch-size 8  # d32 at the same shape
     python bench/grpo_step.py --depth 4 --prompts 2 --group 4 --new-tokens 16   # a CPU smoke run
+    python bench/grpo_step.py --depth 20 --compile --micro-batch-size 64 --no-share-prompts  # prompt once per row
     python bench/grpo_step.py --family qwen3 --rollout-paths   # Qwen3-0.6B's shape: the three rollout paths
     python bench/grpo_step.py --family llama --compile --micro-batch-size 64   # the whole step on Llama-3.2-1B's shape
     mlx.launch -n 8 --backend nccl python bench/grpo_step.py --depth 20 --prompts 128   # data-parallel, 8 GPUs
@@ -63,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--num-iterations", type=int, default=1, help="> 1 takes old-policy log-probs")
     p.add_argument("--quant-bits", type=int, default=0, help="rollouts from a quantized copy (0 = off)")
     p.add_argument("--compile", action="store_true", help="compile the loss and gradient")
+    p.add_argument("--no-share-prompts", action="store_true",
+                   help="the update runs each prompt once per completion (share_prompt_forward = false)")
     p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast decoder")
     p.add_argument("--no-cuda-kernels", action="store_true", help="all three custom CUDA kernels off (decode attention, sampling, log-probs)")
     p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
@@ -102,7 +105,8 @@ def step_config(args) -> GRPOConfig:
         micro_batch_size=args.micro_batch_size, pad_to_multiple_of=args.pad_multiple, compute_dtype=args.compute_dtype,
         beta=args.beta, num_iterations=args.num_iterations, quantize_for_rollouts=args.quant_bits > 0,
         rollout_quant_bits=args.quant_bits or 4, use_compile=args.compile, train_type=args.train_type,
-        base_quant_bits=args.base_quant_bits, loss_type="dapo", epsilon=0.2))
+        base_quant_bits=args.base_quant_bits, loss_type="dapo", epsilon=0.2,
+        share_prompt_forward=not args.no_share_prompts))
 
 
 def main(argv=None):
@@ -160,6 +164,7 @@ def main(argv=None):
         rollout_s, train_s = phases["rollout"], t2 - t1
         row = {
             "step": step, "family": args.family, "depth": layers, "params": params, "processes": world.size,
+            "share_prompts": setup.share_prompts,
             "shape": f"{args.prompts}x{args.group}x{args.new_tokens}",
             "step_s": t2 - t0, "rollout_s": rollout_s, "prefill_s": rollouts.stats.prefill_seconds,
             "generate_s": rollouts.stats.seconds,

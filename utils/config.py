@@ -113,6 +113,9 @@ class GRPOConfig:
     rollout_quant_bits: int = 4  # 2 | 3 | 4 | 5 | 6 | 8
     rollout_quant_group_size: int = 64  # 32 | 64 | 128
 
+    # --- shared-prompt training forward (utils/training/shared_prompt.py) ---
+    share_prompt_forward: bool = True  # the update runs each prompt once per micro-batch (the models it covers)
+
     # --- LoRA / DoRA / QLoRA (utils/training/lora.py: mlx-lm's adapter layers) ---
     train_type: str = "full"  # full | lora | dora; lora/dora train only adapters on a frozen base
     lora_rank: int = 8  # adapter rank r

@@ -31,6 +31,7 @@ from mlx_grpo.training.checkpoint import CheckpointError, load_checkpoint, save_
 from mlx_grpo.training.distributed import World, group_advantages_across, process_states, restore_process_state
 from mlx_grpo.training.lora import base_policy, has_adapters, load_adapter_weights, rollout_copy
 from mlx_grpo.training.loss import finalize_stats, frac_reward_zero_std, group_reward_stats
+from mlx_grpo.training.shared_prompt import supports_shared_prompt
 from mlx_grpo.training.update import (
     FusedAdamW,
     LossAndGrad,
@@ -103,6 +104,7 @@ class StepSetup:
     calculator: Any = None  # generation.engine.CalculatorTool, or None
     fast_decode: bool = True  # False: rollouts through mlx-lm's model call, never the nanochat decoder
     adapters: bool = False  # LoRA/DoRA: the base is already in compute_dtype
+    share_prompts: bool = False  # micro-batches run each prompt once (cfg.share_prompt_forward, a covered model)
 
     @property
     def compute_dtype(self):
@@ -130,9 +132,13 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
         epsilon_high=cfg.effective_epsilon_high, beta=cfg.beta,
         importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.generation_limit,
         compute_dtype=compute_dtype, use_compile=cfg.use_compile)
+    share_prompts = cfg.share_prompt_forward and supports_shared_prompt(model)
+    if cfg.share_prompt_forward and not share_prompts:
+        print(f"[update] share_prompt_forward: model type {getattr(getattr(model, 'args', None), 'model_type', None)!r} is not covered; "
+              "each completion runs its prompt in the update")
     return StepSetup(cfg, world, model, reference, optimizer, schedule, loss_and_grad,
                      make_rollout_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p), set(stop_token_ids),
-                     calculator, fast_decode, adapters)
+                     calculator, fast_decode, adapters, share_prompts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +153,7 @@ class Rollouts:
     completions: list
     stats: RolloutStats
     slices: list  # rows of each micro-batch
-    batches: list  # update.PackedBatch per micro-batch
+    batches: list  # update.PackedBatch (or shared_prompt.SharedPromptBatch) per micro-batch
     old_logp: list | None  # per micro-batch; None where they equal the current policy's (on-policy)
     ref_logp: list | None  # per micro-batch, under the reference (beta > 0)
     quantized: bool  # sampled by a quantized copy
@@ -182,7 +188,8 @@ def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict) -> Rollou
         policy, prompts, group_size=cfg.num_generations, max_new_tokens=cfg.generation_limit, sampler=setup.sampler,
         stop_token_ids=setup.stop_token_ids, calculator=setup.calculator, fast_decode=setup.fast_decode)
     slices, batches = pack_micro_batches(prompts, completions, cfg.effective_micro_batch_size,
-                                         cfg.mask_truncated_completions, pad_multiple=cfg.pad_to_multiple_of)
+                                         cfg.mask_truncated_completions, pad_multiple=cfg.pad_to_multiple_of,
+                                         share_prompts=setup.share_prompts)
     start = _lap(seconds, "rollout", start)
     # Old-policy log-probs only where they differ from the current ones: the policy that sampled them
     # is a quantized copy, or the batch is reused for more than one update.

@@ -12,6 +12,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_reduce
 
 from mlx_grpo.training.loss import grpo_loss, token_logprobs, token_logprobs_and_entropy
+from mlx_grpo.training.shared_prompt import batch_logits, pack_shared_prompt_rows
 
 
 @dataclass
@@ -21,6 +22,10 @@ class PackedBatch:
     inputs: mx.array  # [B, T] token ids fed to the model
     targets: mx.array  # [B, T] next-token ids
     mask: mx.array  # [B, T] float32: 1 where the target is a sampled completion token
+
+    @property
+    def model_inputs(self) -> mx.array:
+        return self.inputs  # what batch_logits feeds the model (a tuple for a SharedPromptBatch)
 
 
 def pack_rows(prompts, completions, pad_id=0, drop_rows=(), pad_multiple=1):
@@ -53,15 +58,25 @@ def micro_batch_slices(total: int, size: int):
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def pack_micro_batches(prompts, completions, micro_batch_size, mask_truncated=False, pad_id=0, pad_multiple=1):
-    """Split a generation batch into packed micro-batches; truncated rows lose their mask if asked."""
+def pack_micro_batches(prompts, completions, micro_batch_size, mask_truncated=False, pad_id=0, pad_multiple=1,
+                       share_prompts=False):
+    """Split a generation batch into packed micro-batches; truncated rows lose their mask if asked.
+
+    share_prompts: SharedPromptBatch micro-batches (each prompt runs once per micro-batch), else PackedBatch;
+    the same slices either way, so the loss is the same.
+    """
     row_prompts = [prompts[c.prompt_index] for c in completions]
     slices = micro_batch_slices(len(completions), micro_batch_size)
     batches = []
     for rows in slices:
         part = completions[rows]
         drop = {i for i, c in enumerate(part) if c.truncated} if mask_truncated else set()
-        batches.append(pack_rows(row_prompts[rows], part, pad_id=pad_id, drop_rows=drop, pad_multiple=pad_multiple))
+        if share_prompts:
+            batches.append(pack_shared_prompt_rows(prompts, part, pad_id=pad_id, drop_rows=drop,
+                                                   pad_multiple=pad_multiple))
+        else:
+            batches.append(pack_rows(row_prompts[rows], part, pad_id=pad_id, drop_rows=drop,
+                                     pad_multiple=pad_multiple))
     return slices, batches
 
 
@@ -177,7 +192,7 @@ def frozen_logprobs(model, batches, temperature):
     """Per-token log-probs under a frozen model (old policy, reference), one array per micro-batch."""
     out = []
     for batch in batches:
-        logp = token_logprobs(model(batch.inputs), batch.targets, temperature)
+        logp = token_logprobs(batch_logits(model, batch.model_inputs), batch.targets, temperature)
         mx.eval(logp)
         out.append(logp)
     return out
@@ -222,11 +237,11 @@ def make_loss_and_grad(model, *, temperature, loss_type, epsilon, epsilon_high, 
                        importance_sampling_level, max_completion_length, compute_dtype=mx.float32,
                        use_compile=False) -> LossAndGrad:
     """The GRPO loss and its gradient for `model`; normalizers are arrays so a compiled graph is
-    reused across steps. See LossAndGrad for the dtypes."""
+    reused across steps. See LossAndGrad for the dtypes. inputs: a packed batch's model_inputs."""
 
     def loss_fn(inputs, targets, mask, advantages, old_logp, ref_logp,
                 num_sequences_total, num_tokens_total, num_micro_batches):
-        logp, entropy = token_logprobs_and_entropy(model(inputs), targets, temperature)
+        logp, entropy = token_logprobs_and_entropy(batch_logits(model, inputs), targets, temperature)
         loss, stats = grpo_loss(
             logp, old_logp, ref_logp, advantages, mask, loss_type=loss_type, epsilon=epsilon,
             epsilon_high=epsilon_high, beta=beta, importance_sampling_level=importance_sampling_level,
@@ -296,7 +311,7 @@ def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
     with loss_and_grad.compute_weights():
         for i, (rows, batch) in enumerate(zip(slices, batches)):
             (mb_loss, mb_stats), mb_grads = loss_and_grad(
-                batch.inputs, batch.targets, batch.mask, advantages[rows],
+                batch.model_inputs, batch.targets, batch.mask, advantages[rows],
                 None if old_logp is None else old_logp[i], None if ref_logp is None else ref_logp[i], *norm_args)
             grads = add_grads(grads, mb_grads)
             del mb_grads  # now only the sum's graph holds them: each leaf is freed once it is added
