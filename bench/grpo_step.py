@@ -18,6 +18,7 @@ once per decode step). Sampling never stops early: no stop tokens are given.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -70,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--no-cuda-kernels", action="store_true", help="all three custom CUDA kernels off (decode attention, sampling, log-probs)")
     p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
     p.add_argument("--base-quant-bits", type=int, default=0, help="QLoRA: quantize the frozen base (0 = no)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+                   help="muon: nanochat's MuonAdamW at chat_rl.py's rates (learning_rate 0.05)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
     p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth for the bound (H100: 3.35)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
@@ -114,6 +117,8 @@ def main(argv=None):
     world = init_world()
     quiet_unless_main(world)
     cfg = step_config(args)
+    if args.optimizer == "muon":
+        cfg = validate(dataclasses.replace(cfg, optimizer="muon", learning_rate=0.05))
     mx.random.seed(0)
     rng = np.random.default_rng(0)  # the prompts: the same global batch on every process
     reward_rng = np.random.default_rng(1 + world.rank)

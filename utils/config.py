@@ -59,6 +59,7 @@ REPORT_TO = ("tensorboard", "wandb")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 QUANT_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
 TRAIN_TYPES = ("full", "lora", "dora")
+OPTIMIZERS = ("adamw", "muon")
 
 
 class ConfigError(ValueError):
@@ -91,6 +92,13 @@ class GRPOConfig:
     prompts_per_step: int = 0  # prompts per step (one generation batch); 0 = batch_size * gradient_accumulation_steps
     micro_batch_size: int = 0  # completions per forward/backward; 0 = batch_size * num_generations
     pad_to_multiple_of: int = 64  # micro-batch row width rounded up to this: a compiled loss is reused across steps
+
+    # --- optimizer: AdamW, or nanochat's MuonAdamW (utils/training/muon.py) ---
+    optimizer: str = "adamw"  # adamw | muon (then learning_rate is the fraction of the base rates below)
+    matrix_lr: float = 0.02  # muon: Muon's base rate for the blocks' matrices (nanochat's --matrix-lr)
+    embedding_lr: float = 0.2  # muon: AdamW base rate of the embeddings, x (n_embd/768)^-0.5; value embeddings x 0.5
+    unembedding_lr: float = 0.004  # muon: AdamW base rate of lm_head, x (n_embd/768)^-0.5
+    scalar_lr: float = 0.5  # muon: AdamW base rate of x0_lambdas (resid_lambdas x 0.01)
 
     # --- GRPO rollouts and loss ---
     num_generations: int = 64  # group size G: completions sampled per prompt
@@ -516,6 +524,17 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     one_of("base_quant_group_size", QUANT_GROUP_SIZES)
     need(cfg.base_quant_bits == 0 or cfg.train_type != "full",
          "base_quant_bits > 0 (QLoRA) quantizes a frozen base: set train_type = \"lora\" (or \"dora\")")
+
+    # optimizer (utils/training/muon.py)
+    one_of("optimizer", OPTIMIZERS)
+    for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr"):
+        at_least(name, 0.0)
+    need(cfg.optimizer != "muon" or cfg.learning_rate >= 1e-3,
+         "with optimizer = \"muon\" learning_rate is the fraction of nanochat's base learning rates "
+         f"(chat_rl.py's --init-lr-frac: 0.05), got {cfg.learning_rate!r}; set learning_rate = 0.05")
+    need(cfg.optimizer != "muon" or cfg.train_type == "full",
+         f"optimizer = \"muon\" trains every weight as nanochat does; set train_type = \"full\" (got "
+         f"{cfg.train_type!r}) or optimizer = \"adamw\"")
 
     if errors:
         raise ConfigError("; ".join(errors))

@@ -220,6 +220,7 @@ def convert_checkpoint(
     config = mlx_config(model_config) if arch.is_october_2025 else eras.model_config(model_config, arch)
     target = DTYPES[dtype]
     num_params = sum(v.numel() for v in state.values())
+    source_dtypes = {name: str(v.dtype).removeprefix("torch.") for name, v in sorted(state.items())}  # for export
     model = build_model(config)
     weights = {name: torch_to_mx(state.pop(name), target) for name in sorted(state)}
     if hasattr(model, "sanitize"):  # nanochat's names to the 2026 model's
@@ -244,6 +245,7 @@ def convert_checkpoint(
         "quantization": quantization,
         "era": arch.era.commit,
         "warnings": list(arch.warnings),
+        "dtypes": source_dtypes,
     }
     save_nanochat_folder(output_dir, model, config, checkpoint.tokenizer_path, extra_meta=provenance)
     size = sum(p.stat().st_size for p in output_dir.iterdir() if p.is_file())
@@ -300,6 +302,7 @@ mlx_grpo.models.load_model and mlx_lm.load. It prints the era it identified (REA
     python convert_nanochat.py path/to/ckpt_dir --output models/mine [--step N]
     python convert_nanochat.py ~/.cache/nanochat --stage sft --tag d20 --output models/d20-sft
     python convert_nanochat.py sdobson/nanochat --q-bits 4 --q-group-size 64   # -> models/nanochat-mlx-4bit
+    python convert_nanochat.py --to-nanochat outputs/run1 --output ~/.cache/nanochat   # back: chatrl_checkpoints/d20/
 """
 
 
@@ -327,6 +330,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"the logit softcap of a value-embedding checkpoint from before 6ed7d1d, which the "
                              f"tensors do not show: 15 (e85db6b, 2026-01-16) or 20 (aba30cb, 2026-03-02 to 03-09) "
                              f"(default: {eras.DEFAULT_SOFTCAP:g}, with a warning)")
+    parser.add_argument("--to-nanochat", metavar="CHECKPOINT",
+                        help="the other direction: write CHECKPOINT (a converted folder, a trainer checkpoint, LoRA "
+                             "ones fused first, or a run folder: its newest) into the nanochat base dir --output, "
+                             "as <stage dir>/<tag>/model_{step:06d}.pt + meta and tokenizer/tokenizer.pkl "
+                             "(utils/nanochat/export.py; --stage default rl, --tag default d<depth>, --step "
+                             "default the trainer's step)")
     parser.add_argument("--window-pattern",
                         help=f"the base run's window pattern (S and L letters) when the meta does not record it "
                              f"(chat_sft before 8b4849d, 2026-02-01) (default: {eras.DEFAULT_WINDOW_PATTERN}, or "
@@ -336,6 +345,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.to_nanochat:
+        from mlx_grpo.nanochat.export import main as export_main
+
+        return export_main(args)
     try:
         summary = convert(args.source, args.output, stage=args.stage, tag=args.tag, step=args.step, dtype=args.dtype,
                           q_bits=args.q_bits, q_group_size=args.q_group_size, overwrite=args.overwrite,

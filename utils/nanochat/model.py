@@ -32,8 +32,22 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.nanochat import MLP, apply_rotary_emb
 
 from mlx_grpo.nanochat.mlx_lm_hook import MODEL_TYPE  # noqa: F401 (this module's model type)
+
 # nanochat's state dict keeps value embeddings at the top (value_embeds.{i}); here they live in their layer's attention.
-_NANOCHAT_VALUE_EMBED = re.compile(r"^value_embeds\.(\d+)\.(.+)$")
+# The one renaming, both ways: sanitize (import) and nanochat_name (export, utils/nanochat/export.py).
+_NANOCHAT_VALUE_EMBED, _MLX_VALUE_EMBED = "value_embeds.{}.{}", "transformer.h.{}.attn.value_embed.{}"
+
+
+def _rename(name: str, source: str, target: str) -> str:
+    """name matching the template source (layer, then leaf) as the template target; other names as they are."""
+    pattern = re.escape(source).replace(re.escape("{}"), r"(\d+)", 1).replace(re.escape("{}"), r"(.+)", 1)
+    m = re.fullmatch(pattern, name)
+    return target.format(*m.groups()) if m else name
+
+
+def nanochat_name(name: str) -> str:
+    """This model's parameter name as nanochat's state dict has it."""
+    return _rename(name, _MLX_VALUE_EMBED, _NANOCHAT_VALUE_EMBED)
 
 
 @dataclass
@@ -231,9 +245,4 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict) -> dict:
         """nanochat's state-dict names to this model's (names of a saved folder are left as they are)."""
-        out = {}
-        for name, value in weights.items():
-            if m := _NANOCHAT_VALUE_EMBED.match(name):
-                name = f"transformer.h.{m.group(1)}.attn.value_embed.{m.group(2)}"
-            out[name] = value
-        return out
+        return {_rename(name, _NANOCHAT_VALUE_EMBED, _MLX_VALUE_EMBED): value for name, value in weights.items()}

@@ -32,6 +32,7 @@ from mlx_grpo.training.distributed import World, group_advantages_across, proces
 from mlx_grpo.training.lora import base_policy, has_adapters, load_adapter_weights, rollout_copy
 from mlx_grpo.training.loss import finalize_stats, frac_reward_zero_std, group_reward_stats
 from mlx_grpo.training.shared_prompt import supports_shared_prompt
+from mlx_grpo.training.muon import MuonAdamW, muon_adamw
 from mlx_grpo.training.update import (
     FusedAdamW,
     LossAndGrad,
@@ -96,7 +97,7 @@ class StepSetup:
     world: World
     model: Any  # the policy: float32 master weights, or float32 adapters on a frozen base
     reference: Any  # the KL reference (beta > 0) or None
-    optimizer: FusedAdamW
+    optimizer: FusedAdamW | MuonAdamW
     schedule: Callable  # optimizer step -> learning rate
     loss_and_grad: LossAndGrad
     sampler: Callable  # rollout sampler (temperature, top_p, top_k, min_p)
@@ -125,8 +126,13 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
         reference = frozen_copy(model, cfg.rollout_quant_bits if cfg.quantize_for_rollouts else None,
                                 cfg.rollout_quant_group_size, dtype=compute_dtype)
     schedule = make_lr_schedule(cfg.learning_rate, total_updates, cfg.warmup_ratio, cfg.lr_scheduler_type)
-    optimizer = FusedAdamW(learning_rate=schedule, betas=[cfg.adam_beta1, cfg.adam_beta2],
-                           weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "muon":  # nanochat's groups, each at its base rate x schedule
+        optimizer = muon_adamw(model, schedule, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                               unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr,
+                               weight_decay=cfg.weight_decay)
+    else:
+        optimizer = FusedAdamW(learning_rate=schedule, betas=[cfg.adam_beta1, cfg.adam_beta2],
+                               weight_decay=cfg.weight_decay)
     loss_and_grad = make_loss_and_grad(
         model, temperature=cfg.temperature, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
         epsilon_high=cfg.effective_epsilon_high, beta=cfg.beta,
