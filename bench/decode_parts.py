@@ -34,12 +34,18 @@ def main():
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--part", default="steps", choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop"])
+    p.add_argument("--part", default="steps",
+                   choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop", "capacity"])
+    p.add_argument("--vocab", type=int, default=65536, help="vocabulary of --part capacity's model")
+    p.add_argument("--capacities", default="256,1024", help="--part capacity: decoder capacities (max_new_tokens)")
     p.add_argument("--no-cuda-kernels", action="store_true",
                    help="MLX ops instead of the custom CUDA kernels (all three; as MLX_GRPO_CUDA_KERNELS=0)")
     args = p.parse_args()
     if args.no_cuda_kernels:
         cuda_kernels.set_enabled(False)
+    if args.part == "capacity":
+        return step_by_capacity(depth=args.depth, rows=args.rows, context=args.context, steps=args.steps,
+                                vocab=args.vocab, capacities=[int(c) for c in args.capacities.split(",")])
     if args.part == "loop":
         return rollout_loop(depth=args.depth, rows=args.rows, steps=args.steps)
     if args.part == "ops":
@@ -232,6 +238,35 @@ def op_costs(depth=20, rows=256, context=100, repeats=50):
         mx.eval(out)
         pipelined.append((time.perf_counter() - start) / 10 * 1e3)
     print(f"decode step, async (pipelined)             {min(pipelined):8.3f} ms")
+
+
+def step_by_capacity(depth, rows, context, steps, vocab, capacities, prompts=4):
+    """utils/nanochat/decoder.py's decode step at the same context for several cache capacities, run as the
+    engine runs it (step t queued before step t-1 is read back): a per-step cost that grows with the
+    capacity is a cache write copying the whole buffer."""
+    from mlx_grpo.nanochat.decoder import NanochatDecoder
+
+    model = build_model(depth, vocab)
+    prompt_ids = [[1 + i] * (context - i % 3) for i in range(prompts)]
+    sampler = make_rollout_sampler(0.0)
+    for capacity in capacities:
+        decoder = NanochatDecoder(model, prompt_ids, rows // prompts, capacity)
+        tokens = mx.zeros((rows,), dtype=mx.int32)
+        timings = []
+        for phase in range(3):  # warm-up, then two timed runs of `steps` steps
+            mx.synchronize()
+            start, pending = time.perf_counter(), None
+            for _ in range(steps):
+                tokens = sampler(decoder.step(tokens))
+                mx.async_eval(tokens)
+                if pending is not None:
+                    pending.tolist()
+                pending = tokens
+            mx.eval(tokens)
+            timings.append((time.perf_counter() - start) / steps * 1e3)
+        print(f"capacity {capacity:>5}, context {context}-{context + 3 * steps}: "
+              f"{min(timings[1:]):8.3f} ms per decode step (kernel: {decoder.use_kernel})", flush=True)
+        decoder = None
 
 
 def decoder_by_context(depth=20, rows=256, steps=16, prompts=16):

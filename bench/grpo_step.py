@@ -3,6 +3,8 @@
     python bench/grpo_step.py --depth 20 --compile --micro-batch-size 64   # nanochat's RL shape, as the trainer runs it
     python bench/grpo_step.py --depth 32 --micro-batch-size 8  # d32 at the same shape
     python bench/grpo_step.py --depth 4 --prompts 2 --group 4 --new-tokens 16   # a CPU smoke run
+    python bench/grpo_step.py --family nanochat_2026 --depth 24 --window-pattern SSSL --compile --micro-batch-size 64
+    python bench/grpo_step.py --depth 20 --compare --compile --micro-batch-size 64   # every rollout path side by side
     mlx.launch -n 8 --backend nccl python bench/grpo_step.py --depth 20 --prompts 128   # data-parallel, 8 GPUs
 
 The step is the trainer's (utils/training/step.py: the rollout copy, the old-policy and reference
@@ -12,6 +14,10 @@ summed, as in the trainer (--prompts is the global batch). Reports rollout and t
 (summed over processes), model TFLOP/s, step seconds split into rollout / old policy / reference /
 update, peak memory, and rollout speed against the memory-bandwidth bound (weights and KV cache read
 once per decode step). Sampling never stops early: no stop tokens are given.
+
+--family picks the architecture (FAMILIES: a model builder per family, random weights of nanochat's
+shape for --depth); --compare runs the rollout paths one after another in this process (PATHS: the
+fast decoder with and without the CUDA kernels, mlx-lm's model call, LoRA) and prints them side by side.
 """
 
 import argparse
@@ -20,23 +26,33 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.nanochat import Model, ModelArgs
+from mlx_lm.models import nanochat as october_2025
 
 import mlx_grpo.cuda_kernels as cuda_kernels
 from mlx_grpo.config import GRPOConfig, validate
+from mlx_grpo.nanochat import eras
+from mlx_grpo.nanochat import model as nanochat_2026
 from mlx_grpo.training.distributed import broadcast_trainable, init_world, quiet_unless_main, weights_digest
 from mlx_grpo.training.lora import add_adapters
 from mlx_grpo.training.step import TrainState, build_step, grpo_updates, sample_rollouts
 
-VOCAB = 65536
+VOCAB = 65536  # nanochat's October-2025 vocabulary
+VOCAB_2026 = 32768  # since 2026
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", default="nanochat", choices=list(FAMILIES), help="model architecture")
     p.add_argument("--depth", type=int, default=20, help="nanochat depth: width 64*depth, heads depth/2")
-    p.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (nanochat's; smaller for a quick run)")
+    p.add_argument("--vocab", type=int, help=f"vocabulary size (default nanochat's: {VOCAB}, 2026: {VOCAB_2026})")
+    p.add_argument("--window-pattern", default=eras.DEFAULT_WINDOW_PATTERN,
+                   help="nanochat_2026: S/L per layer, tiled (S = sequence_len / 4 rounded up to 128, L = sequence_len)")
+    p.add_argument("--sequence-len", type=int, default=2048, help="nanochat_2026: the training length the windows "
+                   "come from (nanochat's 2048; 512 makes S = 128 bind at the default shape)")
+    p.add_argument("--compare", action="store_true", help="run every rollout path (PATHS) in this process, side by side")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (under mlx.launch: of all processes)")
     p.add_argument("--group", type=int, default=16, help="samples per prompt (num_generations)")
     p.add_argument("--prompt-len", type=int, default=100, help="mean prompt length (varied +-20%%)")
@@ -58,33 +74,83 @@ def parse_args(argv=None):
     p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth for the bound (H100: 3.35)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
     p.add_argument("--json", help="also write the results to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.window_pattern = eras.check_window_pattern(args.window_pattern, "--window-pattern")
+    except eras.NanochatCheckpointError as e:
+        p.error(str(e))
+    if args.vocab is None:
+        args.vocab = VOCAB_2026 if args.family == "nanochat_2026" else VOCAB
+    return args
 
 
-def build_model(depth, vocab=VOCAB):
-    width = 64 * depth
-    args = ModelArgs(hidden_size=width, num_hidden_layers=depth, num_attention_heads=width // 128,
-                     num_key_value_heads=width // 128, vocab_size=vocab, intermediate_size=4 * width)
-    model = Model(args)
+def _random_weights(model):
     model.set_dtype(mx.float32)  # the trainer's float32 master weights
     mx.eval(model.parameters())
     return model
+
+
+def build_model(depth, vocab=VOCAB):
+    """nanochat's October-2025 architecture (mlx-lm's nanochat model) at this depth, random weights."""
+    width = 64 * depth
+    args = october_2025.ModelArgs(hidden_size=width, num_hidden_layers=depth, num_attention_heads=width // 128,
+                                  num_key_value_heads=width // 128, vocab_size=vocab, intermediate_size=4 * width)
+    return _random_weights(october_2025.Model(args))
+
+
+def build_model_2026(depth, vocab=VOCAB_2026, window_pattern=eras.DEFAULT_WINDOW_PATTERN, sequence_len=2048):
+    """nanochat's 2026 architecture (the newest era: value embeddings, smear, backout, windows) at this depth."""
+    width = 64 * depth
+    cfg = {"sequence_len": sequence_len, "vocab_size": vocab, "n_layer": depth, "n_head": width // 128,
+           "n_kv_head": width // 128, "n_embd": width}
+    era = eras.ERAS[-1]
+    config = eras.model_config(cfg, eras.Architecture(era, window_pattern, era.softcap))
+    model = nanochat_2026.Model(nanochat_2026.ModelArgs.from_dict(config))
+    # Lambdas as a trained model has them (zeros would skip nothing: the same ops run either way).
+    model.x0_lambdas = mx.full((depth,), 0.1)
+    model.smear_lambda, model.backout_lambda = mx.array([0.5]), mx.array([0.2])
+    return _random_weights(model)
+
+
+# The families --family builds: (args) -> a random-weight model of that architecture at --depth.
+FAMILIES = {
+    "nanochat": lambda args: build_model(args.depth, args.vocab),
+    "nanochat_2026": lambda args: build_model_2026(args.depth, args.vocab, args.window_pattern, args.sequence_len),
+}
+# The rollout paths --compare runs, as flag settings on top of the command line's.
+PATHS = {
+    "fast decoder + CUDA kernels": {},
+    "fast decoder, --no-cuda-kernels": {"no_cuda_kernels": True},
+    "mlx-lm model call": {"mlx_lm_decode": True},
+    "LoRA (fast decoder on the merged copy)": {"train_type": "lora"},
+}
 
 
 def count_params(model):
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def decode_bound_seconds(args, rows, params, prompt_lens, bytes_per_weight):
-    """Seconds to read the weights (minus the embedding table) and this process's KV cache once per decode step."""
-    depth = args.depth
-    width = 64 * depth
-    weight_bytes = (params - args.vocab * width) * bytes_per_weight
+def embedding_params(model):
+    """Parameters of the embedding tables (token and value embeddings): a decode step reads one row of each."""
+    return sum(m.weight.size for _, m in model.named_modules() if isinstance(m, nn.Embedding))
+
+
+def kv_layers(model):
+    """(key width, window or None) of each layer."""
+    windows = getattr(model.args, "window_sizes", None) or [None] * len(model.layers)
+    return [(b.attn.c_k.weight.shape[0], window) for b, window in zip(model.layers, windows)]
+
+
+def decode_bound_seconds(args, layers, rows, weight_params, prompt_lens, bytes_per_weight):
+    """Seconds to read the weights (weight_params: all but the embedding tables) and this process's KV cache
+    (layers: kv_layers, each layer's window of it) once per decode step."""
+    weight_bytes = weight_params * bytes_per_weight
     mean_prompt = float(np.mean(prompt_lens))
     total = 0.0
     for step in range(args.new_tokens):
         context = mean_prompt + step
-        kv_bytes = 2 * depth * rows * context * width * 2  # K and V in bf16
+        # K and V in bf16; a window reads window + 1 keys at most
+        kv_bytes = sum(2 * rows * min(context, context if w is None else w + 1) * kv * 2 for kv, w in layers)
         total += (weight_bytes + kv_bytes) / (args.bandwidth_tbs * 1e12)
     return total
 
@@ -105,14 +171,34 @@ def main(argv=None):
     args = parse_args(argv)
     world = init_world()
     quiet_unless_main(world)
+    if not args.compare:
+        return run(args, world)
+    table = {}
+    for name, settings in PATHS.items():
+        print(f"[path] {name}", flush=True)
+        table[name] = run(argparse.Namespace(**{**vars(args), **settings, "json": None}), world)
+        cuda_kernels.set_enabled(True)
+    print(f"[compare] {args.family} d{args.depth}, {args.prompts}x{args.group}x{args.new_tokens}, "
+          f"top_k {args.top_k}, {mx.default_device()}")
+    print(f"{'path':<42} {'rollout tok/s':>14} {'of bound':>9} {'rollout s':>10} {'step s':>8}")
+    for name, summary in table.items():
+        print(f"{name:<42} {summary['rollout_tok_s']:>14,.0f} {summary['rollout_vs_bandwidth_bound']:>9.1%} "
+              f"{summary['rollout_s']:>10.3f} {summary['step_s']:>8.3f}")
+    if args.json and world.is_main:
+        Path(args.json).write_text(json.dumps({"compare": table}, indent=2))
+    return table
+
+
+def run(args, world):
+    """One configuration: a warm-up step and args.steps timed steps; the mean of the timed ones."""
     cfg = step_config(args)
     mx.random.seed(0)
     rng = np.random.default_rng(0)  # the prompts: the same global batch on every process
     reward_rng = np.random.default_rng(1 + world.rank)
     if args.no_cuda_kernels:
         cuda_kernels.set_enabled(False)
-    model = build_model(args.depth, args.vocab)
-    params = count_params(model)
+    model = FAMILIES[args.family](args)
+    params, embeddings, layers = count_params(model), embedding_params(model), kv_layers(model)
     if cfg.train_type != "full":  # the trainer's LoRA: float32 adapters on a frozen compute_dtype (or quantized) base
         add_adapters(model, cfg)
     broadcast_trainable(world, model)
@@ -143,13 +229,14 @@ def main(argv=None):
             "trained": sum(len(prompts[c.prompt_index]) + len(c.tokens) - 1 for c in rollouts.completions)
             * args.num_iterations})
         seq_len = args.prompt_len + args.new_tokens
-        flops_per_token = 6 * (params - args.vocab * width) + 12 * args.depth * width * seq_len  # nanochat's estimate
-        bound = decode_bound_seconds(args, len(prompts) * args.group, params, [len(p) for p in prompts],
+        flops_per_token = 6 * (params - embeddings) + 12 * args.depth * width * seq_len  # nanochat's estimate
+        bound = decode_bound_seconds(args, layers, len(prompts) * args.group, params - embeddings,
+                                     [len(p) for p in prompts],
                                      2 if not args.quant_bits else args.quant_bits / 8)
         phases = rollouts.seconds  # rollout (copy, generation, packing), old policy, reference
         rollout_s, train_s = phases["rollout"], t2 - t1
         row = {
-            "step": step, "depth": args.depth, "params": params, "processes": world.size,
+            "step": step, "family": args.family, "depth": args.depth, "params": params, "processes": world.size,
             "shape": f"{args.prompts}x{args.group}x{args.new_tokens}",
             "step_s": t2 - t0, "rollout_s": rollout_s, "prefill_s": rollouts.stats.prefill_seconds,
             "generate_s": rollouts.stats.seconds,
