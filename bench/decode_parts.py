@@ -35,7 +35,7 @@ def main():
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--part", default="steps",
-                   choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop", "capacity"])
+                   choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop", "capacity", "write"])
     p.add_argument("--vocab", type=int, default=65536, help="vocabulary of --part capacity's model")
     p.add_argument("--capacities", default="256,1024", help="--part capacity: decoder capacities (max_new_tokens)")
     p.add_argument("--no-cuda-kernels", action="store_true",
@@ -43,6 +43,8 @@ def main():
     args = p.parse_args()
     if args.no_cuda_kernels:
         cuda_kernels.set_enabled(False)
+    if args.part == "write":
+        return cache_write(rows=args.rows, steps=args.steps, capacities=[int(c) for c in args.capacities.split(",")])
     if args.part == "capacity":
         return step_by_capacity(depth=args.depth, rows=args.rows, context=args.context, steps=args.steps,
                                 vocab=args.vocab, capacities=[int(c) for c in args.capacities.split(",")])
@@ -238,6 +240,34 @@ def op_costs(depth=20, rows=256, context=100, repeats=50):
         mx.eval(out)
         pipelined.append((time.perf_counter() - start) / 10 * 1e3)
     print(f"decode step, async (pipelined)             {min(pipelined):8.3f} ms")
+
+
+def cache_write(rows, steps, capacities, head_dim=128):
+    """One column written into a (rows, 1, capacity, head_dim) buffer per step, then read: with the host waiting
+    for each step, and with the host one step ahead (as the engine runs). MLX writes a slice in place only when
+    nothing else holds the buffer; a step still in flight does, so then every write copies the whole buffer."""
+    for ahead in (False, True):
+        for capacity in capacities:
+            buffer = mx.zeros((rows, 1, capacity, head_dim))
+            column = mx.ones((rows, 1, 1, head_dim))
+            mx.eval(buffer)
+            pending = None
+            start = time.perf_counter()
+            for i in range(steps):
+                buffer[..., i:i + 1, :] = column + i
+                read = buffer[..., :i + 1, :].sum()
+                if ahead:
+                    mx.async_eval(read)
+                    if pending is not None:
+                        pending.item()
+                    pending = read
+                else:
+                    mx.eval(read)
+            mx.eval(buffer)
+            label = "host one step ahead" if ahead else "host waits each step"
+            print(f"{label}, capacity {capacity:>5}: {(time.perf_counter() - start) / steps * 1e3:8.3f} ms per write",
+                  flush=True)
+            buffer = None
 
 
 def step_by_capacity(depth, rows, context, steps, vocab, capacities, prompts=4):
