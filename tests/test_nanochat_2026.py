@@ -281,6 +281,23 @@ def test_the_fast_decoder_runs_the_2026_architecture_like_its_full_forward(conve
     assert len({t for w in want for t in w}) > 3, "greedy decoding of the fixture should not be constant"
 
 
+def test_a_quantized_rollout_copy_decodes_fast_with_the_model_calls_tokens(converted):
+    """A 4-bit rollout copy (quantized value embeddings, plain gates) through the fast decoder: mlx-lm's model
+    call on the same copy samples the same greedy tokens."""
+    from mlx_grpo.generation.engine import generate_completions
+    from mlx_grpo.generation.sampling import make_rollout_sampler
+    from mlx_grpo.nanochat.decoder import supports
+    from mlx_grpo.training.update import frozen_copy
+
+    copy = frozen_copy(load_model(converted("a825e63")[1])[0], 4, 32)
+    assert supports(copy)
+    prompts = [token_ids(140, seed=1), token_ids(9, seed=2)]
+    kwargs = dict(group_size=2, max_new_tokens=8, sampler=make_rollout_sampler(0.0), stop_token_ids=set())
+    fast, _ = generate_completions(copy, prompts, **kwargs)
+    slow, _ = generate_completions(copy, prompts, fast_decode=False, **kwargs)
+    assert [c.tokens for c in fast] == [c.tokens for c in slow]
+
+
 @pytest.mark.skipif(not cuda_kernels.runs_on_cuda_gpu(), reason="needs MLX's CUDA backend")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_the_decode_kernel_runs_the_2026_architecture_like_the_portable_decoder(converted, dtype):
