@@ -245,16 +245,24 @@ def op_costs(depth=20, rows=256, context=100, repeats=50):
 def cache_write(rows, steps, capacities, head_dim=128):
     """One column written into a (rows, 1, capacity, head_dim) buffer per step, then read: with the host waiting
     for each step, and with the host one step ahead (as the engine runs). MLX writes a slice in place only when
-    nothing else holds the buffer; a step still in flight does, so then every write copies the whole buffer."""
-    for ahead in (False, True):
+    nothing else holds the buffer; a step still in flight does, so then every write copies the whole buffer.
+    "two buffers": written in turn, each write the step before's column and its own (NanochatDecoder's
+    alternate_buffers): the buffer written was read two steps ago."""
+    for ahead, alternate in ((False, False), (True, False), (True, True)):
         for capacity in capacities:
-            buffer = mx.zeros((rows, 1, capacity, head_dim))
+            buffers = [mx.zeros((rows, 1, capacity, head_dim)) for _ in range(2 if alternate else 1)]
             column = mx.ones((rows, 1, 1, head_dim))
-            mx.eval(buffer)
-            pending = None
+            mx.eval(buffers)
+            pending, previous = None, None
             start = time.perf_counter()
             for i in range(steps):
-                buffer[..., i:i + 1, :] = column + i
+                new = column + i
+                buffer = buffers[i % len(buffers)]
+                if alternate and previous is not None:
+                    buffer[..., i - 1:i + 1, :] = mx.concatenate([previous, new], axis=2)
+                else:
+                    buffer[..., i:i + 1, :] = new
+                previous = new
                 read = buffer[..., :i + 1, :].sum()
                 if ahead:
                     mx.async_eval(read)
@@ -264,23 +272,24 @@ def cache_write(rows, steps, capacities, head_dim=128):
                 else:
                     mx.eval(read)
             mx.eval(buffer)
-            label = "host one step ahead" if ahead else "host waits each step"
+            label = ("host one step ahead" if ahead else "host waits each step") + (", two buffers" if alternate else "")
             print(f"{label}, capacity {capacity:>5}: {(time.perf_counter() - start) / steps * 1e3:8.3f} ms per write",
                   flush=True)
-            buffer = None
+            buffers = buffer = None
 
 
 def step_by_capacity(depth, rows, context, steps, vocab, capacities, prompts=4):
     """utils/nanochat/decoder.py's decode step at the same context for several cache capacities, run as the
     engine runs it (step t queued before step t-1 is read back): a per-step cost that grows with the
-    capacity is a cache write copying the whole buffer."""
+    capacity is a cache write copying the whole buffer. Each capacity with one cache buffer per layer, then
+    with two written in turn (NanochatDecoder's alternate_buffers)."""
     from mlx_grpo.nanochat.decoder import NanochatDecoder
 
     model = build_model(depth, vocab)
     prompt_ids = [[1 + i] * (context - i % 3) for i in range(prompts)]
     sampler = make_rollout_sampler(0.0)
-    for capacity in capacities:
-        decoder = NanochatDecoder(model, prompt_ids, rows // prompts, capacity)
+    for capacity, alternate in [(c, a) for a in (False, True) for c in capacities]:
+        decoder = NanochatDecoder(model, prompt_ids, rows // prompts, capacity, alternate_buffers=alternate)
         tokens = mx.zeros((rows,), dtype=mx.int32)
         timings = []
         for phase in range(3):  # warm-up, then two timed runs of `steps` steps
@@ -294,7 +303,7 @@ def step_by_capacity(depth, rows, context, steps, vocab, capacities, prompts=4):
                 pending = tokens
             mx.eval(tokens)
             timings.append((time.perf_counter() - start) / steps * 1e3)
-        print(f"capacity {capacity:>5}, context {context}-{context + 3 * steps}: "
+        print(f"capacity {capacity:>5}, context {context}-{context + 3 * steps}, alternate_buffers {alternate}: "
               f"{min(timings[1:]):8.3f} ms per decode step (kernel: {decoder.use_kernel})", flush=True)
         decoder = None
 

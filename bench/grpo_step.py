@@ -33,6 +33,7 @@ from mlx_lm.models import nanochat as october_2025
 
 import mlx_grpo.cuda_kernels as cuda_kernels
 from mlx_grpo.config import GRPOConfig, validate
+from mlx_grpo.nanochat import decoder as nanochat_decode
 from mlx_grpo.nanochat import eras
 from mlx_grpo.nanochat import model as nanochat_2026
 from mlx_grpo.training.distributed import broadcast_trainable, init_world, quiet_unless_main, weights_digest
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="compile the loss and gradient")
     p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast nanochat decoder")
     p.add_argument("--no-cuda-kernels", action="store_true", help="all three custom CUDA kernels off (decode attention, sampling, log-probs)")
+    p.add_argument("--alternate-buffers", action="store_true", help="the portable decode path with two KV buffers "
+                   "per layer written in turn (nanochat decoder's alternate_buffers: no copy per write, 2x KV memory)")
     p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
     p.add_argument("--base-quant-bits", type=int, default=0, help="QLoRA: quantize the frozen base (0 = no)")
     p.add_argument("--steps", type=int, default=2, help="timed steps (after one warm-up step)")
@@ -121,6 +124,7 @@ FAMILIES = {
 PATHS = {
     "fast decoder + CUDA kernels": {},
     "fast decoder, --no-cuda-kernels": {"no_cuda_kernels": True},
+    "fast decoder, --no-cuda-kernels --alternate-buffers": {"no_cuda_kernels": True, "alternate_buffers": True},
     "mlx-lm model call": {"mlx_lm_decode": True},
     "LoRA (fast decoder on the merged copy)": {"train_type": "lora"},
 }
@@ -180,9 +184,9 @@ def main(argv=None):
         cuda_kernels.set_enabled(True)
     print(f"[compare] {args.family} d{args.depth}, {args.prompts}x{args.group}x{args.new_tokens}, "
           f"top_k {args.top_k}, {mx.default_device()}")
-    print(f"{'path':<42} {'rollout tok/s':>14} {'of bound':>9} {'rollout s':>10} {'step s':>8}")
+    print(f"{'path':<54} {'rollout tok/s':>14} {'of bound':>9} {'rollout s':>10} {'step s':>8}")
     for name, summary in table.items():
-        print(f"{name:<42} {summary['rollout_tok_s']:>14,.0f} {summary['rollout_vs_bandwidth_bound']:>9.1%} "
+        print(f"{name:<54} {summary['rollout_tok_s']:>14,.0f} {summary['rollout_vs_bandwidth_bound']:>9.1%} "
               f"{summary['rollout_s']:>10.3f} {summary['step_s']:>8.3f}")
     if args.json and world.is_main:
         Path(args.json).write_text(json.dumps({"compare": table}, indent=2))
@@ -197,6 +201,7 @@ def run(args, world):
     reward_rng = np.random.default_rng(1 + world.rank)
     if args.no_cuda_kernels:
         cuda_kernels.set_enabled(False)
+    nanochat_decode.ALTERNATE_BUFFERS = args.alternate_buffers
     model = FAMILIES[args.family](args)
     params, embeddings, layers = count_params(model), embedding_params(model), kv_layers(model)
     if cfg.train_type != "full":  # the trainer's LoRA: float32 adapters on a frozen compute_dtype (or quantized) base

@@ -242,8 +242,9 @@ def full_forward_greedy(model, prompt, steps):
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("era", ["fbc1484", "a825e63"])  # windows and lambdas; + value embeddings, smear, backout
-def test_the_fast_decoder_runs_the_2026_architecture_like_its_full_forward(converted, era):
+# windows and lambdas; + value embeddings, smear, backout; the same with two cache buffers written in turn
+@pytest.mark.parametrize("era, alternate_buffers", [("fbc1484", False), ("a825e63", False), ("a825e63", True)])
+def test_the_fast_decoder_runs_the_2026_architecture_like_its_full_forward(converted, era, alternate_buffers):
     """utils/nanochat/decoder.py on the 2026 model: every step's logits are each row's full forward's (windows
     binding, rows filtered, a one-token prompt with no smear predecessor), and greedy rollouts through the
     engine give the full forward's greedy tokens."""
@@ -256,6 +257,8 @@ def test_the_fast_decoder_runs_the_2026_architecture_like_its_full_forward(conve
     prompts = [token_ids(140, seed=1), token_ids(40, seed=2), token_ids(1, seed=3)]  # past S = 128; one token
     decoder = make_decoder(model, prompts, 2, 16)
     assert isinstance(decoder, NanochatDecoder) and not decoder.use_kernel
+    if alternate_buffers:
+        decoder = NanochatDecoder(model, prompts, 2, 16, alternate_buffers=True)
     rows = [list(prompts[r // 2]) for r in range(6)]
     fed, got = token_ids(30, seed=4), [[] for _ in rows]
 

@@ -30,6 +30,8 @@ from mlx_grpo.cuda_kernels import decode as cuda_decode
 RMS_NORM_EPS = 1e-5
 SOFTCAP = 15.0
 PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of this
+# NanochatDecoder's alternate_buffers when not given (the engine's decoders): off until measured on a GPU.
+ALTERNATE_BUFFERS = False
 MODEL_TYPES = ("nanochat", "nanochat_2026")
 _EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
 
@@ -229,9 +231,17 @@ class NanochatDecoder:
     `prefilled`: as for the engine's MlxLmDecoder, a list with an mlx-lm prompt cache per prompt that already
     holds all of it but its last token (here one prompt: a chat's kept cache), so nothing is prefilled. The
     per-row layout is used then, which row_cache() reads to hand the cache back.
+
+    `alternate_buffers` (per-row layout): MLX writes a slice in place only when no other array holds the
+    buffer, and with the host a step ahead the step in flight still reads it, so each step's write copies
+    the layer's whole cache (bench/decode_parts.py --part write). With two buffers per layer, written in
+    turn (each step writes the step before's column and its own), the buffer written is the one read two
+    steps ago, which the engine has read back by then: no copy, for twice the KV memory. None: the module's
+    ALTERNATE_BUFFERS (off until measured on a GPU, BENCHMARKS.md).
     """
 
-    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None):
+    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None,
+                 alternate_buffers=None):
         attn = model.transformer.h[0].attn
         self.model = model
         self.is_2026 = _is_2026(model)
@@ -266,6 +276,9 @@ class NanochatDecoder:
                              f"switched on ({cuda_kernels.ENV_VAR}) and a head shape utils/cuda_kernels/decode.py "
                              "supports; pass use_kernel=None to choose automatically")
         self.use_kernel = use_kernel
+        if alternate_buffers is None:
+            alternate_buffers = ALTERNATE_BUFFERS
+        self.alternate_buffers = alternate_buffers and not use_kernel
         self.t = 0
         self.prompts = [list(p) for p in prompts]
         self.row_prompts = [p for p in range(len(prompts)) for _ in range(group_size)]
@@ -338,6 +351,8 @@ class NanochatDecoder:
         dtype = self.cache_dtype
         prefix = self._rolled_prefill(prompts, prefix_lens) if width > 0 else None
         self.keys, self.values = [], []
+        self.spare = [] if self.alternate_buffers else None  # per layer: the other (keys, values) buffers
+        self.last_kv = [None] * len(self.layers)  # alternate_buffers: the step before's new key and value
         for layer in range(len(self.layers)):
             if prefix is None:  # only one-token prompts: nothing to prefill
                 keys = values = mx.zeros((len(prompts), self.n_kv_heads, 0, self.head_dim), dtype)
@@ -348,6 +363,9 @@ class NanochatDecoder:
             self.keys.append(mx.concatenate([keys, free], axis=2))
             self.values.append(mx.concatenate([values, free], axis=2))
             mx.eval(self.keys[-1], self.values[-1])
+            if self.spare is not None:  # a second buffer of its own (concatenate allocates it)
+                self.spare.append((mx.concatenate([keys, free], axis=2), mx.concatenate([values, free], axis=2)))
+                mx.eval(self.spare[-1])
         lens = [n for n in prefix_lens for _ in range(group_size)]
         self.start_positions = mx.array(lens, dtype=mx.int32)  # RoPE position of each row's first decoded token
         self.left_padding = mx.array([width - n for n in lens], dtype=mx.int32)
@@ -406,11 +424,9 @@ class NanochatDecoder:
                     self.prompt_kv[i][1], self.generated_kv[i], self.windows[i], self.n_heads, self.n_kv_heads,
                     self.head_dim, self.eps, self.scale)
             else:
-                keys, values = self.keys[i], self.values[i]
                 h, q, k, v = f.attention_inputs[bool(value_embedding)](
                     x, x0, layer.lambdas, layer.qkv, self.rope_freqs, positions, *value_embedding)
-                keys[..., column:column + 1, :] = k
-                values[..., column:column + 1, :] = v
+                keys, values = self._write(i, column, k, v)
                 first, mask = views[layer.window]
                 attention = mx.fast.scaled_dot_product_attention(
                     q, keys[..., first:column + 1, :], values[..., first:column + 1, :], scale=self.scale, mask=mask)
@@ -421,6 +437,24 @@ class NanochatDecoder:
         if self.backout is not None:
             return f.logits[True](x, self.head, x_mid, self.backout[1])
         return f.logits[False](x, self.head)
+
+    def _write(self, i, column, k, v):
+        """Layer i's new key and value into its cache at this column; the buffers to read this step."""
+        if self.spare is None:
+            keys, values = self.keys[i], self.values[i]
+            keys[..., column:column + 1, :] = k
+            values[..., column:column + 1, :] = v
+            return keys, values
+        keys, values = self.spare[i]  # read two steps ago, not by the step still in flight
+        if self.last_kv[i] is None:
+            keys[..., column:column + 1, :] = k
+            values[..., column:column + 1, :] = v
+        else:  # this buffer lacks the step before's column, written to the other one
+            keys[..., column - 1:column + 1, :] = mx.concatenate([self.last_kv[i][0], k], axis=2)
+            values[..., column - 1:column + 1, :] = mx.concatenate([self.last_kv[i][1], v], axis=2)
+        self.spare[i] = (self.keys[i], self.values[i])
+        self.keys[i], self.values[i], self.last_kv[i] = keys, values, (k, v)
+        return keys, values
 
     def row_cache(self, row):
         """Batch row `row`'s keys and values (its prompt and every token fed since) as an mlx-lm prompt cache
@@ -455,5 +489,8 @@ class NanochatDecoder:
             return
         self.keys = [k[keep] for k in self.keys]
         self.values = [v[keep] for v in self.values]
+        if self.spare is not None:
+            self.spare = [(k[keep], v[keep]) for k, v in self.spare]
+            self.last_kv = [None if kv is None else (kv[0][keep], kv[1][keep]) for kv in self.last_kv]
         self.start_positions = self.start_positions[keep]
         self.left_padding = self.left_padding[keep]
