@@ -272,7 +272,8 @@ def cache_write(rows, steps, capacities, head_dim=128):
                 else:
                     mx.eval(read)
             mx.eval(buffer)
-            label = ("host one step ahead" if ahead else "host waits each step") + (", two buffers" if alternate else "")
+            label = "host one step ahead" if ahead else "host waits each step"
+            label += ", two buffers" if alternate else ""
             print(f"{label}, capacity {capacity:>5}: {(time.perf_counter() - start) / steps * 1e3:8.3f} ms per write",
                   flush=True)
             buffers = buffer = None

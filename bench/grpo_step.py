@@ -50,10 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=20, help="nanochat depth: width 64*depth, heads depth/2")
     p.add_argument("--vocab", type=int, help=f"vocabulary size (default nanochat's: {VOCAB}, 2026: {VOCAB_2026})")
     p.add_argument("--window-pattern", default=eras.DEFAULT_WINDOW_PATTERN,
-                   help="nanochat_2026: S/L per layer, tiled (S = sequence_len / 4 rounded up to 128, L = sequence_len)")
+                   help="nanochat_2026: S/L per layer, tiled (S = sequence_len / 4 rounded up to 128, "
+                   "L = sequence_len)")
     p.add_argument("--sequence-len", type=int, default=2048, help="nanochat_2026: the training length the windows "
                    "come from (nanochat's 2048; 512 makes S = 128 bind at the default shape)")
-    p.add_argument("--compare", action="store_true", help="run every rollout path (PATHS) in this process, side by side")
+    p.add_argument("--compare", action="store_true",
+                   help="run every rollout path (PATHS) in this process, side by side")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (under mlx.launch: of all processes)")
     p.add_argument("--group", type=int, default=16, help="samples per prompt (num_generations)")
     p.add_argument("--prompt-len", type=int, default=100, help="mean prompt length (varied +-20%%)")

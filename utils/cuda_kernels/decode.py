@@ -34,8 +34,8 @@ __device__ inline float ck_warp_sum(float v) {
 
 # One block per (head, row) with one thread per head dimension. Template constants: H, KV (heads),
 # HD (head dim), T (the cache dtype); the QK norm's epsilon and the softmax scale are written into the
-# source (templates take no floats). Buffer lengths are read from the shapes MLX passes, so one compiled kernel serves every
-# prompt length and capacity (compiling is slow).
+# source (templates take no floats). Buffer lengths are read from the shapes MLX passes, so one compiled
+# kernel serves every prompt length and capacity (compiling is slow).
 _SOURCE = r"""
   constexpr int HALF = HD / 2;
   constexpr int NW = HD / 32;   // warps per block
@@ -106,7 +106,8 @@ _SOURCE = r"""
 #pragma unroll 4
   for (int j = max(first, 0) + warp; j < plen; j += NW) visit(pk + (size_t)j * HD, pv + (size_t)j * HD);
 #pragma unroll 4
-  for (int j = max(first - plen, 0) + warp; j < t; j += NW) visit(generated_kv + k_base + (size_t)j * HD, generated_kv + v_base + (size_t)j * HD);
+  for (int j = max(first - plen, 0) + warp; j < t; j += NW)
+    visit(generated_kv + k_base + (size_t)j * HD, generated_kv + v_base + (size_t)j * HD);
   if (warp == NW - 1) {  // the new token attends to itself
     float s = 0.f;
     for (int e = 0; e < EPL; ++e) s += qv[e] * k_s[lane * EPL + e];
