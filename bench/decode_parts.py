@@ -8,7 +8,7 @@ import time
 
 import mlx.core as mx
 import numpy as np
-from grpo_step import build_model
+from model_families import build_model
 from mlx_lm.models.cache import BatchKVCache
 
 from mlx_grpo import cuda_kernels
@@ -34,12 +34,20 @@ def main():
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--context", type=int, default=100)
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--part", default="steps", choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop"])
+    p.add_argument("--part", default="steps",
+                   choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop", "capacity", "write"])
+    p.add_argument("--vocab", type=int, default=65536, help="vocabulary of --part capacity's model")
+    p.add_argument("--capacities", default="256,1024", help="--part capacity: decoder capacities (max_new_tokens)")
     p.add_argument("--no-cuda-kernels", action="store_true",
                    help="MLX ops instead of the custom CUDA kernels (all three; as MLX_GRPO_CUDA_KERNELS=0)")
     args = p.parse_args()
     if args.no_cuda_kernels:
         cuda_kernels.set_enabled(False)
+    if args.part == "write":
+        return cache_write(rows=args.rows, steps=args.steps, capacities=[int(c) for c in args.capacities.split(",")])
+    if args.part == "capacity":
+        return step_by_capacity(depth=args.depth, rows=args.rows, context=args.context, steps=args.steps,
+                                vocab=args.vocab, capacities=[int(c) for c in args.capacities.split(",")])
     if args.part == "loop":
         return rollout_loop(depth=args.depth, rows=args.rows, steps=args.steps)
     if args.part == "ops":
@@ -232,6 +240,73 @@ def op_costs(depth=20, rows=256, context=100, repeats=50):
         mx.eval(out)
         pipelined.append((time.perf_counter() - start) / 10 * 1e3)
     print(f"decode step, async (pipelined)             {min(pipelined):8.3f} ms")
+
+
+def cache_write(rows, steps, capacities, head_dim=128):
+    """One column written into a (rows, 1, capacity, head_dim) buffer per step, then read: with the host waiting
+    for each step, and with the host one step ahead (as the engine runs). MLX writes a slice in place only when
+    nothing else holds the buffer; a step still in flight does, so then every write copies the whole buffer.
+    "two buffers": written in turn, each write the step before's column and its own (NanochatDecoder's
+    alternate_buffers): the buffer written was read two steps ago."""
+    for ahead, alternate in ((False, False), (True, False), (True, True)):
+        for capacity in capacities:
+            buffers = [mx.zeros((rows, 1, capacity, head_dim)) for _ in range(2 if alternate else 1)]
+            column = mx.ones((rows, 1, 1, head_dim))
+            mx.eval(buffers)
+            pending, previous = None, None
+            start = time.perf_counter()
+            for i in range(steps):
+                new = column + i
+                buffer = buffers[i % len(buffers)]
+                if alternate and previous is not None:
+                    buffer[..., i - 1:i + 1, :] = mx.concatenate([previous, new], axis=2)
+                else:
+                    buffer[..., i:i + 1, :] = new
+                previous = new
+                read = buffer[..., :i + 1, :].sum()
+                if ahead:
+                    mx.async_eval(read)
+                    if pending is not None:
+                        pending.item()
+                    pending = read
+                else:
+                    mx.eval(read)
+            mx.eval(buffer)
+            label = "host one step ahead" if ahead else "host waits each step"
+            label += ", two buffers" if alternate else ""
+            print(f"{label}, capacity {capacity:>5}: {(time.perf_counter() - start) / steps * 1e3:8.3f} ms per write",
+                  flush=True)
+            buffers = buffer = None
+
+
+def step_by_capacity(depth, rows, context, steps, vocab, capacities, prompts=4):
+    """utils/nanochat/decoder.py's decode step at the same context for several cache capacities, run as the
+    engine runs it (step t queued before step t-1 is read back): a per-step cost that grows with the
+    capacity is a cache write copying the whole buffer. Each capacity with one cache buffer per layer, then
+    with two written in turn (NanochatDecoder's alternate_buffers)."""
+    from mlx_grpo.nanochat.decoder import NanochatDecoder
+
+    model = build_model(depth, vocab)
+    prompt_ids = [[1 + i] * (context - i % 3) for i in range(prompts)]
+    sampler = make_rollout_sampler(0.0)
+    for capacity, alternate in [(c, a) for a in (False, True) for c in capacities]:
+        decoder = NanochatDecoder(model, prompt_ids, rows // prompts, capacity, alternate_buffers=alternate)
+        tokens = mx.zeros((rows,), dtype=mx.int32)
+        timings = []
+        for phase in range(3):  # warm-up, then two timed runs of `steps` steps
+            mx.synchronize()
+            start, pending = time.perf_counter(), None
+            for _ in range(steps):
+                tokens = sampler(decoder.step(tokens))
+                mx.async_eval(tokens)
+                if pending is not None:
+                    pending.tolist()
+                pending = tokens
+            mx.eval(tokens)
+            timings.append((time.perf_counter() - start) / steps * 1e3)
+        print(f"capacity {capacity:>5}, context {context}-{context + 3 * steps}, alternate_buffers {alternate}: "
+              f"{min(timings[1:]):8.3f} ms per decode step (kernel: {decoder.use_kernel})", flush=True)
+        decoder = None
 
 
 def decoder_by_context(depth=20, rows=256, steps=16, prompts=16):

@@ -3,6 +3,8 @@
     python bench/grpo_step.py --depth 20 --compile --micro-batch-size 64   # nanochat's RL shape, as the trainer runs it
     python bench/grpo_step.py --depth 32 --micro-batch-size 8  # d32 at the same shape
     python bench/grpo_step.py --depth 4 --prompts 2 --group 4 --new-tokens 16   # a CPU smoke run
+    python bench/grpo_step.py --family nanochat_2026 --depth 24 --window-pattern SSSL --compile --micro-batch-size 64
+    python bench/grpo_step.py --depth 20 --compare --compile --micro-batch-size 64   # every rollout path side by side
     python bench/grpo_step.py --depth 20 --compile --micro-batch-size 64 --no-share-prompts  # prompt once per row
     python bench/grpo_step.py --family qwen3 --rollout-paths   # Qwen3-0.6B's shape: the three rollout paths
     python bench/grpo_step.py --family llama --compile --micro-batch-size 64   # the whole step on Llama-3.2-1B's shape
@@ -15,43 +17,51 @@ summed, as in the trainer (--prompts is the global batch). Reports rollout and t
 (summed over processes), model TFLOP/s, step seconds split into rollout / old policy / reference /
 update, peak memory, and rollout speed against the memory-bandwidth bound (weights and KV cache read
 once per decode step). Sampling never stops early: no stop tokens are given.
+
+--family picks the architecture (bench/model_families.py's BUILDERS: random weights of nanochat's shape
+for --depth, or of Qwen3-0.6B's / Llama-3.2-1B's config); --compare runs the rollout paths one after another in this process (PATHS: the
+fast decoder with and without the CUDA kernels, mlx-lm's model call, LoRA) and prints them side by side.
 """
 
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
-from mlx_lm.models.nanochat import Model, ModelArgs
 
 import mlx_grpo.cuda_kernels as cuda_kernels
+import model_families as families
 from mlx_grpo.config import GRPOConfig, validate
+from mlx_grpo.nanochat import decoder as nanochat_decode
+from mlx_grpo.nanochat import eras
 from mlx_grpo.training.distributed import broadcast_trainable, init_world, quiet_unless_main, weights_digest
 from mlx_grpo.training.lora import add_adapters
 from mlx_grpo.training.step import TrainState, build_step, grpo_updates, sample_rollouts
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s own modules, also when run through runpy
-import model_families as families  # noqa: E402
-
-VOCAB = 65536
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--family", default="nanochat", choices=["nanochat", *families.FAMILIES],
-                   help="nanochat (--depth), or random weights in Qwen3-0.6B's (qwen3) or Llama-3.2-1B's (llama) shape")
+    p.add_argument("--family", default="nanochat", choices=list(families.BUILDERS),
+                   help="nanochat / nanochat_2026 (--depth), or random weights in Qwen3-0.6B's (qwen3) or "
+                   "Llama-3.2-1B's (llama) shape")
     p.add_argument("--depth", type=int, default=None, help="nanochat depth: width 64*depth, heads depth/2 "
                    "(default 20); qwen3/llama: the number of layers (default the config's)")
-    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default nanochat's or the config's)")
+    p.add_argument("--vocab", type=int, help=f"vocabulary size (default nanochat's: {families.VOCAB}, "
+                   f"2026: {families.VOCAB_2026}; qwen3/llama: the config's)")
     p.add_argument("--model-args", type=json.loads, default=None,
                    help="qwen3/llama: ModelArgs overrides as JSON, e.g. a tiny shape for a CPU smoke run")
     p.add_argument("--rollout-paths", action="store_true", help="time rollouts only, side by side: our fast decoder, "
                    "mlx-lm's model call, mlx-lm's BatchGenerator (bench/model_families.py)")
+    p.add_argument("--window-pattern", default=eras.DEFAULT_WINDOW_PATTERN,
+                   help="nanochat_2026: S/L per layer, tiled (S = sequence_len / 4 rounded up to 128, "
+                   "L = sequence_len)")
+    p.add_argument("--sequence-len", type=int, default=2048, help="nanochat_2026: the training length the windows "
+                   "come from (nanochat's 2048; 512 makes S = 128 bind at the default shape)")
+    p.add_argument("--compare", action="store_true",
+                   help="run every rollout path (PATHS) in this process, side by side")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (under mlx.launch: of all processes)")
     p.add_argument("--group", type=int, default=16, help="samples per prompt (num_generations)")
     p.add_argument("--prompt-len", type=int, default=100, help="mean prompt length (varied +-20%%)")
@@ -69,6 +79,8 @@ def parse_args(argv=None):
                    help="the update runs each prompt once per completion (share_prompt_forward = false)")
     p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast decoder")
     p.add_argument("--no-cuda-kernels", action="store_true", help="all three custom CUDA kernels off (decode attention, sampling, log-probs)")
+    p.add_argument("--alternate-buffers", action="store_true", help="the portable decode path with two KV buffers "
+                   "per layer written in turn (nanochat decoder's alternate_buffers: no copy per write, 2x KV memory)")
     p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
     p.add_argument("--base-quant-bits", type=int, default=0, help="QLoRA: quantize the frozen base (0 = no)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
@@ -78,25 +90,26 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
-    if args.family == "nanochat":
-        args.depth, args.vocab = args.depth or 20, args.vocab or VOCAB
+    try:
+        args.window_pattern = eras.check_window_pattern(args.window_pattern, "--window-pattern")
+    except eras.NanochatCheckpointError as e:
+        p.error(str(e))
+    if args.family in families.NANOCHAT_FAMILIES:
+        args.depth = args.depth or 20
+        args.vocab = args.vocab or (families.VOCAB_2026 if args.family == "nanochat_2026" else families.VOCAB)
         if args.model_args is not None:
-            p.error(f"--model-args is for --family {' or '.join(families.FAMILIES)}; nanochat's shape is --depth")
+            p.error("--model-args is for --family qwen3 or llama; nanochat's shape is --depth")
     return args
 
 
-def build_model(depth, vocab=VOCAB):
-    width = 64 * depth
-    args = ModelArgs(hidden_size=width, num_hidden_layers=depth, num_attention_heads=width // 128,
-                     num_key_value_heads=width // 128, vocab_size=vocab, intermediate_size=4 * width)
-    model = Model(args)
-    model.set_dtype(mx.float32)  # the trainer's float32 master weights
-    mx.eval(model.parameters())
-    return model
-
-
-def count_params(model):
-    return sum(v.size for _, v in tree_flatten(model.parameters()))
+# The rollout paths --compare runs, as flag settings on top of the command line's.
+PATHS = {
+    "fast decoder + CUDA kernels": {},
+    "fast decoder, --no-cuda-kernels": {"no_cuda_kernels": True},
+    "fast decoder, --no-cuda-kernels --alternate-buffers": {"no_cuda_kernels": True, "alternate_buffers": True},
+    "mlx-lm model call": {"mlx_lm_decode": True},
+    "LoRA (fast decoder on the merged copy)": {"train_type": "lora"},
+}
 
 
 def step_config(args) -> GRPOConfig:
@@ -116,6 +129,26 @@ def main(argv=None):
     args = parse_args(argv)
     world = init_world()
     quiet_unless_main(world)
+    if not args.compare:
+        return run(args, world)
+    table = {}
+    for name, settings in PATHS.items():
+        print(f"[path] {name}", flush=True)
+        table[name] = run(argparse.Namespace(**{**vars(args), **settings, "json": None}), world)
+        cuda_kernels.set_enabled(True)
+    print(f"[compare] {args.family} {args.depth or 'default'} layers, {args.prompts}x{args.group}x{args.new_tokens}, "
+          f"top_k {args.top_k}, {mx.default_device()}")
+    print(f"{'path':<54} {'rollout tok/s':>14} {'of bound':>9} {'rollout s':>10} {'step s':>8}")
+    for name, summary in table.items():
+        print(f"{name:<54} {summary['rollout_tok_s']:>14,.0f} {summary['rollout_vs_bandwidth_bound']:>9.1%} "
+              f"{summary['rollout_s']:>10.3f} {summary['step_s']:>8.3f}")
+    if args.json and world.is_main:
+        Path(args.json).write_text(json.dumps({"compare": table}, indent=2))
+    return table
+
+
+def run(args, world):
+    """One configuration: a warm-up step and args.steps timed steps; the mean of the timed ones."""
     cfg = step_config(args)
     if args.optimizer == "muon":
         cfg = validate(dataclasses.replace(cfg, optimizer="muon", learning_rate=0.05))
@@ -124,14 +157,13 @@ def main(argv=None):
     reward_rng = np.random.default_rng(1 + world.rank)
     if args.no_cuda_kernels:
         cuda_kernels.set_enabled(False)
-    if args.family == "nanochat":
-        model = build_model(args.depth, args.vocab)
-    else:
-        model = families.build_family_model(args.family, args.depth, args.vocab, args.model_args)
+    nanochat_decode.ALTERNATE_BUFFERS = args.alternate_buffers
+    model = families.BUILDERS[args.family](args)
     if args.rollout_paths:
         return families.compare_rollout_paths(args, model, rng)
-    params = count_params(model)
-    layers, width, vocab, _, matmul_params = families.model_dims(model)
+    params, decode_shape = families.count_params(model), families.decode_shape(model)
+    read_params = decode_shape[0]
+    layers, width, vocab = len(model.layers), model.args.hidden_size, model.args.vocab_size
     if cfg.train_type != "full":  # the trainer's LoRA: float32 adapters on a frozen compute_dtype (or quantized) base
         add_adapters(model, cfg)
     broadcast_trainable(world, model)
@@ -161,8 +193,8 @@ def main(argv=None):
             "trained": sum(len(prompts[c.prompt_index]) + len(c.tokens) - 1 for c in rollouts.completions)
             * args.num_iterations})
         seq_len = args.prompt_len + args.new_tokens
-        flops_per_token = 6 * matmul_params + 12 * layers * width * seq_len  # nanochat's estimate
-        bound = families.decode_bound_seconds(model, len(prompts) * args.group, [len(p) for p in prompts],
+        flops_per_token = 6 * read_params + 12 * layers * width * seq_len  # nanochat's estimate
+        bound = families.decode_bound_seconds(decode_shape, len(prompts) * args.group, [len(p) for p in prompts],
                                               args.new_tokens, 2 if not args.quant_bits else args.quant_bits / 8,
                                               args.bandwidth_tbs)
         phases = rollouts.seconds  # rollout (copy, generation, packing), old policy, reference

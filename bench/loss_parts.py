@@ -15,7 +15,7 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
-from grpo_step import VOCAB, build_model
+from model_families import VOCAB, build_model
 from mlx.utils import tree_flatten
 
 from mlx_grpo import cuda_kernels

@@ -1,4 +1,5 @@
-"""Random-weight models of each family bench/grpo_step.py runs, and its side-by-side rollout comparison.
+"""Random-weight models of each family bench/grpo_step.py runs, the decode bandwidth bound, and its
+side-by-side rollout comparison.
 
     python bench/grpo_step.py --family qwen3 --rollout-paths     # Qwen3-0.6B's shape, bf16: three rollout paths
     python bench/grpo_step.py --family llama --rollout-paths     # Llama-3.2-1B's shape
@@ -12,14 +13,21 @@ import json
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models import llama, nanochat, qwen3
+from mlx_lm.models import llama, qwen3
+from mlx_lm.models import nanochat as october_2025
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_grpo.generation.engine import generate_completions, make_decoder
 from mlx_grpo.generation.sampling import make_rollout_sampler
+from mlx_grpo.nanochat import eras
+from mlx_grpo.nanochat import model as nanochat_2026
+
+VOCAB = 65536  # nanochat's October-2025 vocabulary
+VOCAB_2026 = 32768  # since 2026
 
 # The shapes of Qwen/Qwen3-0.6B's and meta-llama/Llama-3.2-1B's config.json (weights random: nothing downloads).
 QWEN3_0_6B = dict(model_type="qwen3", hidden_size=1024, num_hidden_layers=28, intermediate_size=3072,
@@ -33,6 +41,34 @@ LLAMA_3_2_1B = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, 
 FAMILIES = {"qwen3": (qwen3, QWEN3_0_6B), "llama": (llama, LLAMA_3_2_1B)}
 
 
+def _random_weights(model):
+    model.set_dtype(mx.float32)  # the trainer's float32 master weights
+    mx.eval(model.parameters())
+    return model
+
+
+def build_model(depth, vocab=VOCAB):
+    """nanochat's October-2025 architecture (mlx-lm's nanochat model) at this depth, random weights."""
+    width = 64 * depth
+    args = october_2025.ModelArgs(hidden_size=width, num_hidden_layers=depth, num_attention_heads=width // 128,
+                                  num_key_value_heads=width // 128, vocab_size=vocab, intermediate_size=4 * width)
+    return _random_weights(october_2025.Model(args))
+
+
+def build_model_2026(depth, vocab=VOCAB_2026, window_pattern=eras.DEFAULT_WINDOW_PATTERN, sequence_len=2048):
+    """nanochat's 2026 architecture (the newest era: value embeddings, smear, backout, windows) at this depth."""
+    width = 64 * depth
+    cfg = {"sequence_len": sequence_len, "vocab_size": vocab, "n_layer": depth, "n_head": width // 128,
+           "n_kv_head": width // 128, "n_embd": width}
+    era = eras.ERAS[-1]
+    config = eras.model_config(cfg, eras.Architecture(era, window_pattern, era.softcap))
+    model = nanochat_2026.Model(nanochat_2026.ModelArgs.from_dict(config))
+    # Lambdas as a trained model has them (zeros would skip nothing: the same ops run either way).
+    model.x0_lambdas = mx.full((depth,), 0.1)
+    model.smear_lambda, model.backout_lambda = mx.array([0.5]), mx.array([0.2])
+    return _random_weights(model)
+
+
 def build_family_model(family, depth=None, vocab=None, overrides=None):
     """A random-weight float32 model of `family` at its config's shape; depth/vocab/overrides change ModelArgs."""
     module, config = FAMILIES[family]
@@ -41,37 +77,57 @@ def build_family_model(family, depth=None, vocab=None, overrides=None):
         config["num_hidden_layers"] = depth
     if vocab is not None:
         config["vocab_size"] = vocab
-    model = module.Model(module.ModelArgs(**config))
-    model.set_dtype(mx.float32)  # the trainer's float32 master weights
-    mx.eval(model.parameters())
-    return model
+    return _random_weights(module.Model(module.ModelArgs(**config)))
 
 
-def model_dims(model):
-    """(layers, hidden size, vocab, key width = kv heads x head dim, bytes-per-step parameter count): the
-    parameters read once per decode step are all but an untied input embedding (a tied one is the head)."""
-    if isinstance(model.args, nanochat.ModelArgs):
-        a = model.args
-        embed, tied = model.transformer.wte, False
-        kv_width = a.num_key_value_heads * (a.hidden_size // a.num_attention_heads)
-    else:
-        a = model.args
-        attn = model.layers[0].self_attn
-        embed, tied = model.model.embed_tokens, a.tie_word_embeddings
-        kv_width = attn.n_kv_heads * (attn.k_proj.weight.shape[0] // attn.n_kv_heads)
-    params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    read = params - (0 if tied else embed.weight.size)
-    return a.num_hidden_layers, a.hidden_size, a.vocab_size, kv_width, read
+NANOCHAT_FAMILIES = ("nanochat", "nanochat_2026")
+# What --family builds: (bench/grpo_step.py's args) -> a random-weight float32 model.
+BUILDERS = {
+    "nanochat": lambda args: build_model(args.depth, args.vocab),
+    "nanochat_2026": lambda args: build_model_2026(args.depth, args.vocab, args.window_pattern, args.sequence_len),
+    **{family: (lambda args, family=family: build_family_model(family, args.depth, args.vocab, args.model_args))
+       for family in FAMILIES},
+}
 
 
-def decode_bound_seconds(model, rows, prompt_lens, new_tokens, bytes_per_weight, bandwidth_tbs):
-    """Seconds to read the weights and the KV cache (bf16) once per decode step, at `bandwidth_tbs`."""
-    layers, _, _, kv_width, read = model_dims(model)
+def count_params(model):
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def decode_read_params(model):
+    """Parameters a decode step reads (and the matmuls' FLOPs count): all but the embedding tables, token and
+    value embeddings (one row each), plus the head when it is the tied input embedding."""
+    params = count_params(model) - sum(m.weight.size for _, m in model.named_modules() if isinstance(m, nn.Embedding))
+    if getattr(model.args, "tie_word_embeddings", False):
+        params += model.model.embed_tokens.weight.size
+    return params
+
+
+def kv_layers(model):
+    """(key width = kv heads x head dim, window or None) of each layer."""
+    if hasattr(model, "transformer"):  # nanochat, both architectures
+        windows = getattr(model.args, "window_sizes", None) or [None] * len(model.layers)
+        return [(b.attn.c_k.weight.shape[0], window) for b, window in zip(model.layers, windows)]
+    return [(b.self_attn.k_proj.weight.shape[0], None) for b in model.layers]
+
+
+def decode_shape(model):
+    """What a decode step reads of this model (before adapters are added): (weight parameters, kv_layers)."""
+    return decode_read_params(model), kv_layers(model)
+
+
+def decode_bound_seconds(shape, rows, prompt_lens, new_tokens, bytes_per_weight, bandwidth_tbs):
+    """Seconds to read the weights and the KV cache (bf16; a window's part of it) once per decode step, for a
+    model of this decode_shape."""
+    read_params, layers = shape
+    weight_bytes = read_params * bytes_per_weight
     mean_prompt = float(np.mean(prompt_lens))
     total = 0.0
     for step in range(new_tokens):
-        kv_bytes = 2 * layers * rows * (mean_prompt + step) * kv_width * 2  # K and V
-        total += (read * bytes_per_weight + kv_bytes) / (bandwidth_tbs * 1e12)
+        context = mean_prompt + step
+        # K and V in bf16; a window reads window + 1 keys at most
+        kv_bytes = sum(2 * rows * (context if w is None else min(context, w + 1)) * kv * 2 for kv, w in layers)
+        total += (weight_bytes + kv_bytes) / (bandwidth_tbs * 1e12)
     return total
 
 
@@ -91,7 +147,7 @@ def compare_rollout_paths(args, model, rng):
     """Time the three rollout paths on `model` (cast to args.compute_dtype) with the same prompts each step."""
     model.set_dtype(mx.bfloat16 if args.compute_dtype == "bfloat16" else mx.float32)
     mx.eval(model.parameters())
-    vocab = model_dims(model)[2]
+    vocab = model.args.vocab_size
     sampler = make_rollout_sampler(args.temperature, top_k=args.top_k)
     probe = make_decoder(model, [[1, 2]], 1, 1)
     fast_name = type(probe).__name__
@@ -110,7 +166,7 @@ def compare_rollout_paths(args, model, rng):
     for step in range(args.steps + 1):
         lens = rng.integers(int(args.prompt_len * 0.8), int(args.prompt_len * 1.2) + 1, size=args.prompts)
         prompts = [rng.integers(0, vocab - 9, size=n).tolist() for n in lens]
-        bound = decode_bound_seconds(model, len(prompts) * args.group, lens, args.new_tokens,
+        bound = decode_bound_seconds(decode_shape(model), len(prompts) * args.group, lens, args.new_tokens,
                                      mx.bfloat16.size if args.compute_dtype == "bfloat16" else 4, args.bandwidth_tbs)
         row = {}
         for name, run in paths.items():

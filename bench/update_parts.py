@@ -15,7 +15,7 @@ import time
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from grpo_step import VOCAB, build_model, count_params
+from model_families import VOCAB, build_model, count_params
 from mlx.utils import tree_map
 
 from mlx_grpo import cuda_kernels

@@ -3,6 +3,7 @@ one way tests run the trainer script (mlx-grpo.py) and start subprocesses on thi
 
 import os
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,17 @@ TRAINER = REPO / "mlx-grpo.py"
 def trainer_main(argv):
     """mlx-grpo.py's main(argv), run in this process as `python mlx-grpo.py ARGS` would run it."""
     return runpy.run_path(str(TRAINER), run_name="mlx_grpo_trainer")["main"](list(map(str, argv)))
+
+
+def bench_main(script, argv):
+    """bench/SCRIPT's main(argv), run in this process as `python bench/SCRIPT ARGS` would run it (its folder
+    first on sys.path, for bench/'s own modules)."""
+    bench_dir = str(REPO / "bench")
+    sys.path.insert(0, bench_dir)
+    try:
+        return runpy.run_path(str(REPO / "bench" / script), run_name=Path(script).stem)["main"](list(map(str, argv)))
+    finally:
+        sys.path.remove(bench_dir)
 
 
 def subprocess_env(**extra):

@@ -13,8 +13,10 @@ from mlx_grpo.nanochat import decoder as nanochat_decode
 on_cuda = pytest.mark.skipif(not cuda_kernels.runs_on_cuda_gpu(), reason="needs MLX's CUDA backend")
 
 
-def emulate(qkv, inv_freq, t, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, heads, kv_heads, head_dim):
-    """The kernel's arithmetic in float64 NumPy: (attention output, new keys, new values)."""
+def emulate(qkv, inv_freq, t, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, heads, kv_heads, head_dim,
+            window=None, scale=None):
+    """The kernel's arithmetic in float64 NumPy: (attention output, new keys, new values). window: the query at
+    position p reads the keys p-window..p (None: all); scale: the softmax scale (None: 1/sqrt(head_dim))."""
     rows, half, group = qkv.shape[0], head_dim // 2, heads // kv_heads
     x = qkv.reshape(rows, heads + 2 * kv_heads, head_dim).astype(np.float64)
     angle = (prompt_len[row_prompt] + t)[:, None, None] * inv_freq[None, None, :].astype(np.float64)
@@ -23,13 +25,16 @@ def emulate(qkv, inv_freq, t, row_prompt, prompt_len, prompt_k, prompt_v, genera
     normed = rotated / np.sqrt((rotated ** 2).mean(-1, keepdims=True) + nanochat_decode.RMS_NORM_EPS)
     q, k_new, v_new = normed[:, :heads], normed[:, heads:], x[:, heads + kv_heads:]
     out = np.zeros((rows, heads, head_dim))
+    scale = head_dim ** -0.5 if scale is None else scale
     for r in range(rows):
         p = row_prompt[r]
+        n = prompt_len[p]
+        first = 0 if window is None else max(0, n + t - window)  # the positions of keys read: first .. n + t
         for h in range(heads):
             kvh = h // group
-            keys = np.concatenate([prompt_k[p, kvh, :prompt_len[p]], generated_kv[r, 0, kvh, :t], k_new[r, kvh][None]])
-            values = np.concatenate([prompt_v[p, kvh, :prompt_len[p]], generated_kv[r, 1, kvh, :t], v_new[r, kvh][None]])
-            scores = keys.astype(np.float64) @ q[r, h] / np.sqrt(head_dim)
+            keys = np.concatenate([prompt_k[p, kvh, :n], generated_kv[r, 0, kvh, :t], k_new[r, kvh][None]])[first:]
+            values = np.concatenate([prompt_v[p, kvh, :n], generated_kv[r, 1, kvh, :t], v_new[r, kvh][None]])[first:]
+            scores = keys.astype(np.float64) @ q[r, h] * scale
             weights = np.exp(scores - scores.max())
             out[r, h] = weights @ values.astype(np.float64) / weights.sum()
     return out.reshape(rows, -1), k_new, v_new
@@ -50,11 +55,12 @@ def random_case(dtype=np.float32, heads=4, kv_heads=2, head_dim=32, prompts=3, g
     return case
 
 
-def test_emulation_matches_mlx_rope_norm_and_attention():
-    """The kernel's formulas (RoPE from inverse frequencies, QK norm, attention over prompt + own keys)
-    are those of mlx-lm's nanochat attention: checked against mx.fast.rope / rms_norm / sdpa."""
+@pytest.mark.parametrize("window, scale", [(None, None), (3, 0.3)])
+def test_emulation_matches_mlx_rope_norm_and_attention(window, scale):
+    """The kernel's formulas (RoPE from inverse frequencies, QK norm, attention over prompt + own keys, a
+    window, a scale) are those of the nanochat attentions: checked against mx.fast.rope / rms_norm / sdpa."""
     c = random_case()
-    out, k_new, v_new = emulate(**c)
+    out, k_new, v_new = emulate(**c, window=window, scale=scale)
     heads, kv_heads, hd = c["heads"], c["kv_heads"], c["head_dim"]
     rows = c["qkv"].shape[0]
     x = mx.array(c["qkv"]).reshape(rows, heads + 2 * kv_heads, 1, hd)
@@ -70,8 +76,10 @@ def test_emulation_matches_mlx_rope_norm_and_attention():
                                qk[r, heads:]], axis=1)
         values = mx.concatenate([mx.array(c["prompt_v"][p, :, :n]), mx.array(c["generated_kv"][r, 1, :, :c["t"]]),
                                  x[r, heads + kv_heads:]], axis=1)
-        keys, values = mx.repeat(keys, heads // kv_heads, axis=0), mx.repeat(values, heads // kv_heads, axis=0)
-        ref = mx.fast.scaled_dot_product_attention(qk[r:r + 1, :heads], keys[None], values[None], scale=hd ** -0.5)
+        if window is not None:  # the query sits at position n + t: it reads n + t - window .. n + t
+            keys, values = keys[:, max(0, n + c["t"] - window):], values[:, max(0, n + c["t"] - window):]
+        ref = mx.fast.scaled_dot_product_attention(qk[r:r + 1, :heads], keys[None], values[None],
+                                                   scale=hd ** -0.5 if scale is None else scale)
         np.testing.assert_allclose(np.array(ref).reshape(-1), out[r], atol=2e-5)
 
 
@@ -86,8 +94,9 @@ def test_use_kernel_true_needs_cuda_and_the_switch_on(tiny_model_dir):
 
 
 @on_cuda
-@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
-def test_kernel_matches_emulation_and_writes_its_column(dtype):
+@pytest.mark.parametrize("dtype, window, scale", [(np.float32, None, None), ("bfloat16", None, None),
+                                                  (np.float32, 3, 0.3), (np.float32, 9, 0.3), ("bfloat16", 4, None)])
+def test_kernel_matches_emulation_and_writes_its_column(dtype, window, scale):
     c = random_case(np.float32)
     arrays = {k: mx.array(v) for k, v in c.items() if isinstance(v, np.ndarray)}
     if dtype == "bfloat16":
@@ -97,10 +106,11 @@ def test_kernel_matches_emulation_and_writes_its_column(dtype):
     generated = arrays["generated_kv"]
     out = cuda_decode.decode_attention(arrays["qkv"], arrays["inv_freq"], mx.array([c["t"]], dtype=mx.int32),
                                        arrays["row_prompt"], arrays["prompt_len"], arrays["prompt_k"],
-                                       arrays["prompt_v"], generated, c["heads"], c["kv_heads"], c["head_dim"],
-                                       nanochat_decode.RMS_NORM_EPS)
+                                       arrays["prompt_v"], generated, mx.array([cuda_decode.window_arg(window)]),
+                                       c["heads"], c["kv_heads"], c["head_dim"], nanochat_decode.RMS_NORM_EPS,
+                                       c["head_dim"] ** -0.5 if scale is None else scale)
     mx.eval(out)
-    expected, k_new, v_new = emulate(**c)
+    expected, k_new, v_new = emulate(**c, window=window, scale=scale)
     tol = 1e-4 if dtype == np.float32 else 3e-2
     np.testing.assert_allclose(np.array(out.astype(mx.float32)), expected, atol=tol, rtol=tol)
     written = np.array(generated.astype(mx.float32))
@@ -130,7 +140,8 @@ def test_decoder_with_kernel_matches_portable_decoder(tiny_model_dir, dtype):
         tokens = mx.argmax(slow, axis=-1).astype(mx.int32)
 
 
-def test_the_kernel_takes_the_decoders_epsilon():
-    source = cuda_decode.kernel_source(nanochat_decode.RMS_NORM_EPS)
+def test_the_kernel_takes_the_decoders_epsilon_and_scale():
+    source = cuda_decode.kernel_source(nanochat_decode.RMS_NORM_EPS, 0.125)
     assert "constexpr float EPS_ = 1e-05f;" in source and "RMS_NORM_EPS" not in source
-    assert cuda_decode.kernel_source(1e-6) != source
+    assert "constexpr float SCALE_ = 0.125f;" in source and "SOFTMAX_SCALE" not in source
+    assert cuda_decode.kernel_source(1e-6, 0.125) != source != cuda_decode.kernel_source(1e-5, 0.1)

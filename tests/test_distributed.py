@@ -11,7 +11,6 @@ Run as a worker: python tests/test_distributed.py MODEL_DIR OUT_DIR  (under mlx.
 
 import json
 import os
-import runpy
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from conftest import subprocess_env
+from conftest import bench_main, subprocess_env
 from mlx.utils import tree_flatten
 
 from mlx_grpo.config import ConfigError
@@ -195,8 +194,7 @@ def worker(model_dir, out_dir):
         mx.save_safetensors(str(Path(out_dir) / f"{name}-grads-rank{world.rank}.safetensors"), grads)
         (Path(out_dir) / f"{name}-rank{world.rank}.json").write_text(json.dumps(results))
     # The step benchmark in the same 2 processes (a second launch would only add its start-up).
-    bench = runpy.run_path(str(REPO / "bench" / "grpo_step.py"), run_name="grpo_step")
-    bench["main"](["--depth", "2", "--vocab", "256", "--prompts", "3", "--group", "2", "--prompt-len", "6",
+    bench_main("grpo_step.py", ["--depth", "2", "--vocab", "256", "--prompts", "3", "--group", "2", "--prompt-len", "6",
                    "--new-tokens", "3", "--micro-batch-size", "2", "--pad-multiple", "1", "--compute-dtype", "float32",
                    "--num-iterations", "2", "--steps", "1", "--json", str(Path(out_dir) / "bench.json")])
 

@@ -1,12 +1,11 @@
 """The fast Llama/Qwen decoder (utils/generation/llama_decoder.py) against mlx-lm's own generation, on tiny
 random-weight models of each family built from mlx-lm's ModelArgs."""
 
-import runpy
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import bench_main
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models import llama, qwen2, qwen3
 from mlx_lm.models.rope_utils import initialize_rope
@@ -158,10 +157,10 @@ def test_kernel_rope_frequencies_are_the_rope_modules(scaling):
     assert llama_decoder._kernel_rope_freqs(initialize_rope(32, 1e4, True, None, 128), 32) is None
 
 
-def emulated_decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv,
-                              n_heads, n_kv_heads, head_dim, eps, qk_norm=True):
+def emulated_decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, window,
+                              n_heads, n_kv_heads, head_dim, eps, scale, qk_norm=True):
     """utils/cuda_kernels/decode.py's decode_attention in MLX ops (RoPE only: qk_norm=False), cache write included."""
-    assert not qk_norm
+    assert not qk_norm and int(window[0].item()) >= prompt_k.shape[2] + generated_kv.shape[3]  # no window
     rows, t, qk_heads = qkv.shape[0], int(step[0].item()), n_heads + n_kv_heads
     x = qkv.reshape(rows, qk_heads + n_kv_heads, 1, head_dim)
     lens = prompt_len[row_prompt]
@@ -174,7 +173,7 @@ def emulated_decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, promp
     width, capacity = prompt_k.shape[2], generated_kv.shape[3]
     column = mx.arange(width + capacity)[None]
     mask = (column < lens[:, None]) | ((column >= width) & (column <= width + t))
-    out = mx.fast.scaled_dot_product_attention(qk[:, :n_heads], keys, values, scale=head_dim ** -0.5,
+    out = mx.fast.scaled_dot_product_attention(qk[:, :n_heads], keys, values, scale=scale,
                                                mask=mask[:, None, None, :])
     return out.reshape(rows, -1)
 
@@ -204,10 +203,9 @@ def test_cuda_kernel_matches_the_portable_path(family, dtype):
 
 
 def test_bench_compares_the_three_rollout_paths():
-    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "grpo_step.py"), run_name="grpo_step")
     tiny = '{"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 64, "num_attention_heads": 4, ' \
            '"num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128}'
-    summary = bench["main"](["--family", "qwen3", "--model-args", tiny, "--prompts", "2", "--group", "2",
+    summary = bench_main("grpo_step.py", ["--family", "qwen3", "--model-args", tiny, "--prompts", "2", "--group", "2",
                              "--prompt-len", "5", "--new-tokens", "4", "--steps", "1", "--rollout-paths",
                              "--compute-dtype", "float32"])
     assert summary["generate_completions (LlamaDecoder)"]["tok_s"] > 0

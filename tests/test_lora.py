@@ -239,3 +239,33 @@ def test_an_mlx_lm_model_fuses_into_an_mlx_lm_folder(tmp_path, tiny_mlx_lm_dir):
     fused, _ = load_model(tmp_path / "fused")
     assert mx.allclose(fused(tokens), model(tokens), atol=1e-4)
     assert not (tmp_path / "fused" / "tokenizer.pkl").exists() and (tmp_path / "fused" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("train_type, base_quant_bits", [("lora", 0), ("dora", 0), ("lora", 4)])
+def test_rollouts_come_from_a_merged_copy_with_the_adapted_policys_tokens(tiny_model_dir, train_type, base_quant_bits):
+    """The rollout policy of an adapter run is a dense copy with the adapters merged (so the fast decoder runs
+    it); greedy rollouts through it are the tokens of the unmerged adapters through mlx-lm's model call."""
+    from mlx_grpo.generation.engine import generate_completions
+    from mlx_grpo.generation.sampling import make_rollout_sampler
+    from mlx_grpo.nanochat import decoder as nanochat_decode
+    from mlx_grpo.training.distributed import World
+    from mlx_grpo.training.lora import adapter_modules, has_adapters
+    from mlx_grpo.training.step import build_step, rollout_policy
+
+    settings = dict(train_type=train_type, base_quant_bits=base_quant_bits, base_quant_group_size=32,
+                    compute_dtype="float32", lora_rank=4)
+    model, _ = adapted(tiny_model_dir, **settings)
+    for name, layer in adapter_modules(model):  # adapters that change the greedy tokens
+        layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(len(name))) * 0.3
+    cfg = GRPOConfig(model_name=str(tiny_model_dir), **settings)
+    setup = build_step(cfg, World(), model, total_updates=1, stop_token_ids=set())
+    policy = rollout_policy(setup, quantized=False)
+    assert policy is not model and not has_adapters(policy) and nanochat_decode.supports(policy)
+    prompts = [[1, 5, 9, 11, 3], [2, 7], [4, 4, 8, 1]]
+    kwargs = dict(group_size=2, max_new_tokens=12, sampler=make_rollout_sampler(0.0), stop_token_ids=set())
+    merged, _ = generate_completions(policy, prompts, **kwargs)
+    unmerged, _ = generate_completions(model, prompts, **kwargs)
+    base, _ = generate_completions(load_model(tiny_model_dir)[0], prompts, **kwargs)
+    assert [c.tokens for c in merged] == [c.tokens for c in unmerged]
+    assert [c.tokens for c in merged] != [c.tokens for c in base], "the adapters should change the tokens"
+    assert has_adapters(model)  # the policy keeps its adapters

@@ -18,6 +18,7 @@ import torch
 from fixture_checkpoint import TINY_2026_CONFIG, build_tiny_2026_checkpoint, tiny_state_dict_2026, write_checkpoint
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_grpo import cuda_kernels
 from mlx_grpo.models import load_model, save_model_folder
 from mlx_grpo.nanochat import eras
 from mlx_grpo.nanochat.checkpoint import find_checkpoint
@@ -211,8 +212,8 @@ def test_the_engines_batched_decode_merges_filters_and_equals_the_full_forward(c
 
     model, _ = load_model(converted("a825e63")[1])
     prompts = [token_ids(140, seed=1), token_ids(40, seed=2)]  # the long one past the short window (128)
-    decoder = make_decoder(model, prompts, 2, 50)
-    assert isinstance(decoder, MlxLmDecoder)  # not the October-2025 fast decoder
+    decoder = make_decoder(model, prompts, 2, 50, fast_decode=False)
+    assert isinstance(decoder, MlxLmDecoder)
     rows = [list(prompts[0]), list(prompts[0]), list(prompts[1]), list(prompts[1])]
     fed = token_ids(30, seed=3)
     got = [[] for _ in rows]  # per row: the logits of each step
@@ -232,6 +233,113 @@ def test_the_engines_batched_decode_merges_filters_and_equals_the_full_forward(c
         full = np.array(model(mx.array([row[:-1]]))[0])  # every token the row fed
         want = full[len(prompts[r // 2]) - 1:]
         assert len(got[r]) == len(want) and np.abs(np.array(got[r]) - want).max() <= 1e-4
+
+
+def full_forward_greedy(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(np.argmax(np.array(model(mx.array([ids]))[0, -1]))))
+    return ids[len(prompt):]
+
+
+# windows and lambdas; + value embeddings, smear, backout; the same with two cache buffers written in turn
+@pytest.mark.parametrize("era, alternate_buffers", [("fbc1484", False), ("a825e63", False), ("a825e63", True)])
+def test_the_fast_decoder_runs_the_2026_architecture_like_its_full_forward(converted, era, alternate_buffers):
+    """utils/nanochat/decoder.py on the 2026 model: every step's logits are each row's full forward's (windows
+    binding, rows filtered, a one-token prompt with no smear predecessor), and greedy rollouts through the
+    engine give the full forward's greedy tokens."""
+    from mlx_grpo.generation.engine import generate_completions, make_decoder
+    from mlx_grpo.generation.sampling import make_rollout_sampler
+    from mlx_grpo.nanochat.decoder import NanochatDecoder, supports
+
+    model, _ = load_model(converted(era)[1])
+    assert supports(model)
+    prompts = [token_ids(140, seed=1), token_ids(40, seed=2), token_ids(1, seed=3)]  # past S = 128; one token
+    decoder = make_decoder(model, prompts, 2, 16)
+    assert isinstance(decoder, NanochatDecoder) and not decoder.use_kernel
+    if alternate_buffers:
+        decoder = NanochatDecoder(model, prompts, 2, 16, alternate_buffers=True)
+    rows = [list(prompts[r // 2]) for r in range(6)]
+    fed, got = token_ids(30, seed=4), [[] for _ in rows]
+
+    def steps(live, count):
+        for t in range(count):
+            logits = np.array(decoder.step(mx.array([rows[r][-1] for r in live], dtype=mx.int32)))
+            for i, r in enumerate(live):
+                got[r].append(logits[i])
+                rows[r].append(fed[(t + r) % len(fed)])
+
+    steps(list(range(6)), 10)
+    keep = [0, 3, 4]
+    decoder.filter(mx.array(keep))
+    steps(keep, 6)
+    for r, row in enumerate(rows):
+        want = np.array(model(mx.array([row[:-1]]))[0])[len(prompts[r // 2]) - 1:]
+        assert len(got[r]) == len(want) and np.abs(np.array(got[r]) - want).max() <= 1e-4, r
+
+    completions, _ = generate_completions(model, prompts, group_size=2, max_new_tokens=12,
+                                          sampler=make_rollout_sampler(0.0), stop_token_ids=set())
+    want = [full_forward_greedy(model, p, 12) for p in prompts]
+    assert [c.tokens for c in completions] == [w for w in want for _ in range(2)]
+    assert len({t for w in want for t in w}) > 3, "greedy decoding of the fixture should not be constant"
+
+
+def test_a_quantized_rollout_copy_decodes_fast_with_the_model_calls_tokens(converted):
+    """A 4-bit rollout copy (quantized value embeddings, plain gates) through the fast decoder: mlx-lm's model
+    call on the same copy samples the same greedy tokens."""
+    from mlx_grpo.generation.engine import generate_completions
+    from mlx_grpo.generation.sampling import make_rollout_sampler
+    from mlx_grpo.nanochat.decoder import supports
+    from mlx_grpo.training.update import frozen_copy
+
+    copy = frozen_copy(load_model(converted("a825e63")[1])[0], 4, 32)
+    assert supports(copy)
+    prompts = [token_ids(140, seed=1), token_ids(9, seed=2)]
+    kwargs = dict(group_size=2, max_new_tokens=8, sampler=make_rollout_sampler(0.0), stop_token_ids=set())
+    fast, _ = generate_completions(copy, prompts, **kwargs)
+    slow, _ = generate_completions(copy, prompts, fast_decode=False, **kwargs)
+    assert [c.tokens for c in fast] == [c.tokens for c in slow]
+
+
+@pytest.mark.skipif(not cuda_kernels.runs_on_cuda_gpu(), reason="needs MLX's CUDA backend")
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_the_decode_kernel_runs_the_2026_architecture_like_the_portable_decoder(converted, dtype):
+    """utils/cuda_kernels/decode.py with windows, GQA and the QK scale, against the portable decoder."""
+    from mlx_grpo.nanochat.decoder import NanochatDecoder
+
+    model, _ = load_model(converted("a825e63")[1])
+    model.set_dtype(dtype)
+    prompts, group, steps = [token_ids(140, seed=1), token_ids(40, seed=2), [4]], 2, 10
+    decoders = [NanochatDecoder(model, prompts, group, steps, use_kernel=k) for k in (True, False)]
+    assert decoders[0].use_kernel and not decoders[1].use_kernel
+    tokens = mx.array([p[-1] for p in prompts for _ in range(group)], dtype=mx.int32)
+    tol = 1e-2 if dtype == mx.float32 else 0.15  # MLX's CUDA attention and matmuls run float32 at TF32-like precision
+    for t in range(steps):
+        if t == 5:  # rows leave the batch
+            keep = mx.array([0, 3, 5])
+            tokens = tokens[keep]
+            for d in decoders:
+                d.filter(keep)
+        fast, slow = (d.step(tokens) for d in decoders)
+        np.testing.assert_allclose(np.array(fast.astype(mx.float32)), np.array(slow.astype(mx.float32)), atol=tol)
+        tokens = mx.argmax(slow, axis=-1).astype(mx.int32)
+
+
+def test_a_chat_on_the_fast_decoder_keeps_the_smear_state_across_turns(converted):
+    """A kept cache (utils/generation/chat.py's ReusableCache) from the fast decoder's row_cache, smear cache
+    included: the next turn, prefilled only where it differs, samples what a fresh cache samples."""
+    from mlx_grpo.generation.engine import ReusableCache, generate_completions
+    from mlx_grpo.generation.sampling import make_rollout_sampler
+
+    model, _ = load_model(converted("a825e63")[1])
+    kwargs = dict(group_size=1, max_new_tokens=8, sampler=make_rollout_sampler(0.0), stop_token_ids=set())
+    kept = ReusableCache(model)
+    first = token_ids(30, seed=5)
+    turn1, _ = generate_completions(model, [first], cache=kept, **kwargs)
+    second = first + turn1[0].tokens[:5] + token_ids(7, seed=6)  # keeps part of the reply, then differs
+    turn2, stats = generate_completions(model, [second], cache=kept, **kwargs)
+    assert stats.prompt_tokens == 7
+    assert turn2[0].tokens == full_forward_greedy(model, second, 8)
 
 
 def test_mlx_lm_generation_single_and_batched_matches_greedy_full_forwards(converted):
@@ -444,8 +552,8 @@ def test_a_quantized_rollout_copy_keeps_the_architecture(converted):
 
 @pytest.mark.parametrize("train_type, quant_bits", [("lora", 0), ("dora", 0), ("lora", 4)])
 def test_adapters_go_on_the_six_block_matrices_and_round_trip(converted, tmp_path, train_type, quant_bits):
-    from mlx_grpo.config import GRPOConfig
     from mlx_grpo import fuse
+    from mlx_grpo.config import GRPOConfig
     from mlx_grpo.training.lora import (
         adapter_modules,
         add_adapters,

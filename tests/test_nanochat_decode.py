@@ -33,10 +33,11 @@ def run_steps(decoder, tokens, steps, keep_after=None, keep=None):
     return out
 
 
-def assert_same_logits(model, prompts, group_size, steps, atol=2e-4, rtol=1e-4, **filtering):
+def assert_same_logits(model, prompts, group_size, steps, atol=2e-4, rtol=1e-4, alternate_buffers=False,
+                       **filtering):
     """Greedy decode on both decoders from the same first tokens; every step's logits must agree."""
     first = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.int32)
-    fast = nanochat_decode.NanochatDecoder(model, prompts, group_size, steps)
+    fast = nanochat_decode.NanochatDecoder(model, prompts, group_size, steps, alternate_buffers=alternate_buffers)
     slow = MlxLmDecoder(model, prompts, group_size)
     for a, b in zip(run_steps(fast, first, steps, **filtering), run_steps(slow, first, steps, **filtering)):
         np.testing.assert_allclose(a, b, atol=atol, rtol=rtol)
@@ -56,9 +57,12 @@ def test_constants_are_mlx_lms():
     assert np.allclose(np.array(nanochat.softcap(logits)), np.array(cap * mx.tanh(logits / cap)), rtol=1e-6)
 
 
-def test_fast_decode_logits_equal_mlx_lm(model):
+@pytest.mark.parametrize("alternate_buffers", [False, True])
+def test_fast_decode_logits_equal_mlx_lm(model, alternate_buffers):
     assert nanochat_decode.supports(model)
-    assert_same_logits(model, PROMPTS, 2, 8, keep_after=4, keep=[0, 3, 5])
+    decoder = assert_same_logits(model, PROMPTS, 2, 8, keep_after=4, keep=[0, 3, 5],
+                                 alternate_buffers=alternate_buffers)
+    assert (decoder.spare is not None) == (alternate_buffers and not decoder.use_kernel)
 
 
 @pytest.mark.parametrize("prompts", [[[3], [5, 6]], [[3], [4]]])

@@ -449,7 +449,8 @@ def test_rollouts_come_from_the_copy_the_settings_ask_for(tiny_model_dir):
     assert copy is not bf16.model and all(v.dtype == mx.bfloat16 for _, v in tree_flatten(copy.parameters()))
     assert is_quantized(rollout_policy(bf16, quantized=True))
     lora = tiny_step(tiny_model_dir, compute_dtype="bfloat16", train_type="lora")
-    assert rollout_policy(lora, quantized=False) is lora.model  # the base is in compute_dtype already
+    merged = rollout_policy(lora, quantized=False)  # adapters merged into a dense compute_dtype copy
+    assert merged is not lora.model and all(v.dtype == mx.bfloat16 for _, v in tree_flatten(merged.parameters()))
 
 
 def test_old_policy_log_probs_only_where_they_differ_from_the_current_ones(tiny_model_dir):

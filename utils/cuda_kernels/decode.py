@@ -6,7 +6,8 @@ padding mask, attention), with the prompt's keys copied to and read from every r
 This kernel does it in one: RoPE and the QK norm of the row's new q and k, attention over the
 prompt's keys (stored once per prompt, read by the group's rows together, so mostly from L2), the
 row's own generated keys and the new key, and it writes the new key and value into the row's cache.
-Rows carry their prompt's length, so there is no left padding and no mask.
+Rows carry their prompt's length, so there is no left padding and no mask. A sliding window (nanochat's
+2026 layers: a query at p reads the keys p-w..p) starts both key loops at the window's first position.
 
 The cache write is in place: `generated_kv` is an input that MLX treats as read-only, and the kernel
 writes column `step` of it (every other column it only reads). MLX would otherwise copy the whole
@@ -34,9 +35,9 @@ __device__ inline float ck_warp_sum(float v) {
 
 # One block per (head, row) with one thread per head dimension. Template constants: H, KV (heads),
 # HD (head dim), T (the cache dtype), QK_NORM (false: RoPE only, for models whose QK norm, if any, comes
-# before RoPE and is applied by the caller); the QK norm's epsilon is written into the source (templates take
-# no floats). Buffer lengths are read from the shapes MLX passes, so one compiled kernel serves every
-# prompt length and capacity (compiling is slow).
+# before RoPE and is applied by the caller); the QK norm's epsilon and the softmax scale are written into the
+# source (templates take no floats). Buffer lengths are read from the shapes MLX passes, so one compiled
+# kernel serves every prompt length and capacity (compiling is slow).
 _SOURCE = r"""
   constexpr int HALF = HD / 2;
   constexpr int NW = HD / 32;   // warps per block
@@ -44,12 +45,15 @@ _SOURCE = r"""
   constexpr int GROUP = H / KV;
   constexpr int WIDTH = (H + 2 * KV) * HD;
   constexpr float EPS_ = RMS_NORM_EPS;
+  constexpr float SCALE_ = SOFTMAX_SCALE;
   const int head = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
   const int lane = d & 31, warp = d >> 5, kvh = head / GROUP;
   const size_t LMAX = prompt_k_shape[2], GCAP = generated_kv_shape[3];
   const int t = step[0];
   const int p = row_prompt[row];
   const int plen = prompt_len[p];
+  const int w = window[0];  // keys at positions >= plen + t - w are read
+  const int first = plen + t - w;  // may be negative: no prompt key falls outside
 
   __shared__ float q_s[HD], k_s[HD], v_s[HD], red_q[NW], red_k[NW], m_s[NW], l_s[NW];
   __shared__ float acc_s[NW][HD];
@@ -71,7 +75,7 @@ _SOURCE = r"""
   const float qn = QK_NORM ? ck_float(T(qr * rsqrtf(sq / HD + EPS_))) : qr;
   const float kn = QK_NORM ? ck_float(T(kr * rsqrtf(sk / HD + EPS_))) : kr;
   const float vn = ck_float(src[(H + KV + kvh) * HD + d]);
-  q_s[d] = qn * (rsqrtf((float)HD) * 1.4426950408889634f);  // softmax scale and log2(e): exp2 below
+  q_s[d] = qn * (SCALE_ * 1.4426950408889634f);  // softmax scale and log2(e): exp2 below
   k_s[d] = kn;
   v_s[d] = vn;
 
@@ -102,9 +106,10 @@ _SOURCE = r"""
   const T* pk = prompt_k + ((size_t)p * KV + kvh) * LMAX * HD;
   const T* pv = prompt_v + ((size_t)p * KV + kvh) * LMAX * HD;
 #pragma unroll 4
-  for (int j = warp; j < plen; j += NW) visit(pk + (size_t)j * HD, pv + (size_t)j * HD);
+  for (int j = max(first, 0) + warp; j < plen; j += NW) visit(pk + (size_t)j * HD, pv + (size_t)j * HD);
 #pragma unroll 4
-  for (int j = warp; j < t; j += NW) visit(generated_kv + k_base + (size_t)j * HD, generated_kv + v_base + (size_t)j * HD);
+  for (int j = max(first - plen, 0) + warp; j < t; j += NW)
+    visit(generated_kv + k_base + (size_t)j * HD, generated_kv + v_base + (size_t)j * HD);
   if (warp == NW - 1) {  // the new token attends to itself
     float s = 0.f;
     for (int e = 0; e < EPL; ++e) s += qv[e] * k_s[lane * EPL + e];
@@ -131,30 +136,35 @@ _SOURCE = r"""
   out[(size_t)row * H * HD + head * HD + d] = T(o / total);
 """
 
-_INPUTS = ["qkv", "inv_freq", "step", "row_prompt", "prompt_len", "prompt_k", "prompt_v", "generated_kv"]
+_INPUTS = ["qkv", "inv_freq", "step", "row_prompt", "prompt_len", "prompt_k", "prompt_v", "generated_kv", "window"]
+NO_WINDOW = 1 << 30  # the window argument of a layer that reads every earlier key
 
 
-def supports_shape(n_heads: int, n_kv_heads: int, head_dim: int, scale: float) -> bool:
-    """The kernel's assumptions: whole warps per head, whole groups of query heads, scale 1/sqrt(head_dim)."""
-    return (head_dim % 32 == 0 and 32 <= head_dim <= 1024 and n_heads % n_kv_heads == 0
-            and abs(scale - head_dim ** -0.5) < 1e-7)
+def window_arg(window) -> int:
+    """The kernel's window argument for a layer's window (None: every earlier key)."""
+    return NO_WINDOW if window is None else int(window)
 
 
-def kernel_source(eps: float) -> str:
-    """The kernel body with the QK norm's epsilon as a float literal."""
-    return _SOURCE.replace("RMS_NORM_EPS", f"{float(eps)!r}f")
+def supports_shape(n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
+    """The kernel's assumptions: whole warps per head, whole groups of query heads."""
+    return head_dim % 32 == 0 and 32 <= head_dim <= 1024 and n_heads % n_kv_heads == 0
+
+
+def kernel_source(eps: float, scale: float) -> str:
+    """The kernel body with the QK norm's epsilon and the softmax scale as float literals."""
+    return _SOURCE.replace("RMS_NORM_EPS", f"{float(eps)!r}f").replace("SOFTMAX_SCALE", f"{float(scale)!r}f")
 
 
 @lru_cache(maxsize=None)
-def _kernel(eps: float):
-    source = kernel_source(eps)
+def _kernel(eps: float, scale: float):
+    source = kernel_source(eps, scale)
     # The source's hash is in the name: MLX caches compiled kernels on disk by name and template values.
     name = "nanochat_decode_attention_" + hashlib.sha1((_HEADER + source).encode()).hexdigest()[:10]
     return mx.fast.cuda_kernel(name=name, input_names=_INPUTS, output_names=["out"], source=source, header=_HEADER)
 
 
-def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv,
-                     n_heads, n_kv_heads, head_dim, eps, qk_norm=True):
+def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, window,
+                     n_heads, n_kv_heads, head_dim, eps, scale, qk_norm=True):
     """Attention output (rows, n_heads * head_dim) of one decode step; writes column step[0] of generated_kv.
 
     qkv: (rows, (n_heads + 2 n_kv_heads) head_dim), the step's q/k/v before RoPE and the QK norm.
@@ -162,12 +172,14 @@ def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prom
     row_prompt: (rows,) int32 prompt of each row. prompt_len: (prompts,) int32 cached prompt tokens.
     prompt_k, prompt_v: (prompts, n_kv_heads, prompt capacity, head_dim), each prompt's keys from column 0.
     generated_kv: (rows, 2, n_kv_heads, capacity, head_dim): keys then values of the generated tokens.
+    window: (1,) int32, window_arg(w): the query at position p reads the keys at p-w..p.
     A row's token at step t sits at RoPE position prompt_len + t. eps: the QK RMSNorm's epsilon (nanochat's,
-    after RoPE, no weight); qk_norm=False: RoPE only.
+    after RoPE, no weight); qk_norm=False: RoPE only. scale: the softmax scale (1/sqrt(head_dim), times
+    nanochat 2026's QK scale squared).
     """
     rows = qkv.shape[0]
     template = [("T", qkv.dtype), ("H", n_heads), ("KV", n_kv_heads), ("HD", head_dim), ("QK_NORM", bool(qk_norm))]
-    return _kernel(float(eps))(
-        inputs=[qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv],
+    return _kernel(float(eps), float(scale))(
+        inputs=[qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, window],
         template=template, grid=(n_heads * head_dim, rows, 1), threadgroup=(head_dim, 1, 1),
         output_shapes=[(rows, n_heads * head_dim)], output_dtypes=[qkv.dtype])[0]

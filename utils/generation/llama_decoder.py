@@ -174,6 +174,8 @@ def _weight(norm):
 class _LayerArrays:
     """One block's weights, in the order the compiled step functions take them."""
 
+    window = None  # every earlier key (sliding-window models keep mlx-lm's path)
+
     def __init__(self, block):
         attn, mlp, qkv, gate_up = _block_parts(block)
         self.attention = (block.input_layernorm.weight, linear_arrays(qkv), _bias(qkv),
@@ -189,7 +191,11 @@ class LlamaDecoder(NanochatDecoder):
     `filter` and `row_cache` as NanochatDecoder's. `model` must pass supports().
     """
 
-    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None):
+    smear = None  # nanochat 2026's, which the base decoder reads
+    is_2026 = False
+
+    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None,
+                 alternate_buffers=None):
         blocks = _blocks(model)
         attn, mlp, _, _ = _block_parts(blocks[0])
         self.model = model
@@ -210,8 +216,9 @@ class LlamaDecoder(NanochatDecoder):
         self.layers = [_LayerArrays(b) for b in blocks]
         self.rope_freqs = _kernel_rope_freqs(attn.rope, self.head_dim)  # the kernel's RoPE (None: no kernel)
         kernel_fits = self.rope_freqs is not None and cuda_decode.supports_shape(
-            self.n_heads, self.n_kv_heads, self.head_dim, self.scale)
-        self._setup_cache(prompts, group_size, max_new_tokens, use_kernel, prefilled, kernel_fits)
+            self.n_heads, self.n_kv_heads, self.head_dim)
+        self.no_window = mx.array([cuda_decode.window_arg(None)], dtype=mx.int32)
+        self._setup_cache(prompts, group_size, max_new_tokens, use_kernel, prefilled, kernel_fits, alternate_buffers)
 
     def _cache_dtype(self):
         """The dtype of the keys a decode step writes (dtype inference only: nothing is evaluated)."""
@@ -229,13 +236,15 @@ class LlamaDecoder(NanochatDecoder):
                 qkv = qkv_projection(x, *layer.attention).reshape(x.shape[0], -1)
                 attention = cuda_decode.decode_attention(
                     qkv, self.inv_freq, step, self.row_prompt, self.prompt_lens, prompt_k, prompt_v, generated_kv,
-                    self.n_heads, self.n_kv_heads, self.head_dim, 0.0, qk_norm=False)
+                    self.no_window, self.n_heads, self.n_kv_heads, self.head_dim, 0.0, self.scale, qk_norm=False)
                 x = block_output(x, attention, *layer.output)
         else:
-            column, positions, mask = self._per_row_inputs()
-            for layer, keys, values in zip(self.layers, self.keys, self.values):
+            column = self.prefix_len + self.t
+            positions = self.start_positions + self.t
+            view = self._window_views(column)[None]
+            for i, layer in enumerate(self.layers):
                 q, k, v = attention_inputs(x, *layer.attention, positions)
-                attention = self._per_row_attention(keys, values, q, k, v, column, mask)
+                attention = self._per_row_attention(i, column, q, k, v, view)
                 x = block_output(x, attention, *layer.output)
         self.t += 1
         return self.logits(x, self.final_norm, self.head)

@@ -1,4 +1,4 @@
-"""A fast batched decode step for mlx-lm's nanochat model: the rollouts' hot loop.
+"""A fast batched decode step for nanochat models (mlx-lm's October-2025 `nanochat` and our `nanochat_2026`).
 
 mlx-lm's model call builds ~25 small ops per layer from Python for every token, and its batch
 cache adds more (offsets, masks) per layer; at 256 rows a decode step is bound by building and
@@ -7,15 +7,19 @@ compiled functions of fixed shape (shapes do not change between decode steps, so
 q/k/v come from one fused matmul, and the KV cache is preallocated. On MLX's CUDA backend the
 attention part (RoPE, QK norm, cache write, attention over the prompt stored once per group) is one
 kernel, utils/cuda_kernels/decode.py; elsewhere RoPE and the QK norm run once for q and k together and
-MLX's fused attention reads a per-row cache filled by slice writes. The math is mlx-lm's nanochat model.
+MLX's fused attention reads a per-row cache filled by slice writes. The math is the model's own: for
+the 2026 architecture (utils/nanochat/model.py) also the resid/x0 lambdas, value embeddings and their
+gates, smear (the previous token's normed embedding carried per row), backout, GQA, the head's padded
+rows (dropped here) and sliding windows (a query at p reads the keys p-w..p).
 """
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_grpo import cuda_kernels
 from mlx_grpo.cuda_kernels import decode as cuda_decode
@@ -24,52 +28,137 @@ from mlx_grpo.generation.fused_linear import linear_spec as _linear_spec
 from mlx_grpo.generation.fused_linear import matmul as _matmul
 from mlx_grpo.generation.fused_linear import residual_matmul as _residual_matmul
 
-# nanochat's RMSNorm epsilon and logit softcap. mlx-lm's nanochat model writes both as literals (rms_norm,
-# softcap), so tests/test_nanochat_decode.py checks these against it; the CUDA kernel and benches read them here.
+# nanochat's October-2025 RMSNorm epsilon and logit softcap. mlx-lm's nanochat model writes both as literals
+# (rms_norm, softcap), so tests/test_nanochat_decode.py checks these against it; the benches read them here.
+# A nanochat_2026 model states both in its config (rms_norm_eps, softcap).
 RMS_NORM_EPS = 1e-5
 SOFTCAP = 15.0
 PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of this
+# NanochatDecoder's alternate_buffers when not given (the engine's decoders): off until measured on a GPU.
+ALTERNATE_BUFFERS = False
+MODEL_TYPES = ("nanochat", "nanochat_2026")
+_EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
+
+
+def _is_2026(model) -> bool:
+    return getattr(model, "model_type", None) == "nanochat_2026"
 
 
 def supports(model) -> bool:
-    """True for an mlx-lm nanochat model whose linear layers are all plain or all equally quantized."""
-    if getattr(model, "model_type", None) != "nanochat" or not hasattr(model, "transformer"):
+    """True for a nanochat model (either architecture) whose block and head matrices are all plain or all
+    equally quantized, its embeddings plain or quantized and its gates plain (so no adapters anywhere)."""
+    if getattr(model, "model_type", None) not in MODEL_TYPES or not hasattr(model, "transformer"):
         return False
     linears = [model.lm_head]
     for block in model.transformer.h:
         linears += [block.attn.c_q, block.attn.c_k, block.attn.c_v, block.attn.c_proj,
                     block.mlp.c_fc, block.mlp.c_proj]
     specs = {_linear_spec(l) for l in linears}
-    return len(specs) == 1 and None not in specs
+    if len(specs) != 1 or None in specs or not isinstance(model.transformer.wte, _EMBEDDINGS):
+        return False
+    if not _is_2026(model):
+        return True
+    gates = [b.attn.ve_gate for b in model.transformer.h if "value_embed" in b.attn]
+    gates += [model.smear_gate] if model.args.smear else []
+    tables = [b.attn.value_embed for b in model.transformer.h if "value_embed" in b.attn]
+    return (all(type(g) is nn.Linear and "bias" not in g for g in gates)
+            and all(isinstance(t, _EMBEDDINGS) for t in tables))
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The constants the compiled step functions are traced with (one set per model shape)."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    quantization: Optional[tuple]
+    eps: float
+    softcap: float
+    float32_logits: bool  # 2026: the softcap in float32 (the October model keeps the head's dtype)
+    lambdas: bool  # 2026: x = resid_lambda * x + x0_lambda * x0 before each layer
+    ve_gate_channels: int = 0
+    ve_gate_scale: float = 0.0
+
+
+@dataclass
+class _StepFunctions:
+    project: dict  # has value embedding -> (x, x0, lambdas, qkv arrays[, ve, gate]) -> (h, qkv)
+    attention_inputs: dict  # has value embedding -> (x, x0, lambdas, qkv arrays, rope, positions[, ...]) -> h, q, k, v
+    block_output: object
+    logits: dict  # has backout -> (x, head arrays[, x_mid, backout_lambda]) -> logits
+    smear: object
 
 
 @lru_cache(maxsize=None)
-def _step_functions(n_heads, n_kv_heads, head_dim, quantization):
+def _step_functions(spec: _Spec) -> _StepFunctions:
     """The compiled pieces of a decode step around attention, for one model shape."""
-    qk_heads = n_heads + n_kv_heads
+    quantization, eps, kv, hd = spec.quantization, spec.eps, spec.n_kv_heads, spec.head_dim
+    qk_heads = spec.n_heads + kv
 
-    def qkv_projection(x, qkv_arrays):  # alone for utils/cuda_kernels/decode.py, which does RoPE and the QK norm itself
-        return _matmul(mx.fast.rms_norm(x, None, RMS_NORM_EPS), qkv_arrays, quantization)
+    def layer_input(x, x0, lambdas):
+        if not spec.lambdas:
+            return x
+        # Scalars cast to the activations' dtype, as the model does: a float32 scalar would promote bfloat16.
+        return lambdas[0].astype(x.dtype) * x + lambdas[1].astype(x.dtype) * x0
+
+    def make_project(has_ve):
+        # Alone for utils/cuda_kernels/decode.py, which does RoPE and the QK norm itself.
+        def project(x, x0, lambdas, qkv_arrays, *value_embedding):
+            h = layer_input(x, x0, lambdas)
+            normed = mx.fast.rms_norm(h, None, eps)
+            qkv = _matmul(normed, qkv_arrays, quantization)
+            if has_ve:  # the model's gate per kv head on the first channels of the attention input
+                ve, gate_weight = value_embedding
+                gate = spec.ve_gate_scale * mx.sigmoid(normed[:, : spec.ve_gate_channels] @ gate_weight.T)
+                v = qkv[:, qk_heads * hd:].reshape(-1, kv, hd) + gate[..., None] * ve.reshape(-1, kv, hd)
+                qkv = mx.concatenate([qkv[:, : qk_heads * hd], v.reshape(x.shape[0], -1).astype(qkv.dtype)], axis=1)
+            return h, qkv
+
+        return project
 
     # Rows are (rows, width) and heads (rows, heads, 1, head_dim): with one token per row no transposes.
-    def attention_inputs(x, qkv_arrays, rope_freqs, positions):
-        qkv = qkv_projection(x, qkv_arrays).reshape(x.shape[0], qk_heads + n_kv_heads, 1, head_dim)
-        qk = mx.fast.rope(qkv[:, :qk_heads], head_dim, traditional=False, base=None, scale=1.0,
-                          offset=positions, freqs=rope_freqs)
-        qk = mx.fast.rms_norm(qk, None, RMS_NORM_EPS)  # nanochat's QK norm, after RoPE
-        return qk[:, :n_heads], qk[:, n_heads:], qkv[:, qk_heads:]
+    def make_attention_inputs(project):
+        def attention_inputs(x, x0, lambdas, qkv_arrays, rope_freqs, positions, *value_embedding):
+            h, qkv = project(x, x0, lambdas, qkv_arrays, *value_embedding)
+            qkv = qkv.reshape(x.shape[0], qk_heads + kv, 1, hd)
+            qk = mx.fast.rope(qkv[:, :qk_heads], hd, traditional=False, base=None, scale=1.0,
+                              offset=positions, freqs=rope_freqs)
+            qk = mx.fast.rms_norm(qk, None, eps)  # nanochat's QK norm, after RoPE
+            return h, qk[:, : spec.n_heads], qk[:, spec.n_heads:], qkv[:, qk_heads:]
+
+        return attention_inputs
 
     def block_output(x, attention, proj_arrays, fc_arrays, fc_proj_arrays):
         h = _residual_matmul(x, attention.reshape(x.shape[0], -1), proj_arrays, quantization)
-        mlp = _matmul(mx.fast.rms_norm(h, None, RMS_NORM_EPS), fc_arrays, quantization)
+        mlp = _matmul(mx.fast.rms_norm(h, None, eps), fc_arrays, quantization)
         return _residual_matmul(h, nn.relu2(mlp), fc_proj_arrays, quantization)
 
-    def logits(x, head_arrays):
-        out = _matmul(mx.fast.rms_norm(x, None, RMS_NORM_EPS), head_arrays, quantization)
-        return SOFTCAP * mx.tanh(out / SOFTCAP)
+    def make_logits(has_backout):
+        def logits(x, head_arrays, *backout):
+            if has_backout:  # the residual after the middle layer, subtracted before the final norm
+                x_mid, backout_lambda = backout
+                x = x - backout_lambda.astype(x.dtype) * x_mid
+            out = _matmul(mx.fast.rms_norm(x, None, eps), head_arrays, quantization)
+            if spec.float32_logits:
+                out = out.astype(mx.float32)
+            return spec.softcap * mx.tanh(out / spec.softcap)
 
-    return (mx.compile(attention_inputs), mx.compile(block_output), mx.compile(logits),
-            mx.compile(qkv_projection))
+        return logits
+
+    def smear(x, previous, gate_weight, smear_lambda):
+        """The model's smear of one token: its predecessor's normed embedding mixed in through a gate."""
+        channels = gate_weight.shape[1]
+        gate = smear_lambda.astype(x.dtype) * mx.sigmoid(x[:, :channels] @ gate_weight.T)
+        return x + gate * previous
+
+    projects = {has_ve: make_project(has_ve) for has_ve in (False, True)}
+    return _StepFunctions(
+        project={k: mx.compile(f) for k, f in projects.items()},
+        attention_inputs={k: mx.compile(make_attention_inputs(f)) for k, f in projects.items()},
+        block_output=mx.compile(block_output),
+        logits={k: mx.compile(make_logits(k)) for k in (False, True)},
+        smear=mx.compile(smear))
 
 
 @dataclass
@@ -78,6 +167,25 @@ class _LayerArrays:
     proj: tuple
     fc: tuple
     fc_proj: tuple
+    lambdas: mx.array  # (2,): resid and x0 lambda (unused by the October model)
+    window: Optional[int]  # a query at p reads the keys p-window..p; None: every earlier key
+    value_embed: Optional[nn.Module] = None  # 2026 layers with a value embedding: its table and gate weight
+    ve_gate: Optional[mx.array] = None
+
+
+def _layer_arrays(model):
+    is_2026 = _is_2026(model)
+    args = model.args
+    layers = []
+    for i, b in enumerate(model.transformer.h):
+        lambdas = mx.stack([model.resid_lambdas[i], model.x0_lambdas[i]]) if is_2026 else mx.ones((2,))
+        has_ve = is_2026 and "value_embed" in b.attn
+        layers.append(_LayerArrays(
+            _linear_arrays([b.attn.c_q, b.attn.c_k, b.attn.c_v]), _linear_arrays([b.attn.c_proj]),
+            _linear_arrays([b.mlp.c_fc]), _linear_arrays([b.mlp.c_proj]), lambdas,
+            args.window_sizes[i] if is_2026 else None,
+            b.attn.value_embed if has_ve else None, b.attn.ve_gate.weight if has_ve else None))
+    return layers
 
 
 class NanochatDecoder:
@@ -88,31 +196,50 @@ class NanochatDecoder:
     - with utils/cuda_kernels/decode.py's kernel (MLX's CUDA backend): each prompt's keys are stored once and
       each row's generated keys on their own, so nothing is padded or masked;
     - elsewhere: each prompt's cache is copied to its group's rows, left-padded to the longest
-      prompt, and MLX's fused attention runs with a mask over the padding.
+      prompt, and MLX's fused attention runs with a mask over the padding. A layer's window is the same
+      columns for every row (all rows are at the same column), so it is a slice of the cache, not a mask.
 
     `prefilled`: as for the engine's MlxLmDecoder, a list with an mlx-lm prompt cache per prompt that already
     holds all of it but its last token (here one prompt: a chat's kept cache), so nothing is prefilled. The
     per-row layout is used then, which row_cache() reads to hand the cache back.
+
+    `alternate_buffers` (per-row layout): MLX writes a slice in place only when no other array holds the
+    buffer, and with the host a step ahead the step in flight still reads it, so each step's write copies
+    the layer's whole cache (bench/decode_parts.py --part write). With two buffers per layer, written in
+    turn (each step writes the step before's column and its own), the buffer written is the one read two
+    steps ago, which the engine has read back by then: no copy, for twice the KV memory. None: the module's
+    ALTERNATE_BUFFERS (off until measured on a GPU, BENCHMARKS.md).
     """
 
-    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None):
+    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None,
+                 alternate_buffers=None):
         attn = model.transformer.h[0].attn
         self.model = model
-        self.n_heads, self.n_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.is_2026 = _is_2026(model)
+        args = model.args
+        self.n_heads, self.n_kv_heads = attn.num_heads, attn.num_kv_heads
+        self.head_dim = args.hidden_size // self.n_heads
         self.scale = attn.scale
         self.rope_freqs = attn._rope_freqs
+        self.eps = args.rms_norm_eps if self.is_2026 else RMS_NORM_EPS
         spec = _linear_spec(model.lm_head)
-        self.functions = _step_functions(self.n_heads, self.n_kv_heads, self.head_dim, spec[1])
-        self.layers = [
-            _LayerArrays(_linear_arrays([b.attn.c_q, b.attn.c_k, b.attn.c_v]), _linear_arrays([b.attn.c_proj]),
-                         _linear_arrays([b.mlp.c_fc]), _linear_arrays([b.mlp.c_proj]))
-            for b in model.transformer.h
-        ]
+        self.functions = _step_functions(_Spec(
+            self.n_heads, self.n_kv_heads, self.head_dim, spec[1], self.eps,
+            args.softcap if self.is_2026 else SOFTCAP, self.is_2026, self.is_2026,
+            args.ve_gate_channels if self.is_2026 else 0, args.ve_gate_scale if self.is_2026 else 0.0))
+        self.layers = _layer_arrays(model)
         self.head = _linear_arrays([model.lm_head])
-        kernel_fits = cuda_decode.supports_shape(self.n_heads, self.n_kv_heads, self.head_dim, self.scale)
-        self._setup_cache(prompts, group_size, max_new_tokens, use_kernel, prefilled, kernel_fits)
+        if self.is_2026 and args.padded_vocab_size != args.vocab_size:  # padded rows never reach the logits
+            self.head = tuple(a[: args.vocab_size] for a in self.head)
+        self.backout = None
+        if self.is_2026 and args.backout_layer is not None:
+            self.backout = (args.backout_layer, model.backout_lambda)
+        self.smear = (model.smear_gate.weight, model.smear_lambda) if self.is_2026 and args.smear else None
+        kernel_fits = cuda_decode.supports_shape(self.n_heads, self.n_kv_heads, self.head_dim)
+        self._setup_cache(prompts, group_size, max_new_tokens, use_kernel, prefilled, kernel_fits, alternate_buffers)
 
-    def _setup_cache(self, prompts, group_size, max_new_tokens, use_kernel, prefilled, kernel_fits):
+    def _setup_cache(self, prompts, group_size, max_new_tokens, use_kernel, prefilled, kernel_fits,
+                     alternate_buffers=None):
         """Choose the cache layout and fill it (the prefill); the model's parts are read already."""
         name = type(self).__name__
         if prefilled is not None and (len(prompts) != 1 or use_kernel):
@@ -126,35 +253,59 @@ class NanochatDecoder:
                              f"switched on ({cuda_kernels.ENV_VAR}) and a head shape utils/cuda_kernels/decode.py "
                              "supports; pass use_kernel=None to choose automatically")
         self.use_kernel = use_kernel
+        if alternate_buffers is None:
+            alternate_buffers = ALTERNATE_BUFFERS
+        self.alternate_buffers = alternate_buffers and not use_kernel
         self.t = 0
+        self.prompts = [list(p) for p in prompts]
+        self.row_prompts = [p for p in range(len(prompts)) for _ in range(group_size)]
         prefix_lens = [len(p) - 1 for p in prompts]
         self.prefix_len = max(prefix_lens)
         self.capacity = max_new_tokens
         self.cache_dtype = self._cache_dtype()
+        if self.smear is not None:
+            self._start_smear(prompts, group_size)
         if self.use_kernel:
             self._cache_per_prompt(prompts, prefix_lens, group_size)
         else:
             self._cache_per_row(prompts, prefix_lens, group_size)
 
+    def _embed(self, tokens):
+        return mx.fast.rms_norm(self.model.transformer.wte(tokens), None, self.eps)
+
     def _cache_dtype(self):
         """The dtype of the keys a decode step writes (dtype inference only: nothing is evaluated)."""
-        probe = mx.fast.rms_norm(self.model.transformer.wte(mx.array([0])), None, RMS_NORM_EPS)
-        return self.functions[0](probe, self.layers[0].qkv, self.rope_freqs, mx.array([0]))[1].dtype
+        probe = self._embed(mx.array([0]))
+        layer = self.layers[0]
+        value_embedding = self._value_embedding(layer, mx.array([0]))
+        out = self.functions.attention_inputs[bool(value_embedding)](
+            probe, probe, layer.lambdas, layer.qkv, self.rope_freqs, mx.array([0]), *value_embedding)
+        return out[2].dtype
+
+    def _start_smear(self, prompts, group_size):
+        """Each row's previous-token embedding for its first decode step: its prompt's second-to-last token's
+        (a one-token prompt has none: zeros, as the model's first token). `fed` records the tokens since, for
+        row_cache's smear cache."""
+        rows = [p[-2] if len(p) > 1 else 0 for p in prompts for _ in range(group_size)]
+        has_previous = mx.array([len(p) > 1 for p in prompts for _ in range(group_size)])[:, None]
+        embedded = self._embed(mx.array(rows, dtype=mx.int32))
+        self.previous = mx.where(has_previous, embedded, mx.zeros_like(embedded))
+        self.fed = []  # (rows, k) int32 arrays of the tokens fed since, in order
 
     def _prefill(self, prompts, prefix_lens):
         """All prompts (but their last token) in one forward, right-padded so the causal mask is the
         only mask and every real token sits at its true position: each layer's (keys, values) of
         shape (prompts, kv_heads, prefix_len, head_dim), prompt p's in columns [0, prefix_lens[p])."""
-        width = self.prefix_len
+        width, n = self.prefix_len, len(self.layers)
         if self.prefilled is not None:
-            return [(c.keys[..., :width, :], c.values[..., :width, :]) for c in self.prefilled[0]]
+            return [(c.keys[..., :width, :], c.values[..., :width, :]) for c in self.prefilled[0][:n]]
         # The forward's length is rounded up so that steps with other prompts reuse its shape: on CUDA
         # MLX's fused attention plans every new shape anew, each time it meets one.
         padded = -(-width // PREFILL_ALIGN) * PREFILL_ALIGN
         tokens = mx.array([p[:n] + [0] * (padded - n) for p, n in zip(prompts, prefix_lens)], dtype=mx.int32)
         cache = make_prompt_cache(self.model)
         self.model(tokens, cache=cache)
-        return [(c.keys[..., :width, :], c.values[..., :width, :]) for c in cache]
+        return [(c.keys[..., :width, :], c.values[..., :width, :]) for c in cache[:n]]  # not the smear cache
 
     def _cache_per_prompt(self, prompts, prefix_lens, group_size):
         dtype = self.cache_dtype
@@ -166,9 +317,10 @@ class NanochatDecoder:
         for keys, values in self.prompt_kv:
             self.generated_kv.append(mx.zeros((rows, 2, self.n_kv_heads, self.capacity, self.head_dim), dtype))
             mx.eval(keys, values, self.generated_kv[-1])
-        self.row_prompt = mx.array([p for p in range(len(prompts)) for _ in range(group_size)], dtype=mx.int32)
+        self.row_prompt = mx.array(self.row_prompts, dtype=mx.int32)
         self.prompt_lens = mx.array(prefix_lens, dtype=mx.int32)
         self.inv_freq = (1.0 / self.rope_freqs).astype(mx.float32)  # mx.fast.rope's angle per position
+        self.windows = [mx.array([cuda_decode.window_arg(layer.window)], dtype=mx.int32) for layer in self.layers]
 
     def _cache_per_row(self, prompts, prefix_lens, group_size):
         width = self.prefix_len
@@ -176,6 +328,8 @@ class NanochatDecoder:
         dtype = self.cache_dtype
         prefix = self._rolled_prefill(prompts, prefix_lens) if width > 0 else None
         self.keys, self.values = [], []
+        self.spare = [] if self.alternate_buffers else None  # per layer: the other (keys, values) buffers
+        self.last_kv = [None] * len(self.layers)  # alternate_buffers: the step before's new key and value
         for layer in range(len(self.layers)):
             if prefix is None:  # only one-token prompts: nothing to prefill
                 keys = values = mx.zeros((len(prompts), self.n_kv_heads, 0, self.head_dim), dtype)
@@ -186,6 +340,9 @@ class NanochatDecoder:
             self.keys.append(mx.concatenate([keys, free], axis=2))
             self.values.append(mx.concatenate([values, free], axis=2))
             mx.eval(self.keys[-1], self.values[-1])
+            if self.spare is not None:  # a second buffer of its own (concatenate allocates it)
+                self.spare.append((mx.concatenate([keys, free], axis=2), mx.concatenate([values, free], axis=2)))
+                mx.eval(self.spare[-1])
         lens = [n for n in prefix_lens for _ in range(group_size)]
         self.start_positions = mx.array(lens, dtype=mx.int32)  # RoPE position of each row's first decoded token
         self.left_padding = mx.array([width - n for n in lens], dtype=mx.int32)
@@ -202,71 +359,122 @@ class NanochatDecoder:
         mx.eval(out)
         return out
 
+    @staticmethod
+    def _value_embedding(layer, tokens):
+        """The extra inputs of a layer with a value embedding: (its rows for these tokens, its gate); else ()."""
+        return () if layer.value_embed is None else (layer.value_embed(tokens), layer.ve_gate)
+
+    def _window_views(self, column):
+        """Per distinct window: (first column read, mask or None) at this step's column (the per-row layout)."""
+        views = {}
+        for window in {layer.window for layer in self.layers}:
+            first = 0 if window is None else max(0, column - window)
+            mask = None
+            if self.padded:  # the left padding of shorter prompts is not attended to
+                mask = (mx.arange(first, column + 1) >= self.left_padding[:, None])[:, None, None, :]
+            views[window] = (first, mask)
+        return views
+
     def _check_capacity(self):
         if self.t >= self.capacity:  # mlx would silently drop a write past the buffer's end
             raise ValueError(f"{type(self).__name__}.step: all {self.t} decode steps of this batch are used; "
                              f"make a decoder with a larger max_new_tokens")
 
-    def _per_row_inputs(self):
-        """(cache column, (rows,) RoPE positions, attention mask or None) of this decode step, per-row layout."""
-        column = self.prefix_len + self.t
-        positions = self.start_positions + self.t
-        mask = None
-        if self.padded:  # the left padding of shorter prompts is not attended to
-            mask = (mx.arange(column + 1) >= self.left_padding[:, None])[:, None, None, :]
-        return column, positions, mask
-
-    def _per_row_attention(self, keys, values, q, k, v, column, mask):
-        """Write this step's k and v into one layer's per-row cache at `column`, then attend over it."""
-        keys[..., column:column + 1, :] = k
-        values[..., column:column + 1, :] = v
+    def _per_row_attention(self, i, column, q, k, v, view):
+        """Layer i's step in the per-row layout: write k and v at `column`, attend over the window's view."""
+        keys, values = self._write(i, column, k, v)
+        first, mask = view
         return mx.fast.scaled_dot_product_attention(
-            q, keys[..., :column + 1, :], values[..., :column + 1, :], scale=self.scale, mask=mask)
+            q, keys[..., first:column + 1, :], values[..., first:column + 1, :], scale=self.scale, mask=mask)
 
     def step(self, tokens):
         """(rows,) int32 tokens at decode step t -> (rows, vocab) logits for step t + 1."""
         self._check_capacity()
-        attention_inputs, block_output, logits, qkv_projection = self.functions
-        x = mx.fast.rms_norm(self.model.transformer.wte(tokens), None, RMS_NORM_EPS)
+        f = self.functions
+        x = self._embed(tokens)
+        if self.smear is not None:
+            x, self.previous = f.smear(x, self.previous, *self.smear), x
+            self.fed.append(tokens[:, None])
+        x0, x_mid = x, None
         if self.use_kernel:
             step = mx.array([self.t], dtype=mx.int32)
-            for layer, (prompt_k, prompt_v), generated_kv in zip(self.layers, self.prompt_kv, self.generated_kv):
-                attention = cuda_decode.decode_attention(
-                    qkv_projection(x, layer.qkv), self.inv_freq, step, self.row_prompt, self.prompt_lens,
-                    prompt_k, prompt_v, generated_kv, self.n_heads, self.n_kv_heads, self.head_dim, RMS_NORM_EPS)
-                x = block_output(x, attention, layer.proj, layer.fc, layer.fc_proj)
         else:
-            column, positions, mask = self._per_row_inputs()
-            for layer, keys, values in zip(self.layers, self.keys, self.values):
-                q, k, v = attention_inputs(x, layer.qkv, self.rope_freqs, positions)
-                attention = self._per_row_attention(keys, values, q, k, v, column, mask)
-                x = block_output(x, attention, layer.proj, layer.fc, layer.fc_proj)
+            column = self.prefix_len + self.t
+            positions = self.start_positions + self.t
+            views = self._window_views(column)
+        for i, layer in enumerate(self.layers):
+            value_embedding = self._value_embedding(layer, tokens)
+            if self.use_kernel:
+                h, qkv = f.project[bool(value_embedding)](x, x0, layer.lambdas, layer.qkv, *value_embedding)
+                attention = cuda_decode.decode_attention(
+                    qkv, self.inv_freq, step, self.row_prompt, self.prompt_lens, self.prompt_kv[i][0],
+                    self.prompt_kv[i][1], self.generated_kv[i], self.windows[i], self.n_heads, self.n_kv_heads,
+                    self.head_dim, self.eps, self.scale)
+            else:
+                h, q, k, v = f.attention_inputs[bool(value_embedding)](
+                    x, x0, layer.lambdas, layer.qkv, self.rope_freqs, positions, *value_embedding)
+                attention = self._per_row_attention(i, column, q, k, v, views[layer.window])
+            x = f.block_output(h, attention, layer.proj, layer.fc, layer.fc_proj)
+            if self.backout is not None and i == self.backout[0]:
+                x_mid = x
         self.t += 1
-        return logits(x, self.head)
+        if self.backout is not None:
+            return f.logits[True](x, self.head, x_mid, self.backout[1])
+        return f.logits[False](x, self.head)
+
+    def _write(self, i, column, k, v):
+        """Layer i's new key and value into its cache at this column; the buffers to read this step."""
+        if self.spare is None:
+            keys, values = self.keys[i], self.values[i]
+            keys[..., column:column + 1, :] = k
+            values[..., column:column + 1, :] = v
+            return keys, values
+        keys, values = self.spare[i]  # read two steps ago, not by the step still in flight
+        if self.last_kv[i] is None:
+            keys[..., column:column + 1, :] = k
+            values[..., column:column + 1, :] = v
+        else:  # this buffer lacks the step before's column, written to the other one
+            keys[..., column - 1:column + 1, :] = mx.concatenate([self.last_kv[i][0], k], axis=2)
+            values[..., column - 1:column + 1, :] = mx.concatenate([self.last_kv[i][1], v], axis=2)
+        self.spare[i] = (self.keys[i], self.values[i])
+        self.keys[i], self.values[i], self.last_kv[i] = keys, values, (k, v)
+        return keys, values
 
     def row_cache(self, row):
         """Batch row `row`'s keys and values (its prompt and every token fed since) as an mlx-lm prompt cache
-        (the per-row layout only)."""
+        (the per-row layout only); with smear, the model's smear cache after the layers' too."""
         if self.use_kernel:
             raise ValueError(f"{type(self).__name__}.row_cache reads the per-row layout: make the decoder with "
                              "use_kernel=False")
         start, end = int(self.left_padding[row].item()), self.prefix_len + self.t
-        caches = []
-        for keys, values in zip(self.keys, self.values):
-            cache = KVCache()
+        caches = self.model.make_cache() if self.is_2026 else make_prompt_cache(self.model)
+        for cache, keys, values in zip(caches, self.keys, self.values):
             cache.keys = mx.contiguous(keys[row:row + 1, :, start:end])
             cache.values = mx.contiguous(values[row:row + 1, :, start:end])
             cache.offset = end - start
-            caches.append(cache)
+        if self.smear is not None:  # the normed embeddings of every token the row holds, as the model keeps them
+            fed = mx.concatenate(self.fed, axis=1)[row].tolist() if self.fed else []
+            held = self.prompts[self.row_prompts[row]][:-1] + fed
+            smear_cache = caches[len(self.layers)]
+            smear_cache.keys = self._embed(mx.array(held, dtype=mx.int32))[None, None]
+            smear_cache.values = mx.zeros((1, 1, len(held), 1), smear_cache.keys.dtype)
+            smear_cache.offset = len(held)
         return caches
 
     def filter(self, keep):
         """Keep only these batch rows (an int array of row indices)."""
+        self.row_prompts = [self.row_prompts[i] for i in keep.tolist()]
+        if self.smear is not None:
+            self.previous = self.previous[keep]
+            self.fed = [mx.concatenate(self.fed, axis=1)[keep]] if self.fed else []
         if self.use_kernel:
             self.generated_kv = [g[keep] for g in self.generated_kv]
             self.row_prompt = self.row_prompt[keep]
             return
         self.keys = [k[keep] for k in self.keys]
         self.values = [v[keep] for v in self.values]
+        if self.spare is not None:
+            self.spare = [(k[keep], v[keep]) for k, v in self.spare]
+            self.last_kv = [None if kv is None else (kv[0][keep], kv[1][keep]) for kv in self.last_kv]
         self.start_positions = self.start_positions[keep]
         self.left_padding = self.left_padding[keep]
