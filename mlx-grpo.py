@@ -42,6 +42,7 @@ from mlx_grpo.config import (
     save_resolved_config,
 )
 from mlx_grpo.cuda_kernels import KernelSwitchError
+from mlx_grpo.cuda_kernels import enabled as cuda_kernels_enabled
 from mlx_grpo.data.gsm8k import DataError, PromptSampler, build_messages, check_data_files, encode_prompt, load_gsm8k
 from mlx_grpo.data.rewards import BUILTIN_REWARDS, RewardError, compute_rewards, resolve_reward_functions
 from mlx_grpo.generation.calculator import CalculatorTool
@@ -58,7 +59,7 @@ from mlx_grpo.training.distributed import (
     reduce_step_metrics,
 )
 from mlx_grpo.training.lora import add_adapters, save_adapters, trainable_summary
-from mlx_grpo.training.metrics import METRICS_FILE, MetricsLogger, format_console_line
+from mlx_grpo.training.metrics import METRICS_FILE, MetricsLogger, check_loggers, format_console_line
 from mlx_grpo.training.interrupt import stop_on_signals
 from mlx_grpo.training.run_lock import RunLockError, lock_run_dir
 from mlx_grpo.training.update import ensure_float32
@@ -206,6 +207,8 @@ def train(args):
     # made unique here).
     check_data_files(requested, eval_only=args.eval_only)
     check_model_folder(requested.model_name)
+    check_loggers(requested.report_to)
+    cuda_kernels_enabled()  # a bad MLX_GRPO_CUDA_KERNELS stops the run now, not at its first rollout
     if not args.eval_only and world.is_main:
         requested.run_name = lock_run_dir(requested.output_dir, requested.run_name,
                                           unique_name=not given.get("run_name"))

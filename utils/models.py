@@ -16,8 +16,8 @@ from pathlib import Path
 
 import mlx.nn as nn
 
-from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError
-from mlx_grpo.nanochat.folder import load_nanochat_model, read_nanochat_meta, save_nanochat_folder
+from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError, checkpoint_steps
+from mlx_grpo.nanochat.folder import check_model_type, load_nanochat_model, read_nanochat_meta, save_nanochat_folder
 from mlx_grpo.nanochat.tokenizer import (
     TOKENIZER_FILENAME,
     TiktokenTokenizerWrapper,
@@ -63,15 +63,23 @@ def check_model_folder(name: str) -> None:
     if not folder.is_dir():
         raise ModelLoadError(f"model_name {name!r} is a file, not a model folder: pass the folder holding config.json")
     if is_adapter_folder(folder):
-        return  # load_model says what to do with adapters
+        raise ModelLoadError(_adapters_not_a_model(name))
     config_file = folder / "config.json"
+    if not config_file.is_file() and checkpoint_steps(folder):
+        raise ModelLoadError(f"{folder} is a raw nanochat checkpoint: convert it first: python convert_nanochat.py "
+                             f"{folder} --output models/NAME, and train models/NAME")
     if not config_file.is_file():
         raise ModelLoadError(f"{folder} has no config.json, so it is not a model folder: pass a converted nanochat "
                              "folder (python convert_nanochat.py) or an mlx-lm model folder")
     try:
-        json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{config_file} is not valid JSON ({e}): convert or download the model again") from None
+    if is_nanochat_folder(folder):
+        try:
+            check_model_type(folder, config)
+        except NanochatCheckpointError as e:
+            raise ModelLoadError(str(e)) from None
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise ModelLoadError(f"{folder} has no *.safetensors weights: convert or download the model again")
@@ -83,7 +91,7 @@ def check_model_folder(name: str) -> None:
         try:
             load_tiktoken_encoding(folder / TOKENIZER_FILENAME)
         except (pickle.UnpicklingError, ValueError, EOFError) as e:
-            raise ModelLoadError(f"{folder / TOKENIZER_FILENAME} is refused: {e}") from None
+            raise ModelLoadError(str(e) if str(folder) in str(e) else f"{folder / TOKENIZER_FILENAME}: {e}") from None
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -110,6 +118,11 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def _adapters_not_a_model(path) -> str:
+    return (f"{path} holds LoRA adapters, not a model: load it with mlx_grpo.training.lora.load_adapted_model "
+            f"(utils/inference.py does), or fuse it first: python utils/fuse.py --checkpoint {path} --output DIR")
+
+
 def load_model(path: str | Path, *, lazy: bool = False, return_config: bool = False):
     """(model, tokenizer), or (model, tokenizer, config) with return_config.
 
@@ -117,15 +130,13 @@ def load_model(path: str | Path, *, lazy: bool = False, return_config: bool = Fa
     stream_generate work on either.
     """
     if is_adapter_folder(path):  # a LoRA checkpoint: adapters only
-        raise ModelLoadError(f"{path} holds LoRA adapters, not a model: load it with mlx_grpo.training.lora.load_adapted_model "
-                             f"(utils/inference.py does), or fuse it first: python utils/fuse.py --checkpoint "
-                             f"{path} --output DIR")
+        raise ModelLoadError(_adapters_not_a_model(path))
     if is_nanochat_folder(path):
         folder = Path(path).expanduser()
         try:
             model, config = load_nanochat_model(folder, lazy=lazy)
         except NanochatCheckpointError as e:  # a config.json or weights of another layout
-            raise ModelLoadError(f"{folder}: {e}") from None
+            raise ModelLoadError(str(e) if str(folder) in str(e) else f"{folder}: {e}") from None
         tokenizer = TiktokenTokenizerWrapper.from_dir(folder).to_mlx_lm()
     else:
         local = Path(path).expanduser()

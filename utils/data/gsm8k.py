@@ -164,14 +164,15 @@ def _read_local(path: Path) -> list[Example]:
 
 
 def check_data_files(cfg, eval_only: bool = False) -> None:
-    """Before anything loads: the local files of the splits a run reads exist, and training and
-    evaluation do not read the same rows (a run would then report accuracy on its own training data)."""
-    if not cfg.dataset_path:
+    """Before anything loads: the local files of the splits a run reads exist and parse, and training and
+    evaluation do not read the same file or rows (the run would report accuracy on its own training data)."""
+    if not cfg.dataset_path:  # the hub: the split names are all there is to compare before a download
         if not eval_only and cfg.train_split == cfg.eval_split:
             raise DataError(f"train_split and eval_split are both {cfg.eval_split!r} of {cfg.dataset}: the run "
                             f"would evaluate on the questions it trains on; set eval_split to a held-out split")
         return
     eval_file = _local_data_file(cfg.dataset_path, cfg.eval_split)
+    eval_questions = [e.question for e in _read_local(eval_file)]
     if eval_only:
         return
     train_file = _local_data_file(cfg.dataset_path, cfg.train_split)
@@ -180,6 +181,7 @@ def check_data_files(cfg, eval_only: bool = False) -> None:
                         f"{cfg.eval_split!r} the same file {train_file}: the run would evaluate on the questions it "
                         f"trains on; set dataset_path to a folder holding {cfg.train_split}.jsonl and "
                         f"{cfg.eval_split}.jsonl (the bundled one: dataset_path = \"{BUNDLED_GSM8K}\")")
+    check_held_out([e.question for e in _read_local(train_file)], eval_questions)
 
 
 def check_held_out(train_questions: list[str], eval_questions: list[str]) -> int:
@@ -187,8 +189,8 @@ def check_held_out(train_questions: list[str], eval_questions: list[str]) -> int
     seen = set(train_questions)
     shared = sum(q in seen for q in eval_questions)
     if eval_questions and shared == len(eval_questions):
-        raise DataError(f"every one of the {shared} eval questions is also a training question: the train and eval "
-                        f"splits hold the same rows; give eval_split (or dataset_path) held-out questions")
+        raise DataError(f"all {shared} eval questions are training questions too: the train and eval splits hold "
+                        f"the same rows; give eval_split (or dataset_path) held-out questions")
     return shared
 
 
