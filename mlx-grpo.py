@@ -58,9 +58,9 @@ from mlx_grpo.training.distributed import (
     quiet_unless_main,
     reduce_step_metrics,
 )
+from mlx_grpo.training.interrupt import stop_on_signals
 from mlx_grpo.training.lora import add_adapters, save_adapters, trainable_summary
 from mlx_grpo.training.metrics import METRICS_FILE, MetricsLogger, check_loggers, format_console_line
-from mlx_grpo.training.interrupt import stop_on_signals
 from mlx_grpo.training.run_lock import RunLockError, lock_run_dir
 from mlx_grpo.training.update import ensure_float32
 

@@ -10,10 +10,8 @@ import os
 import pickle
 import re
 import shutil
-import struct
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +128,16 @@ def locked_run(tmp, model):
         cwd=tmp, env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     return holder
+
+
+def raw_checkpoint_as_model(tmp, model):
+    data_folder(tmp)
+    (tmp / "raw").mkdir()
+    (tmp / "raw" / "model_000005.pt").write_bytes(b"x")
+    (tmp / "raw" / "meta_000005.json").write_text("{}")
+
+
+TEXT_REWARD = "def as_text(completions):\n    return ['0.5' for _ in completions]\n"
 
 
 def hostile_pt(tmp, model):
@@ -251,14 +259,15 @@ CASES = [
          setup=model_copy(lambda f: (f / "model.safetensors").write_bytes(b"\x00garbage" * 100))),
     Case("model-empty-weights", [*DATA, "--set", "model_name=m"], r"not a safetensors file \(0 bytes\)",
          setup=model_copy(lambda f: (f / "model.safetensors").write_bytes(b""))),
-    Case("model-hostile-tokenizer", [*DATA, "--set", "model_name=m"], r"refusing to unpickle global 'posix.system' from m/tokenizer.pkl",
+    Case("model-hostile-tokenizer", [*DATA, "--set", "model_name=m"],
+         r"refusing to unpickle global 'posix.system' from m/tokenizer.pkl",
          setup=model_copy(hostile_tokenizer), after=lambda tmp: not (tmp / "pwned.txt").exists() or pytest.fail()),
     Case("model-adapters", [*DATA, "--set", "model_name=m"], r"holds LoRA adapters, not a model",
          setup=model_copy(lambda f: (f / "adapter_config.json").write_text("{}"))),
-    Case("model-raw-checkpoint", [*DATA, "--set", "model_name=raw"], r"raw is a raw nanochat checkpoint: convert it first",
-         setup=lambda tmp, model: (data_folder(tmp), (tmp / "raw").mkdir(), (tmp / "raw" / "model_000005.pt").write_bytes(b"x"),
-                                   (tmp / "raw" / "meta_000005.json").write_text("{}"))),
-    Case("model-unknown-type", [*DATA, "--set", "model_name=m"], r"m holds tokenizer.pkl but config.json says model_type 'gpt17'",
+    Case("model-raw-checkpoint", [*DATA, "--set", "model_name=raw"],
+         r"raw is a raw nanochat checkpoint: convert it first", setup=raw_checkpoint_as_model),
+    Case("model-unknown-type", [*DATA, "--set", "model_name=m"],
+         r"m holds tokenizer.pkl but config.json says model_type 'gpt17'",
          setup=model_copy(model_type)),
 
     # --- run folders and --resume ---------------------------------------------------------------
@@ -278,15 +287,15 @@ CASES = [
          r"data is not a complete checkpoint: no checkpoint.json", setup=run_with_checkpoint(),
          after=resolved_config_unchanged),
     Case("resume-run-folder-bad-config", [*TINY, "--resume", "outputs/r"],
-         r"unknown config key 'bogus' \(in outputs/r/checkpoints/step_000001/config.resolved.json\)", setup=run_with_checkpoint(config='{"bogus": 1}')),
+         r"unknown config key 'bogus' \(in outputs/r/checkpoints/step_000001/config.resolved.json\)",
+         setup=run_with_checkpoint(config='{"bogus": 1}')),
 
     # --- the environment, and a reward function's return value at run time (this one loads the model) ---
     Case("kernel-switch", TINY, r"MLX_GRPO_CUDA_KERNELS='maybe' is not a switch",
          setup=lambda tmp, model: data_folder(tmp), env={"MLX_GRPO_CUDA_KERNELS": "maybe"}),
     Case("reward-returns-str", [*FAST_RUN, "--set", "reward_funcs=as_text", "--set", "reward_file=r.py"],
          r"reward function 'as_text' returned str '0.5' at index 0: return one int or float",
-         setup=lambda tmp, model: (data_folder(tmp), write("r.py", "def as_text(completions):\n"
-                                                               "    return ['0.5' for _ in completions]\n")(tmp, model))),
+         setup=lambda tmp, model: (data_folder(tmp), write("r.py", TEXT_REWARD)(tmp, model))),
 
     # --- the other command-line tools, and an uninstalled checkout --------------------------------
     Case("convert-hostile-pt", ["raw", "--output", "out"],

@@ -41,7 +41,8 @@ def test_parse_number(text, expected):
     assert parse_number(text) == expected
 
 
-@pytest.mark.parametrize("text", [None, "", "abc", "18 dollars", "1e5", "1/0", "1/2/3", "$", ".", "inf", "nan", "--3", "1.2.3"])
+@pytest.mark.parametrize("text", [None, "", "abc", "18 dollars", "1e5", "1/0", "1/2/3", "$", ".", "inf", "nan", "--3",
+                                  "1.2.3"])
 def test_parse_number_rejects(text):
     assert parse_number(text) is None
 

@@ -1,8 +1,9 @@
-"""One run per run folder: an exclusive lock on run_dir/run.lock while a run writes the folder.
+"""One run per run folder: an exclusive lock on output_dir/.<run_name>.lock while a run writes the folder.
 
 The lock is an flock on an open file, so the kernel drops it when the process ends however it ends
 (kill -9 included): a stale lock file never blocks a later run. The file holds the owner's pid and
-start time, for the message the second run prints.
+start time, for the message the second run prints. It sits beside the run folder, not in it, so a
+resume that is refused leaves the run folder exactly as it was.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-LOCK_FILE = "run.lock"
+LOCK_SUFFIX = ".lock"
 MAX_NAME_SUFFIX = 1000  # run-YYYYmmdd-HHMMSS-2 ... : runs started in the same second
 
 _held: dict[Path, int] = {}  # run folder -> the open lock file's descriptor, for this process's lifetime
@@ -43,11 +44,10 @@ def lock_run_dir(output_dir: str | os.PathLike, run_name: str, unique_name: bool
         else:
             raise RunLockError(f"{output_dir} already holds {MAX_NAME_SUFFIX} runs named {run_name}*: set run_name")
     run_dir = output_dir / name
-    run_dir.mkdir(exist_ok=True)
     key = run_dir.resolve()
     if key in _held:  # this process holds it already (a second train() in one process, as the tests run)
         return name
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_file(run_dir), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -59,6 +59,11 @@ def lock_run_dir(output_dir: str | os.PathLike, run_name: str, unique_name: bool
     os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _held[key] = fd
     return name
+
+
+def lock_file(run_dir: str | os.PathLike) -> Path:
+    run_dir = Path(run_dir)
+    return run_dir.parent / f".{run_dir.name}{LOCK_SUFFIX}"
 
 
 def unlock_run_dir(run_dir: str | os.PathLike) -> None:
