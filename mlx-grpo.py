@@ -176,8 +176,9 @@ def main(argv=None):
         return train(args)
     except user_errors() as error:  # bad input: one line naming the problem, no traceback
         sys.exit(f"error: {error}")
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the current step, saved)
-        sys.exit("stopped at once by a second Ctrl-C, without saving: --resume continues from the last checkpoint")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one (the first stops after the step)
+        print("stopped by Ctrl-C, without saving: --resume continues from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
     except OSError as error:  # the disk, not the code: a full disk, a read-only or vanished folder
         if error.errno not in DISK_ERRNOS:
             raise
@@ -295,7 +296,7 @@ def train(args):
 
     from tqdm import tqdm
 
-    stop = stop_on_signals()  # Ctrl-C / SIGTERM: this step's updates finish, a checkpoint is saved, exit 0
+    stop, stopping = stop_on_signals(), False  # Ctrl-C / SIGTERM: the step's updates finish, a checkpoint, exit 0
     progress = tqdm(total=total_updates, initial=state.update, desc="GRPO", unit="update", dynamic_ncols=True,
                     disable=not world.is_main)
     while state.step < total_steps:
@@ -335,16 +336,17 @@ def train(args):
                  "reward": float(rewards.total[i])} for i in range(min(cfg.completions_log_count, len(texts)))])
         if every(cfg.eval_steps, state.step) or state.step == total_steps:
             evaluate_and_log(cfg, world, model, eval_task, calculator, state, logger)
-        if every(cfg.save_steps, state.step) or state.step == total_steps or stop.requested:
+        stopping = not world.all_true(not stop.requested)  # a signal to any process stops them all here
+        if every(cfg.save_steps, state.step) or state.step == total_steps or stopping:
             save_training_checkpoint(setup, state, run_dir, write_model_files, keep_last=cfg.keep_last)
-        if stop.requested:
+        if stopping:
             break
     stop.restore()
     progress.close()
     logger.close()
-    if stop.requested:
-        print(f"[stopped] by {stop.requested} after step {state.step} (update {state.update}), checkpoint saved; "
-              f"continue with: {resume_command(args, cfg)}")
+    if stopping and state.step < total_steps:
+        print(f"[stopped] by {stop.requested or 'a signal to another process'} after step {state.step} "
+              f"(update {state.update}), checkpoint saved; continue with: {resume_command(args, cfg)}")
         return state.eval_history
 
     before, after = state.eval_history[0]["eval/accuracy"], state.eval_history[-1]["eval/accuracy"]

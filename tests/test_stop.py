@@ -89,3 +89,18 @@ def test_a_locked_run_folder_names_its_owner_and_default_names_never_collide(tmp
     assert names == ["run-20260101-000000", "run-20260101-000000-2", "run-20260101-000000-3"]
     for name in names:
         unlock_run_dir(tmp_path / name)
+
+
+def test_a_full_disk_is_one_line(tmp_path, tiny_model_dir, monkeypatch):
+    import errno
+
+    import mlx_grpo.training.run_lock as run_lock
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(run_lock, "lock_run_dir", full)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, tiny_model_dir, run_name="r")
+    assert str(stop.value) == (f"error: No space left on device: {tmp_path / 'out'}: free space or fix the folder's "
+                               "permissions, then --resume continues from the last checkpoint")
