@@ -309,6 +309,12 @@ CASES = [
          setup=not_installed, env={"PYTHONPATH": "site"}),
     Case("convert-not-installed", [], r"the package mlx_grpo is not installed in this Python: run pip install -e \.",
          script="convert_nanochat.py", setup=not_installed, env={"PYTHONPATH": "site"}),
+    Case("convert-model-not-installed", [], r"the package mlx_grpo is not installed in this Python: run pip install",
+         script="utils/convert_model.py", setup=not_installed, env={"PYTHONPATH": "site"}),
+    Case("plot-not-installed", [], r"the package mlx_grpo is not installed in this Python: run pip install -e \.",
+         script="utils/plot.py", setup=not_installed, env={"PYTHONPATH": "site"}),
+    Case("fuse-not-installed", [], r"the package mlx_grpo is not installed in this Python: run pip install -e \.",
+         script="utils/fuse.py", setup=not_installed, env={"PYTHONPATH": "site"}),
     Case("inference-not-installed", [], r"the package mlx_grpo is not installed in this Python: run pip install -e \.",
          script="utils/inference.py", setup=not_installed, env={"PYTHONPATH": "site"}),
 ]
