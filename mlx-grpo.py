@@ -15,6 +15,7 @@ summary at the end.
 import argparse
 import errno
 import random
+import shlex
 import sys
 import time
 
@@ -47,6 +48,7 @@ from mlx_grpo.data.gsm8k import DataError, PromptSampler, build_messages, check_
 from mlx_grpo.data.rewards import BUILTIN_REWARDS, RewardError, compute_rewards, resolve_reward_functions
 from mlx_grpo.generation.calculator import CalculatorTool
 from mlx_grpo.models import ModelLoadError, check_model_folder, load_model, save_model_folder
+from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError
 from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
 from mlx_grpo.training.checkpoint import CheckpointError, resume_point
 from mlx_grpo.training.distributed import (
@@ -65,8 +67,8 @@ from mlx_grpo.training.run_lock import RunLockError, lock_run_dir
 from mlx_grpo.training.update import ensure_float32
 
 # Errors caused by the user's input (config, data, model folder, rewards, checkpoints, settings, run folder).
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError, CheckpointError, FileNotFoundError,
-               DistributedError, KernelSwitchError, RunLockError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, NanochatCheckpointError, RewardError, CheckpointError,
+               FileNotFoundError, DistributedError, KernelSwitchError, RunLockError)
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.toml"
@@ -158,8 +160,9 @@ def model_writer(cfg, model, tokenizer, adapter_config):
 
 def resume_command(args, cfg):
     """The command line that continues this run from its newest checkpoint."""
-    config = f" --config {args.config}" if args.config else ""
-    return f"python mlx-grpo.py{config} --set output_dir={cfg.output_dir} --set run_name={cfg.run_name} --resume"
+    config = ["--config", args.config] if args.config else []
+    return shlex.join(["python", "mlx-grpo.py", *config, "--set", f"output_dir={cfg.output_dir}",
+                       "--set", f"run_name={cfg.run_name}", "--resume"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -98,6 +98,15 @@ def model_type(folder):
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt17"}))
 
 
+def drop_a_weight(folder):
+    """model.safetensors without one tensor: an intact file that does not fit config.json (found when loading)."""
+    import mlx.core as mx
+
+    weights = mx.load(str(folder / "model.safetensors"))
+    del weights["transformer.h.1.attn.c_v.weight"]
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+
+
 def run_with_checkpoint(complete=True, config="{}"):
     """outputs/r with config.resolved.json and one checkpoint step_000001 (without a manifest unless complete)."""
     def setup(tmp, model):
@@ -266,6 +275,8 @@ CASES = [
          setup=model_copy(lambda f: (f / "adapter_config.json").write_text("{}"))),
     Case("model-raw-checkpoint", [*DATA, "--set", "model_name=raw"],
          r"raw is a raw nanochat checkpoint: convert it first", setup=raw_checkpoint_as_model),
+    Case("model-missing-weight", [*SMOKE, "--set", "model_name=m"], r"Missing 1 parameters: transformer\.h\.1",
+         setup=model_copy(drop_a_weight)),
     Case("model-unknown-type", [*DATA, "--set", "model_name=m"],
          r"m holds tokenizer.pkl but config.json says model_type 'gpt17'",
          setup=model_copy(model_type)),

@@ -133,10 +133,7 @@ def load_model(path: str | Path, *, lazy: bool = False, return_config: bool = Fa
         raise ModelLoadError(_adapters_not_a_model(path))
     if is_nanochat_folder(path):
         folder = Path(path).expanduser()
-        try:
-            model, config = load_nanochat_model(folder, lazy=lazy)
-        except NanochatCheckpointError as e:  # a config.json or weights of another layout
-            raise ModelLoadError(str(e) if str(folder) in str(e) else f"{folder}: {e}") from None
+        model, config = load_nanochat_model(folder, lazy=lazy)
         tokenizer = TiktokenTokenizerWrapper.from_dir(folder).to_mlx_lm()
     else:
         local = Path(path).expanduser()
