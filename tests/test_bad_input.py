@@ -361,7 +361,7 @@ def run_case(case: Case, tmp: Path, model: SimpleNamespace) -> Result:
 def results(request, tiny_model_dir, tiny_nanochat_ckpt_dir, tmp_path_factory):
     """The result of every selected case (-k picks some), run WORKERS at a time."""
     selected = {item.callspec.params["case"].id for item in request.session.items
-                if hasattr(item, "callspec") and "case" in item.callspec.params}
+                if isinstance(getattr(item, "callspec", None) and item.callspec.params.get("case"), Case)}
     root = tmp_path_factory.mktemp("bad_input")
     fixtures = SimpleNamespace(folder=tiny_model_dir, raw=tiny_nanochat_ckpt_dir)
     with ThreadPoolExecutor(WORKERS) as pool:

@@ -380,8 +380,9 @@ def resume_point(output_dir: str | Path, run_name: str = "", checkpoint: str | P
                               f"(RUN/{CHECKPOINTS_DIRNAME}/step_N), a run folder, or --resume alone for the newest run")
     if checkpoint is not None and (Path(checkpoint) / CHECKPOINTS_DIRNAME).is_dir():  # a run folder: its newest
         if run_name and Path(checkpoint).resolve() != (Path(output_dir) / run_name).resolve():
-            raise CheckpointError(f"--resume {checkpoint} is a run folder but run_name is {run_name!r}: give one")
-        run_dir, checkpoint, run_name = Path(checkpoint), None, Path(checkpoint).name
+            raise CheckpointError(f"--resume {checkpoint} is a run folder but run_name is {run_name!r}: give only "
+                                  "one of them")
+        run_dir, checkpoint = Path(checkpoint), None
     elif run_name:
         run_dir = Path(output_dir) / run_name
     elif checkpoint is not None:
