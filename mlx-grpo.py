@@ -13,14 +13,22 @@ summary at the end.
 """
 
 import argparse
+import errno
 import random
+import shlex
 import sys
 import time
+
+try:
+    from mlx_grpo import REPO_ROOT
+except ModuleNotFoundError as missing:  # run from a checkout that was never installed
+    if missing.name != "mlx_grpo":
+        raise
+    sys.exit("error: the package mlx_grpo is not installed in this Python: run pip install -e . in the checkout")
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_grpo import REPO_ROOT
 from mlx_grpo.config import (
     ConfigError,
     GRPOConfig,
@@ -34,10 +42,13 @@ from mlx_grpo.config import (
     resolve_for_model,
     save_resolved_config,
 )
-from mlx_grpo.data.gsm8k import DataError, PromptSampler, build_messages, encode_prompt, load_gsm8k
+from mlx_grpo.cuda_kernels import KernelSwitchError
+from mlx_grpo.cuda_kernels import enabled as cuda_kernels_enabled
+from mlx_grpo.data.gsm8k import DataError, PromptSampler, build_messages, check_data_files, encode_prompt, load_gsm8k
 from mlx_grpo.data.rewards import BUILTIN_REWARDS, RewardError, compute_rewards, resolve_reward_functions
 from mlx_grpo.generation.calculator import CalculatorTool
-from mlx_grpo.models import ModelLoadError, load_model, save_model_folder
+from mlx_grpo.models import ModelLoadError, check_model_folder, load_model, save_model_folder
+from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError
 from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
 from mlx_grpo.training.checkpoint import CheckpointError, resume_point
 from mlx_grpo.training.distributed import (
@@ -49,25 +60,17 @@ from mlx_grpo.training.distributed import (
     quiet_unless_main,
     reduce_step_metrics,
 )
+from mlx_grpo.training.interrupt import stop_on_signals
 from mlx_grpo.training.lora import add_adapters, save_adapters, trainable_summary
-from mlx_grpo.training.metrics import METRICS_FILE, MetricsLogger, format_console_line
-from mlx_grpo.training.step import (
-    TrainingError,
-    TrainState,
-    build_step,
-    every,
-    grpo_updates,
-    load_training_checkpoint,
-    sample_rollouts,
-    save_training_checkpoint,
-    update_metrics,
-)
+from mlx_grpo.training.metrics import METRICS_FILE, MetricsLogger, check_loggers, format_console_line
+from mlx_grpo.training.run_lock import RunLockError, lock_run_dir
 from mlx_grpo.training.update import ensure_float32
 
-# Errors caused by the user's input (config, data, model folder, rewards, checkpoints, settings).
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError, CheckpointError, FileNotFoundError,
-               DistributedError, TrainingError)
+# Errors caused by the user's input (config, data, model folder, rewards, checkpoints, settings, run folder).
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, NanochatCheckpointError, RewardError, CheckpointError,
+               FileNotFoundError, DistributedError, KernelSwitchError, RunLockError)
 
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.toml"
 DEMO_MODEL = "demo/model"  # configs/demo.toml's model, made by utils/demo/build.py
 
@@ -155,14 +158,35 @@ def model_writer(cfg, model, tokenizer, adapter_config):
     return lambda folder: save_model_folder(folder, model, tokenizer, cfg.model_name)
 
 
+def resume_command(args, cfg):
+    """The command line that continues this run from its newest checkpoint."""
+    config = ["--config", args.config] if args.config else []
+    return shlex.join(["python", "mlx-grpo.py", *config, "--set", f"output_dir={cfg.output_dir}",
+                       "--set", f"run_name={cfg.run_name}", "--resume"])
+
+
 # ----------------------------------------------------------------------------------------------
+
+def user_errors():
+    """USER_ERRORS, and the step's TrainingError once train() has imported the step."""
+    step = sys.modules.get("mlx_grpo.training.step")
+    return USER_ERRORS + ((step.TrainingError,) if step else ())
+
 
 def main(argv=None):
     args = parse_args(argv)
     try:
         return train(args)
-    except USER_ERRORS as error:  # bad input: one line naming the problem, no traceback
+    except user_errors() as error:  # bad input: one line naming the problem, no traceback
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one (the first stops after the step)
+        print("stopped by Ctrl-C, without saving: --resume continues from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+    except OSError as error:  # the disk, not the code: a full disk, a read-only or vanished folder
+        if error.errno not in DISK_ERRNOS:
+            raise
+        sys.exit(f"error: {error.strerror}: {error.filename or 'a file of the run'}: free space or fix the "
+                 f"folder's permissions, then --resume continues from the last checkpoint")
 
 
 def train(args):
@@ -182,9 +206,30 @@ def train(args):
         given.update(output_dir=str(run_dir.parent), run_name=run_dir.name)  # where the run lives now
         saved = load_resolved_config(checkpoint)
     requested = config_from_values(given, base=saved)
+    # What can be checked with nothing loaded is checked now, so bad input fails in a second: the data
+    # files, the model folder, then the run folder, locked while this run writes it (a default name is
+    # made unique here).
+    check_data_files(requested, eval_only=args.eval_only)
+    check_model_folder(requested.model_name)
+    check_loggers(requested.report_to)
+    cuda_kernels_enabled()  # a bad MLX_GRPO_CUDA_KERNELS stops the run now, not at its first rollout
+    if not args.eval_only and world.is_main:
+        requested.run_name = lock_run_dir(requested.output_dir, requested.run_name,
+                                          unique_name=not given.get("run_name"))
     if not checkpoint and not args.eval_only and (requested.run_dir / METRICS_FILE).exists():
         raise ConfigError(f"{requested.run_dir} already holds a run: pass --resume to continue it, "
                           "or choose another run_name")
+    # The step's machinery imports mlx-lm and transformers (seconds), so it loads after the checks.
+    from mlx_grpo.training.step import (
+        TrainState,
+        build_step,
+        every,
+        grpo_updates,
+        load_training_checkpoint,
+        sample_rollouts,
+        save_training_checkpoint,
+        update_metrics,
+    )
 
     seed = requested.seed + world.rank  # each process samples its own rollouts; the data order uses cfg.seed
     random.seed(seed)
@@ -254,6 +299,7 @@ def train(args):
 
     from tqdm import tqdm
 
+    stop, stopping = stop_on_signals(), False  # Ctrl-C / SIGTERM: the step's updates finish, a checkpoint, exit 0
     progress = tqdm(total=total_updates, initial=state.update, desc="GRPO", unit="update", dynamic_ncols=True,
                     disable=not world.is_main)
     while state.step < total_steps:
@@ -293,10 +339,18 @@ def train(args):
                  "reward": float(rewards.total[i])} for i in range(min(cfg.completions_log_count, len(texts)))])
         if every(cfg.eval_steps, state.step) or state.step == total_steps:
             evaluate_and_log(cfg, world, model, eval_task, calculator, state, logger)
-        if every(cfg.save_steps, state.step) or state.step == total_steps:
+        stopping = not world.all_true(not stop.requested)  # a signal to any process stops them all here
+        if every(cfg.save_steps, state.step) or state.step == total_steps or stopping:
             save_training_checkpoint(setup, state, run_dir, write_model_files, keep_last=cfg.keep_last)
+        if stopping:
+            break
+    stop.restore()
     progress.close()
     logger.close()
+    if stopping and state.step < total_steps:
+        print(f"[stopped] by {stop.requested or 'a signal to another process'} after step {state.step} "
+              f"(update {state.update}), checkpoint saved; continue with: {resume_command(args, cfg)}")
+        return state.eval_history
 
     before, after = state.eval_history[0]["eval/accuracy"], state.eval_history[-1]["eval/accuracy"]
     print(f"[done] {cfg.eval_split} accuracy {before:.2%} -> {after:.2%} on {len(eval_task.prompts)} questions; "

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, RNG round trip, atomic saves, pruning, clear errors."""
 
+import hashlib
 import json
 import os
 import random
@@ -274,8 +275,27 @@ def test_the_newest_run_is_the_one_whose_last_checkpoint_was_written_last(tmp_pa
         resume_point(tmp_path / "none")
     with pytest.raises(CheckpointError, match="no complete checkpoint under"):
         resume_point(tmp_path, "no-checkpoint")
-    with pytest.raises(CheckpointError, match="set run_name"):
-        resume_point(tmp_path, checkpoint=tmp_path / "a")
+    a_first = tmp_path / "a" / "checkpoints" / "step_000001"
+    assert resume_point(tmp_path, checkpoint=tmp_path / "a") == (tmp_path / "a", a_first)  # a run folder: its newest
+    with pytest.raises(CheckpointError, match="no such folder"):
+        resume_point(tmp_path, checkpoint=tmp_path / "typo")
+
+
+def test_a_checkpoint_whose_content_changed_is_skipped_for_the_previous_one(tmp_path, capsys):
+    """Same size, one flipped bit: the manifest's sha256 catches it, and resume takes the checkpoint before."""
+    model, optimizer = TinyNet(), make_optimizer()
+    first = save(tmp_path / "run", 1, model, optimizer)
+    second = save(tmp_path / "run", 2, model, optimizer)
+    manifest = json.loads((second / "checkpoint.json").read_text())
+    assert manifest["sha256"]["optimizer.safetensors"] == hashlib.sha256(
+        (second / "optimizer.safetensors").read_bytes()).hexdigest()
+    data = bytearray((second / "optimizer.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (second / "optimizer.safetensors").write_bytes(bytes(data))
+    assert resume_point(tmp_path, "run") == (tmp_path / "run", first)
+    assert f"skipping {second}: optimizer.safetensors does not match its sha256" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="optimizer.safetensors does not match its sha256"):
+        resume_point(tmp_path, "run", checkpoint=second)  # asked for by name: an error, not a fallback
 
 
 def test_the_train_state_round_trips_through_a_checkpoint_as_a_whole(tmp_path, tiny_model_dir):

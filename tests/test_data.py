@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -12,6 +13,7 @@ from mlx_grpo.data.gsm8k import (
     default_gsm8k_path,
     encode_prompt,
     epoch_order,
+    gsm8k_reference_answer,
     gsm8k_sft_conversation,
     gsm8k_solution_to_nanochat_parts,
     load_gsm8k,
@@ -75,7 +77,7 @@ def test_missing_field_error(tmp_path):
 def test_row_without_final_answer(tmp_path):
     rows = [ROWS[0], {"question": "q", "answer": "no final answer here"}]
     path = write_jsonl(tmp_path / "nofinal.jsonl", rows)
-    with pytest.raises(DataError, match=r"nofinal\.jsonl: row 2: .*####"):
+    with pytest.raises(DataError, match=r"nofinal\.jsonl: line 2: .*####"):
         load_gsm8k(dataset_path=str(path))
 
 
@@ -101,7 +103,7 @@ def test_offline_hub_error(monkeypatch):
     message = str(info.value)
     assert "\n" not in message
     assert "'openai/gsm8k'" in message and "dataset_path" in message
-    assert "data/gsm8k/train.jsonl" in message
+    assert "dataset_path = \"data/gsm8k\"" in message
     assert isinstance(info.value.__cause__, ConnectionError)
     assert isinstance(info.value, ValueError)
 
@@ -299,8 +301,26 @@ def test_solution_parts_edge_cases():
     ]
 
 
-def test_malformed_jsonl_names_the_file(tmp_path):
+def test_malformed_jsonl_names_the_file_and_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"question": "q", "answer": "#### 1"}\n{not json\n')
-    with pytest.raises(DataError, match=r"could not read .*broken\.jsonl as json"):
+    with pytest.raises(DataError, match=r"broken\.jsonl: line 2: invalid JSON"):
         load_gsm8k(dataset_path=str(path))
+
+
+def test_local_jsonl_is_read_fresh(tmp_path):
+    """An edit that keeps the size and the mtime is still read: local files never come from a cache."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "q", "answer": "#### 1"}\n')
+    stat = path.stat()
+    assert load_gsm8k(dataset_path=str(path))[0].answer == "1"
+    path.write_text('{"question": "q", "answer": "#### 2"}\n')
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert load_gsm8k(dataset_path=str(path))[0].answer == "2"
+
+
+def test_fractions_and_decimals_are_whole_answers():
+    assert gsm8k_reference_answer("so #### 3/4") == "3/4"
+    assert gsm8k_reference_answer("#### -1,000.5") == "-1000.5"
+    assert gsm8k_reference_answer("#### 7/") == "7"  # a slash without a denominator is not part of it

@@ -321,7 +321,7 @@ def test_two_rank_run_keeps_ranks_identical_writes_on_rank_0_only_and_resumes_ex
     assert sorted(p.name for p in full.iterdir()) == ["checkpoints", "completions.jsonl", "config.resolved.json",
                                                        "metrics.jsonl"]
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["full"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".full.lock", "full"]  # rank 0's run lock
     assert output.count("[done]") == 1
     state = json.loads((full / "checkpoints" / "step_000002" / "trainer_state.json").read_text())["trainer_state"]
     assert state["world_size"] == 2 and len(state["process_rng_states"]) == 2

@@ -41,7 +41,8 @@ def test_parse_number(text, expected):
     assert parse_number(text) == expected
 
 
-@pytest.mark.parametrize("text", [None, "", "abc", "18 dollars", "1e5", "1/2", "$", ".", "inf", "nan", "--3", "1.2.3"])
+@pytest.mark.parametrize("text", [None, "", "abc", "18 dollars", "1e5", "1/0", "1/2/3", "$", ".", "inf", "nan", "--3",
+                                  "1.2.3"])
 def test_parse_number_rejects(text):
     assert parse_number(text) is None
 
@@ -241,9 +242,12 @@ def test_compute_rewards_bad_weights():
 
 @pytest.mark.parametrize("values, message", [
     ([1.0], "returned 1 values for 2"),
-    ([1.0, float("nan")], "non-finite"),
-    ([1.0, float("inf")], "non-finite"),
-    ([1.0, None], "non-numeric"),
+    ([1.0, float("nan")], "the NaN value nan at index 1"),
+    ([1.0, float("inf")], "the infinite value inf at index 1"),
+    ([1.0, None], "'bad' returned NoneType None at index 1"),
+    ([1.0, True], "'bad' returned bool True at index 1"),  # never coerced to 1.0
+    (["0.5", 1.0], "'bad' returned str '0.5' at index 0"),  # never parsed
+    ([1.0, 1e308], "beyond"),  # finite, but its advantages would not be
     (0.5, "must return a list"),
 ])
 def test_compute_rewards_bad_return_values(values, message):
@@ -253,6 +257,20 @@ def test_compute_rewards_bad_return_values(values, message):
     for errors in ("raise", "zero"):  # bad values are bugs: always an error
         with pytest.raises(RewardError, match=message):
             compute_rewards([("bad", bad)], None, ["x", "y"], None, None, errors=errors)
+
+
+def test_numpy_numbers_are_numbers():
+    values = compute_rewards([("np", lambda completions, **kw: np.array([0.5, 1], dtype=np.float32))], None,
+                             ["x", "y"], None, None)
+    assert values.total.tolist() == [0.5, 1.0]
+
+
+def test_fraction_answers_compare_as_numbers():
+    assert parse_number("3/4") == 0.75 and parse_number("-1/2") == -0.5
+    assert parse_number("1/0") is None and parse_number("1/2/3") is None and parse_number("a/2") is None
+    assert answers_match("0.75", "3/4") and answers_match("3/4", "3/4") and not answers_match("3", "3/4")
+    assert gsm8k_reward(["so #### 3/4"], answer=["3/4"]) == [1.0]
+    assert gsm8k_reward(["so #### 3"], answer=["3/4"]) == [0.0]
 
 
 def test_compute_rewards_raising_function_reraises_with_name():

@@ -1,6 +1,7 @@
 """mlx-grpo.py end to end on the tiny fixture: smoke run, learning signal, eval-only, exact resume, the
 resumed config; and the pieces of a step (utils/training/step.py, utils/training/update.py)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -214,6 +215,10 @@ def test_a_resume_that_fails_on_the_checkpoint_writes_nothing(saved_run, tiny_mo
     state_file = part / "checkpoints" / "step_000001" / "trainer_state.json"
     # A key misspelt in place: the file keeps its size, so only loading the trainer state finds it.
     state_file.write_text(state_file.read_text().replace('"nan_streak"', '"nan_streaX"'))
+    manifest = state_file.parent / "checkpoint.json"  # as written by a version without that key: hashes match
+    recorded = json.loads(manifest.read_text())
+    recorded["sha256"]["trainer_state.json"] = hashlib.sha256(state_file.read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(recorded))
     before = folder_contents(part)
     with pytest.raises(SystemExit, match="has no nan_streak in its trainer state"):
         run(tmp, tiny_model_dir, *settings, "eval_samples=1", run_name="broken", extra_args=["--resume"])

@@ -405,12 +405,15 @@ def read_toml(path: str | os.PathLike, origin: str = "") -> dict[str, Any]:
         raise ConfigError("reading TOML on Python 3.10 needs tomli: pip install tomli")
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
+        text = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as some editors write
+        doc = tomllib.loads(text.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {str(path)!r}{' ' + origin if origin else ''}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}): save it as "
+                          "UTF-8") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
 
@@ -541,14 +544,15 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     return cfg
 
 
-def config_from_dict(d: dict[str, Any]) -> GRPOConfig:
+def config_from_dict(d: dict[str, Any], source: str = "in config dict") -> GRPOConfig:
     """Build and validate a config from a mapping (e.g. a loaded config.resolved.json, for resume).
 
     Same strict checks as a TOML file; aliases are accepted; a missing key keeps its default.
+    source says where the mapping came from, for error messages (e.g. "in RUN/config.resolved.json").
     """
     if not isinstance(d, dict):
-        raise ConfigError(f"a config must be a mapping of key -> value, got {type(d).__name__}")
-    return validate(GRPOConfig(**_values_from_mapping(d, "in config dict")))
+        raise ConfigError(f"a config must be a mapping of key -> value, got {type(d).__name__} ({source})")
+    return validate(GRPOConfig(**_values_from_mapping(d, source)))
 
 
 def read_config_values(config_path: str | os.PathLike | None = None, overrides: list[str] | None = None,
@@ -663,7 +667,7 @@ def load_resolved_config(path: str | os.PathLike) -> GRPOConfig:
         raise ConfigError(f"resolved config not found: {str(path)!r}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON: {e}") from None
-    return config_from_dict(data)
+    return config_from_dict(data, f"in {path}")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default: str = "built-in defaults"):

@@ -17,10 +17,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlx_grpo.config import QUANT_BITS, QUANT_GROUP_SIZES
-from mlx_grpo.nanochat.checkpoint import KNOWN_HUB_REPOS, NanochatCheckpointError, checkpoint_steps, stages_in
-from mlx_grpo.nanochat.convert import DEFAULT_DTYPE, DEFAULT_Q_BITS, DEFAULT_Q_GROUP_SIZE, DTYPES, default_output_dir
-from mlx_grpo.nanochat.convert import convert as convert_nanochat_checkpoint
+try:
+    from mlx_grpo.config import QUANT_BITS, QUANT_GROUP_SIZES
+    from mlx_grpo.nanochat.checkpoint import KNOWN_HUB_REPOS, NanochatCheckpointError, checkpoint_steps, stages_in
+    from mlx_grpo.nanochat.convert import (
+        DEFAULT_DTYPE,
+        DEFAULT_Q_BITS,
+        DEFAULT_Q_GROUP_SIZE,
+        DTYPES,
+        default_output_dir,
+    )
+    from mlx_grpo.nanochat.convert import convert as convert_nanochat_checkpoint
+except ModuleNotFoundError as missing:  # run from a checkout that was never installed
+    if missing.name != "mlx_grpo":
+        raise
+    sys.exit("error: the package mlx_grpo is not installed in this Python: run pip install -e . in the checkout")
 
 
 class ConversionError(ValueError):

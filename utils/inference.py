@@ -208,4 +208,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    try:
+        import mlx_grpo  # noqa: F401  (the tool's imports are inside main())
+    except ModuleNotFoundError:  # run from a checkout that was never installed
+        sys.exit("error: the package mlx_grpo is not installed in this Python: run pip install -e . in the checkout")
     sys.exit(main())

@@ -8,14 +8,24 @@ unchanged.
 
 from __future__ import annotations
 
+import json
+import pickle
 import shutil
+import struct
 from pathlib import Path
 
 import mlx.nn as nn
 
-from mlx_grpo.nanochat.folder import load_nanochat_model, read_nanochat_meta, save_nanochat_folder
-from mlx_grpo.nanochat.tokenizer import TOKENIZER_FILENAME, TiktokenTokenizerWrapper, nanochat_tokenizer
+from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError, checkpoint_steps
+from mlx_grpo.nanochat.folder import check_model_type, load_nanochat_model, read_nanochat_meta, save_nanochat_folder
+from mlx_grpo.nanochat.tokenizer import (
+    TOKENIZER_FILENAME,
+    TiktokenTokenizerWrapper,
+    load_tiktoken_encoding,
+    nanochat_tokenizer,
+)
 
+CONVERTED_MODELS_DIR = "models"  # convert_nanochat.py's output folder (nanochat.convert.default_output_dir)
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # marks a LoRA checkpoint / mlx-lm adapter folder
 
 
@@ -32,6 +42,87 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path).expanduser() / ADAPTER_CONFIG_FILE).is_file()
 
 
+def looks_local(name: str) -> bool:
+    """A model_name meant as a folder on this machine rather than a hub id (owner/name): an absolute
+    or ./ path, a path of other than two parts, or one in models/ (where convert_nanochat.py writes)."""
+    parts = Path(name).parts
+    return name.startswith((".", "/", "~")) or len(parts) != 2 or parts[0] == CONVERTED_MODELS_DIR
+
+
+def check_model_folder(name: str) -> None:
+    """Before anything loads: a local model folder exists and holds a readable config.json, intact
+    safetensors (header and size) and, for nanochat, a tokenizer.pkl that loads without running code.
+    ModelLoadError names the file and the fix. Hub ids (owner/name, not on disk) are left to the loader."""
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        if looks_local(name):
+            hint = ("convert a nanochat checkpoint there: python convert_nanochat.py (README: Train a real nanochat "
+                    "model)") if Path(name).parts[0] == CONVERTED_MODELS_DIR else "fix the path"
+            raise ModelLoadError(f"model_name {name!r}: {folder} does not exist: {hint}")
+        return
+    if not folder.is_dir():
+        raise ModelLoadError(f"model_name {name!r} is a file, not a model folder: pass the folder holding config.json")
+    if is_adapter_folder(folder):
+        raise ModelLoadError(_adapters_not_a_model(name))
+    config_file = folder / "config.json"
+    if not config_file.is_file() and checkpoint_steps(folder):
+        raise ModelLoadError(f"{folder} is a raw nanochat checkpoint: convert it first: python convert_nanochat.py "
+                             f"{folder} --output models/NAME, and train models/NAME")
+    if not config_file.is_file():
+        raise ModelLoadError(f"{folder} has no config.json, so it is not a model folder: pass a converted nanochat "
+                             "folder (python convert_nanochat.py) or an mlx-lm model folder")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{config_file} is not valid JSON ({e}): convert or download the model again") from None
+    if is_nanochat_folder(folder):
+        try:
+            check_model_type(folder, config)
+        except NanochatCheckpointError as e:
+            raise ModelLoadError(str(e)) from None
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(f"{folder} has no *.safetensors weights: convert or download the model again")
+    for file in weights:
+        problem = safetensors_problem(file)
+        if problem:
+            raise ModelLoadError(f"{file} is {problem}: convert or download the model again")
+    if is_nanochat_folder(folder):
+        try:
+            load_tiktoken_encoding(folder / TOKENIZER_FILENAME)
+        except (pickle.UnpicklingError, ValueError, EOFError) as e:
+            raise ModelLoadError(str(e) if str(folder) in str(e) else f"{folder / TOKENIZER_FILENAME}: {e}") from None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file (header length, JSON header, data size), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"not a safetensors file ({size} bytes)"
+        header_len = struct.unpack("<Q", head)[0]
+        if header_len > min(size - 8, 100_000_000):
+            return f"not a safetensors file, or truncated (its header claims {header_len} bytes of {size})"
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "not a safetensors file (its header is not a JSON object)"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    need = 8 + header_len + max(ends, default=0)
+    if size < need:
+        return f"truncated: {size} bytes, its header needs {need}"
+    return None
+
+
+def _adapters_not_a_model(path) -> str:
+    return (f"{path} holds LoRA adapters, not a model: load it with mlx_grpo.training.lora.load_adapted_model "
+            f"(utils/inference.py does), or fuse it first: python utils/fuse.py --checkpoint {path} --output DIR")
+
+
 def load_model(path: str | Path, *, lazy: bool = False, return_config: bool = False):
     """(model, tokenizer), or (model, tokenizer, config) with return_config.
 
@@ -39,9 +130,7 @@ def load_model(path: str | Path, *, lazy: bool = False, return_config: bool = Fa
     stream_generate work on either.
     """
     if is_adapter_folder(path):  # a LoRA checkpoint: adapters only
-        raise ModelLoadError(f"{path} holds LoRA adapters, not a model: load it with mlx_grpo.training.lora.load_adapted_model "
-                             f"(utils/inference.py does), or fuse it first: python utils/fuse.py --checkpoint "
-                             f"{path} --output DIR")
+        raise ModelLoadError(_adapters_not_a_model(path))
     if is_nanochat_folder(path):
         folder = Path(path).expanduser()
         model, config = load_nanochat_model(folder, lazy=lazy)

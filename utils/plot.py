@@ -16,7 +16,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mlx_grpo.training.metrics import METRICS_FILE, read_metrics
+try:
+    from mlx_grpo.training.metrics import METRICS_FILE, read_metrics
+except ModuleNotFoundError as missing:  # run from a checkout that was never installed
+    if missing.name != "mlx_grpo":
+        raise
+    sys.exit("error: the package mlx_grpo is not installed in this Python: run pip install -e . in the checkout")
 
 PLOTS_DIRNAME = "plots"
 _REWARD_FN_RE = re.compile(r"^rewards/(.+)/mean$")

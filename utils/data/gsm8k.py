@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -24,7 +25,8 @@ import numpy as np
 
 from mlx_grpo import REPO_ROOT
 
-GSM8K_ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # nanochat's / OpenAI's GSM8K regex
+# nanochat's / OpenAI's GSM8K regex, and a fraction's "/denominator" ("#### 3/4" is 3/4, not 3).
+GSM8K_ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+(?:/[0-9\.\,]*[0-9])?)")
 
 XML_SYSTEM_PROMPT = (
     "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
@@ -47,9 +49,12 @@ class Example:
 # Loading
 
 
+BUNDLED_GSM8K = "data/gsm8k"  # relative to the checkout: openai/gsm8k "main" as train.jsonl and test.jsonl
+
+
 def default_gsm8k_path(split: str) -> Path:
     """The bundled copy of openai/gsm8k "main": <repo>/data/gsm8k/{split}.jsonl."""
-    return REPO_ROOT / "data" / "gsm8k" / f"{split}.jsonl"
+    return REPO_ROOT / BUNDLED_GSM8K / f"{split}.jsonl"
 
 
 def gsm8k_reference_answer(solution: str) -> str | None:
@@ -73,7 +78,7 @@ def _local_data_file(dataset_path: str, split: str) -> Path:
         )
     if not path.is_file():
         raise DataError(
-            f"dataset_path {str(path)!r} does not exist: fix the path (bundled GSM8K: {default_gsm8k_path(split)})"
+            f"dataset_path {str(path)!r} does not exist: fix the path (the bundled GSM8K: {REPO_ROOT / BUNDLED_GSM8K})"
         )
     if path.suffix not in (".jsonl", ".json", ".parquet"):
         raise DataError(f"dataset_path {str(path)!r} must be a .jsonl, .json or .parquet file")
@@ -87,20 +92,106 @@ def _examples_from_table(table, source: str) -> list[Example]:
             f"{source}: missing field(s) {missing} (found {table.column_names}); "
             f"rows need 'question' and 'answer' (solution ending in '#### N')"
         )
+    rows = [{"question": q, "answer": a} for q, a in zip(table["question"], table["answer"])]
+    return _examples_from_rows(rows, source, [f"row {i}" for i in range(1, len(rows) + 1)])
+
+
+def _examples_from_rows(rows: list, source: str, where: list[str]) -> list[Example]:
+    """Examples from row dicts; where[i] names row i in errors ("line 7" of a jsonl, "row 7" of a table)."""
     examples = []
-    for i, (question, solution) in enumerate(zip(table["question"], table["answer"])):
+    for row, at in zip(rows, where):
+        if not isinstance(row, dict):
+            raise DataError(f"{source}: {at}: expected an object with 'question' and 'answer', got "
+                            f"{type(row).__name__}")
+        missing = [name for name in ("question", "answer") if name not in row]
+        if missing:
+            raise DataError(f"{source}: {at}: missing field(s) {missing} (found {sorted(row)}); "
+                            f"rows need 'question' and 'answer' (solution ending in '#### N')")
+        question, solution = row["question"], row["answer"]
         if not isinstance(question, str) or not isinstance(solution, str):
-            raise DataError(f"{source}: row {i + 1}: 'question' and 'answer' must be strings")
+            raise DataError(f"{source}: {at}: 'question' and 'answer' must be strings")
         reference = gsm8k_reference_answer(solution)
         if reference is None:
-            raise DataError(
-                f"{source}: row {i + 1}: 'answer' has no '#### <number>' final answer: "
-                f"{solution[-60:]!r}"
-            )
+            raise DataError(f"{source}: {at}: 'answer' has no '#### <number>' final answer: {solution[-60:]!r}")
         examples.append(Example(question=question, answer=reference, solution=solution))
     if not examples:
-        raise DataError(f"{source}: no rows")
+        raise DataError(f"{source}: no rows: the file is empty; rows are JSON objects with 'question' and 'answer'")
     return examples
+
+
+def _read_jsonl(path: Path) -> tuple[list, list[str]]:
+    """(rows, "line N" of each) of a JSON-lines file; blank lines are skipped."""
+    rows, where = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {number} is not UTF-8 (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}): save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number}: invalid JSON ({e.msg}, column {e.colno}): each line must "
+                                f"be one JSON object with 'question' and 'answer'") from None
+            where.append(f"line {number}")
+    return rows, where
+
+
+def _read_local(path: Path) -> list[Example]:
+    """A local file read as it is now (never from a cache: an edited file is read again)."""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"could not read {path} as parquet ({' '.join(str(e).split())[:200]}): "
+                            f"write it again, or give a .jsonl file") from None
+        rows = table.to_pylist()
+        return _examples_from_rows(rows, str(path), [f"row {i}" for i in range(1, len(rows) + 1)])
+    if path.suffix == ".json" and path.read_bytes().lstrip()[:1] == b"[":  # one JSON array of rows
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: not a valid UTF-8 JSON array of rows ({e}): fix the file") from None
+        return _examples_from_rows(rows, str(path), [f"row {i}" for i in range(1, len(rows) + 1)])
+    rows, where = _read_jsonl(path)
+    return _examples_from_rows(rows, str(path), where)
+
+
+def check_data_files(cfg, eval_only: bool = False) -> None:
+    """Before anything loads: the local files of the splits a run reads exist and parse, and training and
+    evaluation do not read the same file or rows (the run would report accuracy on its own training data)."""
+    if not cfg.dataset_path:  # the hub: the split names are all there is to compare before a download
+        if not eval_only and cfg.train_split == cfg.eval_split:
+            raise DataError(f"train_split and eval_split are both {cfg.eval_split!r} of {cfg.dataset}: the run "
+                            f"would evaluate on the questions it trains on; set eval_split to a held-out split")
+        return
+    eval_file = _local_data_file(cfg.dataset_path, cfg.eval_split)
+    eval_questions = [e.question for e in _read_local(eval_file)]
+    if eval_only:
+        return
+    train_file = _local_data_file(cfg.dataset_path, cfg.train_split)
+    if train_file.resolve() == eval_file.resolve():
+        raise DataError(f"dataset_path {cfg.dataset_path!r} gives train_split {cfg.train_split!r} and eval_split "
+                        f"{cfg.eval_split!r} the same file {train_file}: the run would evaluate on the questions it "
+                        f"trains on; set dataset_path to a folder holding {cfg.train_split}.jsonl and "
+                        f"{cfg.eval_split}.jsonl (the bundled one: dataset_path = \"{BUNDLED_GSM8K}\")")
+    check_held_out([e.question for e in _read_local(train_file)], eval_questions)
+
+
+def check_held_out(train_questions: list[str], eval_questions: list[str]) -> int:
+    """How many eval questions are training questions too; all of them (the same rows) is an error."""
+    seen = set(train_questions)
+    shared = sum(q in seen for q in eval_questions)
+    if eval_questions and shared == len(eval_questions):
+        raise DataError(f"all {shared} eval questions are training questions too: the train and eval splits hold "
+                        f"the same rows; give eval_split (or dataset_path) held-out questions")
+    return shared
 
 
 def load_gsm8k(
@@ -114,23 +205,17 @@ def load_gsm8k(
     dataset_path (a .jsonl/.json/.parquet file, or a folder holding {split}.jsonl or
     {split}.parquet) wins over the hub; row numbers in errors are 1-based (= .jsonl line numbers).
     """
+    if dataset_path:
+        return _read_local(_local_data_file(dataset_path, split))
     import datasets  # heavy import, only needed here
 
-    if dataset_path:
-        path = _local_data_file(dataset_path, split)
-        builder = "parquet" if path.suffix == ".parquet" else "json"
-        try:
-            table = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except datasets.exceptions.DatasetGenerationError as e:
-            raise DataError(f"could not read {path} as {builder}: {e.__cause__ or e}") from e
-        return _examples_from_table(table, str(path))
     try:
         table = datasets.load_dataset(dataset, dataset_config or None, split=split)
-    except OSError as e:  # offline (ConnectionError) or not found (DatasetNotFoundError)
+    except (OSError, ValueError) as e:  # offline (ConnectionError), not found (DatasetNotFoundError), no split
         raise DataError(
             f"could not load {dataset!r} (config {dataset_config!r}, split {split!r}) from the "
-            f"Hugging Face hub ({type(e).__name__}); if offline, set dataset_path to a local "
-            f".jsonl/.parquet file, e.g. the bundled {default_gsm8k_path(split)}"
+            f"Hugging Face hub ({type(e).__name__}: {' '.join(str(e).split())[:160]}); offline, use the bundled "
+            f"copy: dataset_path = \"{BUNDLED_GSM8K}\" (a folder with train.jsonl and test.jsonl)"
         ) from e
     return _examples_from_table(table, f"{dataset} ({dataset_config}, {split})")
 

@@ -33,6 +33,7 @@ import importlib.util
 import inspect
 import logging
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from mlx_grpo.data.gsm8k import PROMPT_FORMATS, gsm8k_reference_answer
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., Sequence[float]]
+MAX_REWARD = 1e6  # far above any useful reward, far below where float32 losses of its advantages overflow
 
 
 class RewardError(ValueError):
@@ -67,10 +69,17 @@ def parse_number(text: str | None) -> float | None:
     """Parse an answer like "18", "-3", "18.0", "$1,000", "72." into a float; None if not a number.
 
     Strips whitespace, one leading "$" (also after a sign) and every comma; a trailing "."
-    (sentence end) is allowed. Exponents, units, fractions and words are not numbers here.
+    (sentence end) is allowed. A fraction "3/4" is its value (0.75), as GSM8K writes some answers.
+    Exponents, units and words are not numbers here.
     """
     if text is None:
         return None
+    numerator, slash, denominator = text.partition("/")
+    if slash:
+        top, bottom = parse_number(numerator), parse_number(denominator)
+        if top is None or not bottom or "/" in denominator or "$" in denominator or denominator.strip()[:1] in "+-":
+            return None
+        return top / bottom
     s = text.strip().replace(",", "")
     sign = ""
     if s and s[0] in "+-":
@@ -269,13 +278,22 @@ def _to_array(name: str, values, n: int) -> np.ndarray:
         raise RewardError(f"reward '{name}' returned {type(values).__name__}; it must return a list of {n} floats")
     if len(values) != n:
         raise RewardError(f"reward '{name}' returned {len(values)} values for {n} completions")
-    try:
-        arr = np.asarray([float(v) for v in values], dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise RewardError(f"reward '{name}' returned a non-numeric value ({e}); return one float per completion") from e
+    # Numbers only: a bool or a string ("0.5") is a bug in the reward, not a value to coerce.
+    wrong = [i for i, v in enumerate(values) if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real)]
+    if wrong:
+        value = values[wrong[0]]
+        raise RewardError(f"reward function '{name}' returned {type(value).__name__} {value!r:.40} at index "
+                          f"{wrong[0]}: return one int or float per completion (e.g. float(x))")
+    arr = np.asarray([float(v) for v in values], dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
-        raise RewardError(f"reward '{name}' returned non-finite value {arr[bad[0]]} at index {bad[0]}")
+        kind = "NaN" if np.isnan(arr[bad[0]]) else "infinite"
+        raise RewardError(f"reward function '{name}' returned the {kind} value {values[bad[0]]!r} at index "
+                          f"{bad[0]}: return finite numbers")
+    total_scale = np.abs(arr).max(initial=0.0)
+    if total_scale > MAX_REWARD:
+        raise RewardError(f"reward function '{name}' returned {values[int(np.abs(arr).argmax())]!r}, beyond "
+                          f"+-{MAX_REWARD:g}: advantages of such values overflow; scale the reward down")
     return arr
 
 

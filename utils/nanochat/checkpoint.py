@@ -68,6 +68,13 @@ def is_hub_repo_id(source: str) -> bool:
     return bool(_REPO_ID.match(source))
 
 
+def _weights_only_reason(error: Exception) -> str:
+    """The line of torch's weights_only refusal that names what was refused (the rest is advice we do not give)."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or line.lower().startswith(("unsupported", "trying to load"))]
+    return "; ".join(named) or (lines[-1] if lines else type(error).__name__)
+
+
 def checkpoint_steps(folder: str | Path) -> list[int]:
     """Steps with a model_*.pt in folder, ascending."""
     folder = Path(folder)
@@ -253,7 +260,11 @@ def read_state_dict(model_path: str | Path) -> dict:
     # mmap: the d32 file is ~7 GB; tensors are paged in one at a time as they are converted.
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # corrupt, truncated, or not a state dict
+    except pickle.UnpicklingError as e:  # it pickles more than tensors: torch refused to run it
+        raise NanochatCheckpointError(f"{model_path} is refused: it holds more than tensors and containers, and "
+                                      f"loading it would run code ({_weights_only_reason(e)}); use a checkpoint "
+                                      f"nanochat saved") from e
+    except (RuntimeError, EOFError) as e:  # corrupt, truncated, or not a state dict
         reason = " ".join(str(e).split())[:300]
         raise NanochatCheckpointError(f"cannot read {model_path} as a torch state dict ({reason})") from e
     if not isinstance(state, dict):

@@ -125,6 +125,16 @@ def read_nanochat_meta(folder: str | Path) -> dict:
         return json.load(f)
 
 
+def check_model_type(folder: Path, config: dict) -> None:
+    """A folder with tokenizer.pkl must hold one of the nanochat model types."""
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise NanochatCheckpointError(
+            f"{folder} holds {TOKENIZER_FILENAME} but config.json says model_type {model_type!r}, expected one of "
+            f"{', '.join(MODEL_TYPES)}"
+        )
+
+
 def load_nanochat_model(folder: str | Path, lazy: bool = False) -> tuple[nn.Module, dict]:
     """(model, config) of a converted folder; strict: a missing or extra weight is an error naming it."""
     from mlx_lm.utils import load_config, load_model
@@ -139,12 +149,7 @@ def load_nanochat_model(folder: str | Path, lazy: bool = False) -> tuple[nn.Modu
         raise NanochatCheckpointError(
             f"{folder} has {TOKENIZER_FILENAME} but no config.json: not a converted nanochat folder"
         )
-    model_type = load_config(folder).get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise NanochatCheckpointError(
-            f"{folder} holds {TOKENIZER_FILENAME} but config.json says model_type {model_type!r}, expected one of "
-            f"{', '.join(MODEL_TYPES)}"
-        )
+    check_model_type(folder, load_config(folder))
     try:
         return load_model(folder, lazy=lazy, strict=True, get_model_classes=model_classes)
     except (ValueError, FileNotFoundError) as e:  # mlx's strict load_weights names the weights

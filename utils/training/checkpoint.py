@@ -5,7 +5,7 @@ Layout of one checkpoint, run_dir/checkpoints/step_{step:06d}/:
     optimizer.safetensors     the whole optimizer state tree (step, learning_rate, m/v, ...)
     trainer_state.json        {"step", "trainer_state": <caller dict>, "rng_state": <capture_rng_state()>}
     config.resolved.json      the run config (loads with config.load_resolved_config(folder))
-    checkpoint.json           manifest, written last: the completion marker (file names and sizes)
+    checkpoint.json           manifest, written last: the completion marker (file names, sizes, sha256s)
 
 A checkpoint is built in a hidden sibling folder (.tmp-step_000010-<pid>), fsynced, then renamed
 into place, so a run killed while saving never leaves a folder that resume would pick up.
@@ -13,6 +13,7 @@ into place, so a run killed while saving never leaves a folder that resume would
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -33,6 +34,7 @@ CHECKPOINTS_DIRNAME = "checkpoints"
 MANIFEST_FILE = "checkpoint.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
+HASHES_KEY = "sha256"  # manifest: file name -> sha256 of its content (manifests written before it have none)
 _RESERVED_FILES = (MANIFEST_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, RESOLVED_CONFIG_NAME)
 
 _STEP_DIR_RE = re.compile(r"^step_(\d{6,})$")
@@ -145,14 +147,15 @@ def save_checkpoint(
                             metadata={"format": "mlx-grpo-optimizer", "optimizer": type(optimizer).__name__})
         (tmp / TRAINER_STATE_FILE).write_text(state_text)
         (tmp / RESOLVED_CONFIG_NAME).write_text(config_text)
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        paths = {p.relative_to(tmp).as_posix(): p for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
             "optimizer": type(optimizer).__name__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "mlx_version": mx.__version__,
-            "files": files,
+            "files": {name: p.stat().st_size for name, p in paths.items()},
+            HASHES_KEY: {name: file_sha256(p) for name, p in paths.items()},
         }
         _fsync_tree(tmp)
         # The manifest is the completion marker: written and synced only after everything else.
@@ -287,6 +290,33 @@ def _problem(path: Path) -> str | None:
     return None
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_verified: set[tuple[str, int]] = set()  # (manifest, its mtime): checkpoints whose hashes matched in this process
+
+
+def content_problem(path: str | Path) -> str | None:
+    """Which file of a complete checkpoint no longer has the content its manifest hashed, or None.
+
+    Reads every file (seconds for a large model), once per process and checkpoint."""
+    manifest_path = Path(path) / MANIFEST_FILE
+    key = (str(manifest_path.resolve()), manifest_path.stat().st_mtime_ns)
+    if key in _verified:
+        return None
+    hashes = json.loads(manifest_path.read_text()).get(HASHES_KEY, {})
+    for name, expected in sorted(hashes.items()):
+        if file_sha256(Path(path) / name) != expected:
+            return f"{name} does not match its sha256 in {MANIFEST_FILE} (its content changed after the save)"
+    _verified.add(key)
+    return None
+
+
 def _complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete step folders sorted by step; incomplete ones are reported and skipped."""
     if not ckpt_root.is_dir():
@@ -342,9 +372,18 @@ def resume_point(output_dir: str | Path, run_name: str = "", checkpoint: str | P
     """(run folder, complete checkpoint) that a resumed run continues.
 
     The run: output_dir/run_name; without run_name, the run holding `checkpoint`, else the newest
-    run in output_dir (find_latest_run). The checkpoint: `checkpoint`, else the run's newest.
+    run in output_dir (find_latest_run). The checkpoint: `checkpoint` (a run folder means its newest),
+    else the run's newest complete one whose files hash as saved (newer ones that do not are skipped, said).
     """
-    if run_name:
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise CheckpointError(f"--resume {checkpoint}: no such folder; pass a checkpoint "
+                              f"(RUN/{CHECKPOINTS_DIRNAME}/step_N), a run folder, or --resume alone for the newest run")
+    if checkpoint is not None and (Path(checkpoint) / CHECKPOINTS_DIRNAME).is_dir():  # a run folder: its newest
+        if run_name and Path(checkpoint).resolve() != (Path(output_dir) / run_name).resolve():
+            raise CheckpointError(f"--resume {checkpoint} is a run folder but run_name is {run_name!r}: give only "
+                                  "one of them")
+        run_dir, checkpoint = Path(checkpoint), None
+    elif run_name:
         run_dir = Path(output_dir) / run_name
     elif checkpoint is not None:
         run_dir = Path(checkpoint).parent.parent
@@ -356,18 +395,22 @@ def resume_point(output_dir: str | Path, run_name: str = "", checkpoint: str | P
         if run_dir is None:
             raise CheckpointError(f"--resume: no run with a complete checkpoint in {output_dir}; start without "
                                   "--resume, or set output_dir / run_name to the run")
-    path = Path(checkpoint) if checkpoint is not None else find_latest_checkpoint(run_dir)
-    if path is None:
-        raise CheckpointError(f"--resume: no complete checkpoint under {run_dir / CHECKPOINTS_DIRNAME}; "
-                              "start without --resume")
-    require_complete(path)
-    return run_dir, path
+    if checkpoint is not None:
+        require_complete(checkpoint)
+        return run_dir, Path(checkpoint)
+    for path in reversed(list_checkpoints(run_dir)):  # the newest whose files still hash as saved
+        problem = content_problem(path)
+        if problem is None:
+            return run_dir, path
+        print(f"checkpoint: skipping {path}: {problem}")
+    raise CheckpointError(f"--resume: no complete checkpoint under {run_dir / CHECKPOINTS_DIRNAME}; "
+                          "start without --resume")
 
 
 def require_complete(path: str | Path) -> None:
-    """Raise CheckpointError naming the problem unless `path` is a complete checkpoint."""
+    """Raise CheckpointError naming the problem unless `path` is a complete checkpoint whose files hash as saved."""
     path = Path(path)
-    problem = _problem(path)
+    problem = _problem(path) or content_problem(path)
     if problem:
         hint = ""
         if (path / CHECKPOINTS_DIRNAME).is_dir():

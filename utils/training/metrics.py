@@ -213,6 +213,20 @@ def _parse_report_to(report_to: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def check_loggers(report_to: Sequence[str]) -> None:
+    """Before anything loads: the packages of the report_to loggers are installed (ConfigError naming the fix)."""
+    from importlib.util import find_spec
+
+    from mlx_grpo.config import ConfigError
+
+    if "tensorboard" in report_to and not (find_spec("tensorboard") or find_spec("tensorboardX")):
+        raise ConfigError('report_to includes "tensorboard" but it is not installed: pip install tensorboard, '
+                          'or take it out of report_to')
+    if "wandb" in report_to and not find_spec("wandb"):
+        raise ConfigError('report_to includes "wandb" but it is not installed: pip install wandb, '
+                          'or take it out of report_to')
+
+
 def _import_summary_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
