@@ -29,6 +29,7 @@ from mlx_grpo.config import (
     config_changes,
     config_from_values,
     config_to_dict,
+    config_warnings,
     load_resolved_config,
     read_config_values,
     resolve_for_model,
@@ -185,6 +186,8 @@ def train(args):
     if not checkpoint and not args.eval_only and (requested.run_dir / METRICS_FILE).exists():
         raise ConfigError(f"{requested.run_dir} already holds a run: pass --resume to continue it, "
                           "or choose another run_name")
+    for warning in config_warnings(requested):  # what TRL warns about: it runs, but not as the paper does
+        print(f"[config] warning: {warning}")
 
     seed = requested.seed + world.rank  # each process samples its own rollouts; the data order uses cfg.seed
     random.seed(seed)

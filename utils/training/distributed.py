@@ -233,12 +233,21 @@ def group_advantages_across(world: World, rewards: mx.array, group_size: int, sc
     return advantages_from_stats(rewards, means, "batch", group_stds=stds, batch_std=batch_reward_std(every_reward))
 
 
+def reward_std_across(world: World, rewards) -> float:
+    """TRL's reward_std: the std (ddof=1) of every reward of the step, over all processes."""
+    every_reward = np.concatenate(world.gather_arrays(np.asarray(rewards, dtype=np.float32)))
+    return float(np.std(every_reward.astype(np.float64), ddof=1)) if every_reward.size > 1 else 0.0
+
+
 # How each logged metric combines over processes; the rest are means weighted by completions.
 SAME_ON_EVERY_PROCESS = ("step", "epoch", "lr", "nan_events", "loss", "grad_norm", "kl", "entropy",
-                         "clip_ratio/", "importance_ratio/")  # computed after the all-sum
+                         "clip_ratio/", "importance_ratio/", "cispo_clip_ratio", "vespo/",
+                         "reward_std")  # computed after the all-sum (reward_std: over every process's rewards)
 SUMMED = ("reward_failures", "tools/calls", "tools/failures", "tokens_per_sec/rollout")
-SMALLEST = ("completions/min_length", "tokens_per_sec/train")  # train: global tokens / slowest process
-LARGEST = ("completions/max_length", "memory/", "time/")
+SMALLEST = ("completions/min_length", "tokens_per_sec/train",  # train: global tokens / slowest process
+            "sampling/importance_sampling_ratio/min")
+LARGEST = ("completions/max_length", "memory/", "time/", "sampling/importance_sampling_ratio/max",
+           "sampling/sampling_logp_difference/max")
 
 
 def _rule(key: str) -> str:

@@ -262,9 +262,17 @@ def grpo_loss(
     num_tokens_total: Optional[Number] = None,
     num_micro_batches: Optional[int] = None,
     entropy: Optional[mx.array] = None,
+    is_weights: Optional[mx.array] = None,
+    delta: Optional[float] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    """Clipped GRPO surrogate loss of ONE micro-batch, scaled so that the SUM over the micro-batches
-    of a generation batch equals TRL's loss for that batch.
+    """The GRPO policy loss of ONE micro-batch, scaled so that the SUM over the micro-batches of a
+    generation batch equals TRL's loss for that batch (TRL's _compute_loss, loss type by loss type).
 
     logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. mask is 1 on tokens that get gradient
     (sampled completion tokens), 0 on padding, prompt and forced tool-output tokens. Masked tokens
@@ -272,17 +280,26 @@ def grpo_loss(
     old_logp None means on-policy (ratio = exp(logp - stop_gradient(logp)) = 1). ref_logp may be
     None only when beta == 0. epsilon_high None means epsilon (symmetric clipping).
 
-    Per token: r = exp(logp - old_logp) ("token"), or for "sequence" (GSPO) one ratio per sequence,
-    r_i = exp(masked mean_t (logp - old_logp)), broadcast to its tokens.
-    l = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3,
-    k3 = exp(ref - logp) - (ref - logp) - 1.
+    Ratio: r = exp(logp - old_logp) ("token"), or for "sequence" (GSPO) one ratio per sequence,
+    r_i = exp(masked mean_t (logp - old_logp)), broadcast to its tokens. Per-token loss l:
+      grpo, bnpo, dr_grpo, dapo, luspo: -min(r' A, clip(r, 1 - epsilon, 1 + epsilon_high) A),
+               r' = min(r, delta) with delta set (two-sided clipping), else r
+      cispo:   -stop_gradient(min(r, epsilon_high)) A logp     (epsilon_high is CISPO's eps_max, e.g. 5)
+      sapo:    -(4 / tau) sigmoid(tau (r - 1)) A, tau = sapo_temperature_pos if A > 0 else _neg
+      vespo:   -phi_i A logp, phi_i = exp(lam + k log w_i - lam w_i) (no gradient), w_i the sequence
+               ratio prod_t r_t (times the rollout weights of is_weights), k/lam by sign(A)
+    is_weights ([B, T] or [B, 1], no gradient): the rollout importance-sampling weights
+    (training/rollout_correction.py); they multiply l, except for vespo, which puts them into w_i.
+    Then l + beta * k3, k3 = exp(ref - logp) - (ref - logp) - 1.
 
     Normalisation (TRL's loss_type), with |o_i| = sum_t mask[i, t]:
-      grpo:    sum_i (sum_t l*mask / max(|o_i|, 1)) / num_sequences_total
+      grpo, sapo: sum_i (sum_t l*mask / max(|o_i|, 1)) / num_sequences_total
       bnpo:    (sum l*mask / max(sum mask, 1)) / num_micro_batches    (per-micro-batch token mean,
                averaged over micro-batches the way TRL's gradient accumulation does)
       dr_grpo: sum l*mask / (num_sequences_total * max_completion_length)
-      dapo:    sum l*mask / max(num_tokens_total, 1)   (mask tokens of the whole generation batch)
+      dapo, cispo, vespo: sum l*mask / max(num_tokens_total, 1)   (mask tokens of the whole batch)
+      luspo:   sum l*mask / num_sequences_total    (each sequence's loss times its length; TRL's
+               mean_i(l_i |o_i|) at sequence level, masked where TRL's token level would count padding)
     TRL divides grpo/dr_grpo by the micro-batch size times the accumulation steps; with equal
     micro-batches that equals num_sequences_total. num_sequences_total counts every completion,
     including rows masked out whole (truncated), as TRL's mean over rows does.
@@ -296,6 +313,8 @@ def grpo_loss(
     for name, arr in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy)):
         if arr is not None and arr.shape != logp.shape:
             raise ValueError(f"{name} shape {arr.shape} must equal logp shape {logp.shape}")
+    if is_weights is not None and is_weights.shape not in (logp.shape, (logp.shape[0], 1)):
+        raise ValueError(f"is_weights shape {is_weights.shape} must be [B, T] or [B, 1] for logp {logp.shape}")
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must be [B] = {logp.shape[:1]}, got shape {advantages.shape}")
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
@@ -305,13 +324,13 @@ def grpo_loss(
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta != 0 and ref_logp is None:
         raise ValueError(f"beta={beta} needs ref_logp (reference-model log-probs); pass them or set beta to 0")
-    if loss_type in ("grpo", "dr_grpo"):
+    if loss_type in ("grpo", "dr_grpo", "sapo", "luspo"):
         _check_count("num_sequences_total", num_sequences_total, loss_type)
     if loss_type == "dr_grpo":
         _check_count("max_completion_length", max_completion_length, loss_type)
     if loss_type == "bnpo":
         _check_count("num_micro_batches", num_micro_batches, loss_type)
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo", "vespo"):
         # 0 is legitimate (every completion truncated and masked): the loss is then 0
         _check_count("num_tokens_total", num_tokens_total, loss_type, allow_zero=True)
 
@@ -321,6 +340,8 @@ def grpo_loss(
     old_logp = mx.stop_gradient(logp) if old_logp is None else old_logp.astype(mx.float32)
     adv = advantages.astype(mx.float32)[:, None]  # [B, 1]
     tokens_per_seq = mask.sum(axis=-1)  # [B]
+    if is_weights is not None:
+        is_weights = mx.stop_gradient(is_weights.astype(mx.float32))
 
     # where() (not a multiply) so a masked token holding inf/NaN cannot make 0 * inf = NaN.
     log_ratio = mx.where(live, logp - old_logp, 0.0)
@@ -329,34 +350,51 @@ def grpo_loss(
     else:
         log_weights = log_ratio.sum(axis=-1, keepdims=True) / mx.maximum(tokens_per_seq[:, None], 1.0)  # [B, 1]
     ratio = mx.exp(log_weights)
-    clipped_ratio = mx.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
-    per_token_loss = -mx.minimum(ratio * adv, clipped_ratio * adv)
+    logp_live = mx.where(live, logp, 0.0)  # cispo and vespo multiply by logp itself
+
+    phi = None
+    if loss_type == "cispo":
+        per_token_loss = -mx.stop_gradient(mx.minimum(ratio, epsilon_high)) * adv * logp_live
+    elif loss_type == "sapo":
+        tau = mx.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token_loss = -mx.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv
+    elif loss_type == "vespo":
+        phi = vespo_gamma_weights(adv, log_ratio, mask, is_weights, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                                  vespo_lambda_neg)
+        per_token_loss = -phi * adv * logp_live
+    else:  # grpo, bnpo, dr_grpo, dapo, luspo: PPO's clipped surrogate
+        clipped_ratio = mx.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
+        if delta is not None:
+            ratio = mx.minimum(ratio, delta)
+        per_token_loss = -mx.minimum(ratio * adv, clipped_ratio * adv)
+    if is_weights is not None and loss_type != "vespo":
+        per_token_loss = per_token_loss * is_weights
     per_token_loss = mx.broadcast_to(per_token_loss, logp.shape)  # GSPO: the sequence loss on every token
 
     per_token_kl = None
     if ref_logp is not None:
-        delta = mx.where(live, ref_logp.astype(mx.float32) - logp, 0.0)
-        per_token_kl = mx.exp(delta) - delta - 1.0
+        ref_delta = mx.where(live, ref_logp.astype(mx.float32) - logp, 0.0)
+        per_token_kl = mx.exp(ref_delta) - ref_delta - 1.0
         if beta != 0:
             per_token_loss = per_token_loss + beta * per_token_kl
 
     masked_loss = mx.where(live, per_token_loss * mask, 0.0)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         per_seq = masked_loss.sum(axis=-1) / mx.maximum(tokens_per_seq, 1.0)
         loss = per_seq.sum() / num_sequences_total
     elif loss_type == "bnpo":
         loss = masked_loss.sum() / mx.maximum(mask.sum(), 1.0) / num_micro_batches
     elif loss_type == "dr_grpo":
         loss = masked_loss.sum() / (num_sequences_total * max_completion_length)
-    else:  # dapo
+    elif loss_type == "luspo":
+        loss = masked_loss.sum() / num_sequences_total
+    else:  # dapo, cispo, vespo
         loss = masked_loss.sum() / mx.maximum(mx.array(num_tokens_total, dtype=mx.float32), 1.0)
 
-    # Statistics: sums only, so micro-batches and processes add up before finalize_stats divides.
+    # Statistics: sums, so micro-batches and processes add up before finalize_stats divides; and this
+    # micro-batch's means (mean/*), which finalize_stats averages over micro-batches as TRL's log does.
     # Clip/ratio stats count tokens at "token" level and sequences at "sequence" level, like TRL.
     ratio_sg = mx.stop_gradient(ratio)
-    is_low = ((ratio_sg < 1.0 - epsilon) & (adv < 0)).astype(mx.float32)
-    is_high = ((ratio_sg > 1.0 + epsilon_high) & (adv > 0)).astype(mx.float32)
-    is_region = mx.maximum(is_low, is_high)
     if importance_sampling_level == "token":
         unit_weight, num_units = mask, mask.sum()
     else:
@@ -369,40 +407,74 @@ def grpo_loss(
         "num_sequences": mx.array(float(logp.shape[0])),
         "num_tokens": mask.sum(),
         "num_ratio_units": num_units,
+        "micro_batches": mx.array(1.0),
         "ratio_sum": unit_sum(ratio_sg),
-        "clip_low_sum": unit_sum(is_low),
-        "clip_high_sum": unit_sum(is_high),
-        "clip_region_sum": unit_sum(is_region),
     }
+    units, tokens = mx.maximum(num_units, 1.0), mx.maximum(mask.sum(), 1.0)
+    if loss_type in CLIPPED_LOSS_TYPES:
+        is_low = ((ratio_sg < 1.0 - epsilon) & (adv < 0)).astype(mx.float32)
+        is_high = ((ratio_sg > 1.0 + epsilon_high) & (adv > 0)).astype(mx.float32)
+        for name, flags in (("low", is_low), ("high", is_high), ("region", mx.maximum(is_low, is_high))):
+            stats[f"clip_{name}_sum"] = unit_sum(flags)
+            stats[f"mean/clip_ratio/{name}_mean"] = stats[f"clip_{name}_sum"] / units
+    elif loss_type == "cispo":
+        stats["mean/cispo_clip_ratio"] = unit_sum(((ratio_sg > epsilon_high) & (adv > 0)).astype(mx.float32)) / units
+    elif loss_type == "vespo":
+        stats["mean/vespo/phi_seq_mean"] = phi.sum() / max(float(logp.shape[0]), 1.0)
     if per_token_kl is not None:
         stats["kl_sum"] = mx.where(live, mx.stop_gradient(per_token_kl) * mask, 0.0).sum()
+        stats["mean/kl"] = stats["kl_sum"] / tokens
     if entropy is not None:
         stats["entropy_sum"] = mx.where(live, mx.stop_gradient(entropy).astype(mx.float32) * mask, 0.0).sum()
+        stats["mean/entropy"] = stats["entropy_sum"] / tokens
     return loss, stats
+
+
+# The loss types with PPO's clipped surrogate (and so the clip_ratio metrics).
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# VESPO's floor for the sequence weight, log(1e-8), and its cap on log ratios (TRL's get_gamma_weights).
+VESPO_LOG_FLOOR = math.log(1e-8)
+VESPO_LOG_CAP = 20.0
+
+
+def vespo_gamma_weights(adv, log_ratio, mask, is_weights, k_pos, lambda_pos, k_neg, lambda_neg) -> mx.array:
+    """VESPO's per-sequence weight phi(w) = exp(lam + k log w - lam w) (phi(1) = 1), shape [B, 1], no gradient.
+
+    log w = sum_t clip(log r_t, -20, 20) over mask tokens, plus sum_t log(is weight) (floored at
+    log 1e-8) where rollout weights are given, clipped to [log 1e-8, 20]; k, lam by A >= 0 or not.
+    Non-finite phi counts as 0. adv [B, 1]; log_ratio, mask [B, T]; is_weights [B, T] or None.
+    """
+    live = mask > 0
+    seq_log = mx.where(live, mx.clip(log_ratio, -VESPO_LOG_CAP, VESPO_LOG_CAP), 0.0).sum(axis=-1, keepdims=True)
+    if is_weights is not None:
+        # Summed over mask tokens only: TRL sums every slot, where padding holds a weight of 1 (log 0) anyway.
+        log_is = mx.clip(mx.log(is_weights), VESPO_LOG_FLOOR, VESPO_LOG_CAP)
+        seq_log = seq_log + mx.where(live, log_is, 0.0).sum(axis=-1, keepdims=True)
+    log_w = mx.stop_gradient(mx.clip(seq_log, VESPO_LOG_FLOOR, VESPO_LOG_CAP))
+    nonneg = adv >= 0
+    k = mx.where(nonneg, k_pos, k_neg)
+    lam = mx.maximum(mx.where(nonneg, lambda_pos, lambda_neg), 1e-4)
+    phi = mx.exp(lam + k * log_w - lam * mx.exp(log_w))
+    return mx.where(mx.isfinite(phi), phi, 0.0)
 
 
 def finalize_stats(summed_stats: dict) -> dict[str, float]:
     """Turn summed stats into TRL-named metrics (floats).
 
-    kl and entropy: per-token means over mask tokens; clip_ratio/{low,high,region}_mean and
-    importance_ratio/mean: means over ratio units (mask tokens, or sequences for GSPO). These are
-    pooled over the whole batch; TRL instead averages per-micro-batch means, which differs only
-    when micro-batches hold different token counts. Empty denominators count as 1 (TRL's clamp).
+    kl, entropy, clip_ratio/{low,high,region}_mean, cispo_clip_ratio and vespo/phi_seq_mean are TRL's:
+    each micro-batch's mean (over mask tokens; over ratio units, i.e. mask tokens or GSPO's sequences,
+    for the clip ratios; over sequences for phi), averaged over the micro-batches as TRL's log
+    averages them. importance_ratio/mean (ours) pools every ratio unit of the batch. Empty
+    denominators count as 1 (TRL's clamp).
     """
     def value(key):
         v = summed_stats[key]
         return float(v.item()) if isinstance(v, mx.array) else float(v)
 
-    tokens = max(value("num_tokens"), 1.0)
     units = max(value("num_ratio_units"), 1.0)
-    metrics = {
-        "clip_ratio/low_mean": value("clip_low_sum") / units,
-        "clip_ratio/high_mean": value("clip_high_sum") / units,
-        "clip_ratio/region_mean": value("clip_region_sum") / units,
-        "importance_ratio/mean": value("ratio_sum") / units,
-    }
-    if "kl_sum" in summed_stats:
-        metrics["kl"] = value("kl_sum") / tokens
-    if "entropy_sum" in summed_stats:
-        metrics["entropy"] = value("entropy_sum") / tokens
+    micro_batches = max(value("micro_batches"), 1.0)
+    metrics = {"importance_ratio/mean": value("ratio_sum") / units}
+    for key in summed_stats:
+        if key.startswith("mean/"):
+            metrics[key[len("mean/"):]] = value(key) / micro_batches
     return metrics
