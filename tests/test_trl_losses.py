@@ -1,0 +1,201 @@
+"""TRL's newer loss types (cispo, sapo, luspo, vespo, delta), the rollout importance-sampling correction,
+TRL's refusals and warnings, and the metrics TRL names: against numbers worked out by hand (in the comments)."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_grpo.config import ConfigError, GRPOConfig, config_warnings, validate
+from mlx_grpo.training.loss import finalize_stats, grpo_loss
+from mlx_grpo.training.rollout_correction import importance_sampling_weights, sampling_metrics
+
+# The tiny batch of tests/test_grpo_loss.py:
+#   mask = [[1, 1, 1], [1, 1, 0]] (|o_1| = 3, |o_2| = 2, 5 tokens), A = [+1, -1]
+#   ratios r = [[1.0, 1.5, 0.5], [1.1, 0.7, (pad)]], logp = old + log r:
+#   logp seq 1 = (-1, -2 + ln 1.5, -0.5 + ln 0.5) = (-1, -1.5945349, -1.1931472)
+#   logp seq 2 = (-0.3 + ln 1.1, -1.2 + ln 0.7) = (-0.2046898, -1.5566749)
+MASK = mx.array([[1, 1, 1], [1, 1, 0]])
+ADV = mx.array([1.0, -1.0])
+OLD = mx.array([[-1.0, -2.0, -0.5], [-0.3, -1.2, -0.7]])
+RATIOS = [[1.0, 1.5, 0.5], [1.1, 0.7, 1.0]]
+LOGP = OLD + mx.log(mx.array(RATIOS))
+TOTALS = dict(max_completion_length=4, num_sequences_total=2, num_tokens_total=5, num_micro_batches=1)
+
+
+def close(a, b, atol=1e-5):
+    np.testing.assert_allclose(np.array(a, dtype=np.float64), np.array(b, dtype=np.float64), atol=atol, rtol=0)
+
+
+def loss_of(logp, old=OLD, adv=ADV, mask=MASK, **kw):
+    args = dict(loss_type="dapo", epsilon=0.2, beta=0.0, **TOTALS)
+    args.update(kw)
+    return grpo_loss(logp, old, None, adv, mask, **args)
+
+
+def grad_of(logp=LOGP, **kw):
+    return mx.grad(lambda lp: loss_of(lp, **kw)[0])(logp)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss types
+
+
+def test_cispo_weights_logp_by_the_capped_ratio():
+    # epsilon_high 1.2 is CISPO's eps_max: w = stop_gradient(min(r, 1.2)) = [[1, 1.2, 0.5], [1.1, 0.7]]
+    # l = -w A logp: seq 1: 1 * 1 + 1.2 * 1.5945349 + 0.5 * 1.1931472 = 3.5100155
+    #                seq 2: -(1.1 * 0.2046898 + 0.7 * 1.5566749) = -1.3148312 ; over 5 tokens: 2.1951843 / 5
+    loss, stats = loss_of(LOGP, loss_type="cispo", epsilon_high=1.2)
+    close(loss, 0.43903684)
+    # d loss / d logp = -w A / 5 (no gradient through w): [[-0.2, -0.24, -0.1], [0.22, 0.14, 0]]
+    close(grad_of(loss_type="cispo", epsilon_high=1.2), [[-0.2, -0.24, -0.1], [0.22, 0.14, 0.0]])
+    # cispo_clip_ratio: r > 1.2 with A > 0: the 1.5 token, 1 of 5
+    metrics = finalize_stats(stats)
+    close(metrics["cispo_clip_ratio"], 0.2)
+    assert "clip_ratio/region_mean" not in metrics  # TRL logs the clip ratios for the clipped losses only
+
+
+def test_sapo_soft_gate_value_and_on_policy_gradient():
+    # l = -(4 / tau) sigmoid(tau (r - 1)) A, tau = 1 for A > 0, 1.05 otherwise; grpo's aggregation
+    # seq 1 (tau 1): 4 (sigmoid(0) + sigmoid(0.5) + sigmoid(-0.5)) = 4 * 1.5 = 6 -> mean -6 / 3 = -2
+    # seq 2 (tau 1.05): (4 / 1.05) (sigmoid(0.105) + sigmoid(-0.315)) = 2.0046701 + 1.6072182 -> mean 1.8059441
+    # loss (-2 + 1.8059441) / 2 = -0.0970279
+    loss, _ = loss_of(LOGP, loss_type="sapo")
+    close(loss, -0.0970279)
+    # on-policy (r = 1): d/dr (4 / tau) sigmoid(tau (r - 1)) = 4 sigmoid'(0) = 1, so the gradient is
+    # grpo's REINFORCE one: -A / (|o_i| N) = seq 1 -1 / 6, seq 2 +1 / 4
+    close(grad_of(old=None, loss_type="sapo"), [[-1 / 6] * 3, [0.25, 0.25, 0.0]])
+
+
+def test_luspo_scales_each_sequence_loss_by_its_length():
+    # sequence level, epsilon 0.15 (tests/test_grpo_loss.py's GSPO case): l_1 = -e^0.1 = -1.1051709, l_2 = 0.85
+    # luspo = mean_i(l_i |o_i|) = (3 * -1.1051709 + 2 * 0.85) / 2 = -0.8077564
+    logp = OLD + mx.array([[0.3, -0.1, 0.1], [0.2, -0.6, 99.0]])
+    loss, stats = loss_of(logp, loss_type="luspo", epsilon=0.15, importance_sampling_level="sequence")
+    close(loss, -0.8077564)
+    close(finalize_stats(stats)["clip_ratio/low_mean"], 0.5)  # seq 2 below 0.85 with A < 0
+
+
+def test_vespo_gamma_weights_and_gradient():
+    # w_i = prod_t r_t: seq 1 1 * 1.5 * 0.5 = 0.75, seq 2 1.1 * 0.7 = 0.77
+    # phi = exp(lam + k ln w - lam w): seq 1 (A >= 0: k 2, lam 3): exp(3 + 2 ln 0.75 - 2.25) = 1.1908125
+    #                                   seq 2 (A < 0: k 3, lam 2):  exp(2 + 3 ln 0.77 - 1.54) = 0.7231820
+    # l = -phi A logp, over 5 tokens: d loss / d logp = -phi A / 5 = seq 1 -0.2381625, seq 2 +0.1446364
+    loss, stats = loss_of(LOGP, loss_type="vespo")
+    close(grad_of(loss_type="vespo"), [[-0.2381625] * 3, [0.1446364, 0.1446364, 0.0]])
+    close(finalize_stats(stats)["vespo/phi_seq_mean"], (1.1908125 + 0.7231820) / 2)
+    # loss: -(1.1908125 * sum(logp_1) - 0.7231820 * sum(logp_2)) / 5, sums -3.7876821 and -1.7613647
+    close(loss, -(1.1908125 * -3.7876821 - 0.7231820 * -1.7613647) / 5)
+
+
+def test_vespo_puts_the_rollout_weights_into_w_and_not_onto_the_loss():
+    # is weights [[1, 2, 1], [0.5, 1, pad]]: w_1 = 0.75 * 2 = 1.5, w_2 = 0.77 * 0.5 = 0.385
+    # phi_1 = exp(3 + 2 ln 1.5 - 4.5) = 0.5020429, phi_2 = exp(2 + 3 ln 0.385 - 0.77) = 0.1952380
+    weights = mx.array([[1.0, 2.0, 1.0], [0.5, 1.0, 1.0]])
+    close(grad_of(loss_type="vespo", is_weights=weights), [[-0.5020429 / 5] * 3, [0.1952380 / 5] * 2 + [0.0]])
+
+
+def test_delta_caps_the_unclipped_ratio_two_sided():
+    # one token, A = -1, epsilon 0.2: r = 1.5 is not clipped by PPO (l = -min(-1.5, -1.2) = 1.5, grad 1.5);
+    # delta 1.4 caps it: l = -min(-1.4, -1.2) = 1.4 with no gradient; r = 1.3 < delta keeps l = 1.3, grad 1.3
+    def one(ratio, **kw):
+        old, mask, adv = mx.array([[0.0]]), mx.array([[1]]), mx.array([-1.0])
+        fn = lambda lp: loss_of(lp, old=old, adv=adv, mask=mask, num_tokens_total=1, **kw)[0]
+        loss, grad = mx.value_and_grad(fn)(mx.log(mx.array([[ratio]])))
+        return loss.item(), grad.item()
+
+    assert one(1.5) == pytest.approx((1.5, 1.5), abs=1e-5)
+    assert one(1.5, delta=1.4) == pytest.approx((1.4, 0.0), abs=1e-5)
+    assert one(1.3, delta=1.4) == pytest.approx((1.3, 1.3), abs=1e-5)
+
+
+def test_is_weights_multiply_the_policy_loss_of_clipped_losses():
+    # per-token clipped losses (test_grpo_loss.py): [[-1.0, -1.2, -0.5], [1.1, 0.8]]
+    # weights [[1, 2, 0], [0.5, 1, pad]]: [[-1, -2.4, 0], [0.55, 0.8]] -> dapo sum -2.05 / 5 = -0.41
+    weights = mx.array([[1.0, 2.0, 0.0], [0.5, 1.0, 7.0]])
+    close(loss_of(LOGP, is_weights=weights)[0], -0.41)
+    # a sequence-level weight [B, 1] broadcasts to its tokens: [[2], [1]] -> (-5.4 + 1.9) / 5 = -0.7
+    close(loss_of(LOGP, is_weights=mx.array([[2.0], [1.0]]))[0], -0.7)
+
+
+def test_metrics_average_the_micro_batches_means_as_trl_logs_them():
+    # entropies, micro-batch 1 = row 1 (3 tokens: 1, 2, 3 -> mean 2), micro-batch 2 = row 2 (4, 5 -> mean 4.5)
+    # TRL: the mean of the micro-batch means (2 + 4.5) / 2 = 3.25 (pooled over the 5 tokens it would be 3)
+    entropy = mx.array([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0]])
+    parts = [loss_of(LOGP[s], old=OLD[s], adv=ADV[s], mask=MASK[s], entropy=entropy[s])[1]
+             for s in (slice(0, 1), slice(1, 2))]
+    summed = {key: parts[0][key] + parts[1][key] for key in parts[0]}
+    close(finalize_stats(summed)["entropy"], 3.25)
+    # clip ratios: row 1 (A > 0): high r 1.5 -> 1/3, low 0 ; row 2 (A < 0): low r 0.7 -> 1/2, high 0
+    metrics = finalize_stats(summed)
+    close(metrics["clip_ratio/high_mean"], (1 / 3 + 0) / 2)
+    close(metrics["clip_ratio/low_mean"], (0 + 1 / 2) / 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollout importance sampling (training/rollout_correction.py)
+#
+# trained - rollout log-probs, mask [[1, 1, 1], [1, 1, 0]]:
+#   [[ln 2, -ln 4, ln 5], [ln 0.5, ln 3, (pad 9)]] -> token ratios [[2, 0.25, 5], [0.5, 3, (1)]]
+#   sequence ratios: exp(ln 2 - ln 4 + ln 5) = 2.5 ; exp(ln 0.5 + ln 3) = 1.5
+ROLLOUT = mx.array([[-1.0, -0.5, -2.0], [-0.2, -1.5, -0.3]])
+TRAINED = ROLLOUT + mx.array([[math.log(2), -math.log(4), math.log(5)], [math.log(0.5), math.log(3), 9.0]])
+
+
+@pytest.mark.parametrize("mode, low, high, expected", [
+    # truncate to [0.3, 3]: [[2, 0.3, 3], [0.5, 3, 1]]
+    ("token_truncate", 0.3, 3.0, [[2, 0.3, 3], [0.5, 3, 1]]),
+    # only an upper cap (TRL's default clip_min None): [[2, 0.25, 3], [0.5, 3, 1]]
+    ("token_truncate", None, 3.0, [[2, 0.25, 3], [0.5, 3, 1]]),
+    # mask outside [0.3, 3]: 0.25 and 5 -> 0 ; 3 stays (the bounds are kept)
+    ("token_mask", 0.3, 3.0, [[2, 0, 0], [0.5, 3, 1]]),
+    # sequences: 2.5, 1.5 ; truncate at 2 -> 2, 1.5 ; mask above 2 -> 0, 1.5
+    ("sequence_truncate", None, 2.0, [[2], [1.5]]),
+    ("sequence_mask", None, 2.0, [[0], [1.5]]),
+])
+def test_importance_sampling_weights_by_mode(mode, low, high, expected):
+    close(importance_sampling_weights(TRAINED, ROLLOUT, MASK, mode, low, high), expected)
+
+
+def test_sampling_metrics_as_trl_logs_them():
+    # |trained - rollout| on mask tokens: ln 2, ln 4, ln 5, ln 2, ln 3 -> mean (0.6931 + 1.3863 + 1.6094
+    # + 0.6931 + 1.0986) / 5 = 1.0961, max ln 5 = 1.6094
+    # token_truncate (None, 3): ratios on mask tokens 2, 0.25, 3, 0.5, 3 -> min 0.25, mean 8.75 / 5, max 3
+    weights = [importance_sampling_weights(TRAINED, ROLLOUT, MASK, "token_truncate", None, 3.0)]
+    m = sampling_metrics([TRAINED], [ROLLOUT], weights, [MASK], "token_truncate")
+    close(m["sampling/sampling_logp_difference/mean"], (2 * math.log(2) + math.log(4) + math.log(5) + math.log(3)) / 5)
+    close(m["sampling/sampling_logp_difference/max"], math.log(5))
+    close([m["sampling/importance_sampling_ratio/" + k] for k in ("min", "mean", "max")], [0.25, 1.75, 3.0])
+    # sequence_mask (None, 2): one ratio per sequence, 0 and 1.5 -> min 0, mean 0.75, max 1.5
+    weights = [importance_sampling_weights(TRAINED, ROLLOUT, MASK, "sequence_mask", None, 2.0)]
+    m = sampling_metrics([TRAINED], [ROLLOUT], weights, [MASK], "sequence_mask")
+    close([m["sampling/importance_sampling_ratio/" + k] for k in ("min", "mean", "max")], [0.0, 0.75, 1.5])
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL's refusals (ConfigError before any model loads) and warnings
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(vllm_importance_sampling_clip_min=3.0, vllm_importance_sampling_clip_max=2.0), "must be below"),
+    (dict(vllm_importance_sampling_clip_max=None), "needs vllm_importance_sampling_clip_min or"),
+    (dict(loss_type="vespo", vllm_importance_sampling_mode="sequence_mask"), "token-level importance weights"),
+    (dict(vllm_importance_sampling_mode="token"), "vllm_importance_sampling_mode must be one of"),
+    (dict(delta=0.9), "delta caps the ratio"),
+    (dict(loss_type="ppo"), "loss_type must be one of"),
+])
+def test_trl_refusals_are_one_line_config_errors(settings, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        validate(GRPOConfig(run_name="t", **settings))
+    assert "\n" not in str(error.value)
+
+
+def test_what_trl_warns_about_runs_with_a_one_line_warning():
+    assert config_warnings(validate(GRPOConfig(run_name="t"))) == []
+    for settings, words in [(dict(loss_type="luspo"), "luspo"),
+                            (dict(loss_type="vespo", importance_sampling_level="sequence"), "vespo"),
+                            (dict(loss_type="dapo", importance_sampling_level="sequence"), "GSPO")]:
+        warnings = config_warnings(validate(GRPOConfig(run_name="t", **settings)))
+        assert len(warnings) == 1 and words in warnings[0] and "\n" not in warnings[0]
+    assert config_warnings(validate(GRPOConfig(run_name="t", loss_type="grpo", importance_sampling_level="sequence"))) == []
