@@ -199,3 +199,117 @@ def test_what_trl_warns_about_runs_with_a_one_line_warning():
         warnings = config_warnings(validate(GRPOConfig(run_name="t", **settings)))
         assert len(warnings) == 1 and words in warnings[0] and "\n" not in warnings[0]
     assert config_warnings(validate(GRPOConfig(run_name="t", loss_type="grpo", importance_sampling_level="sequence"))) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Masks, the KL's bias correction and the entropy bonus (issue 20, item 3)
+#
+# per-token clipped losses of the tiny batch (dapo over 5 tokens): [[-1.0, -1.2, -0.5], [1.1, 0.8]]
+ENTROPY = mx.array([[1.0, 2.0, 3.0], [4.0, 5.0, 99.0]])  # the padding slot's 99 never counts
+
+
+@pytest.mark.parametrize("top, kept", [
+    # quantile 1 - top of the mask tokens' entropies 1..5 (n = 5, position q * 4, linear interpolation):
+    (0.5, [[0, 0, 1], [1, 1, 0]]),  # q 0.5: position 2 -> 3 ; keep 3, 4, 5
+    (0.2, [[0, 0, 0], [0, 1, 0]]),  # q 0.8: position 3.2 -> 4 + 0.2 * (5 - 4) = 4.2 ; keep 5
+    (0.0, [[0, 0, 0], [0, 1, 0]]),  # q 1: position 4 -> 5 ; keep the highest only
+    (0.9, [[0, 1, 1], [1, 1, 0]]),  # q 0.1: position 0.4 -> 1.4 ; keep 2, 3, 4, 5
+])
+def test_top_entropy_quantile_keeps_the_high_entropy_tokens(top, kept):
+    from mlx_grpo.training.loss import high_entropy_mask
+
+    close(high_entropy_mask(ENTROPY, MASK, 1.0 - top), kept, atol=0)
+    # the loss keeps those tokens' losses, still over the 5 tokens: top 0.5 -> (-0.5 + 1.1 + 0.8) / 5 = 0.28
+    if top == 0.5:
+        close(loss_of(LOGP, entropy=ENTROPY, top_entropy_quantile=0.5)[0], 0.28)
+
+
+def test_off_policy_mask_drops_negative_sequences_far_from_the_sampler():
+    # sampling - logp: seq 1 mean 1.0 (A > 0: kept whatever), seq 2 mean 0.9 (A < 0)
+    sampling = LOGP + mx.array([[1.0, 1.0, 1.0], [0.9, 0.9, 50.0]])
+    # threshold 0.5: seq 2 dropped -> -2.7 / 5 = -0.54 ; threshold 1: kept -> (-2.7 + 1.9) / 5 = -0.16
+    loss, stats = loss_of(LOGP, sampling_logp=sampling, off_policy_mask_threshold=0.5)
+    close(loss, -0.54)
+    close(finalize_stats(stats)["off_policy_mask/kept"], 0.5)
+    close(loss_of(LOGP, sampling_logp=sampling, off_policy_mask_threshold=1.0)[0], -0.16)
+    # without sampling log-probs the mask compares with old_logp: on-policy the KL is 0, nothing dropped
+    close(loss_of(LOGP, old=None, off_policy_mask_threshold=0.01)[0], loss_of(LOGP, old=None)[0])
+
+
+def test_bias_corrected_kl_is_weighted_by_the_ratio():
+    # one token, A = 0: r = exp(logp - old) = 2, d = ref - logp = ln 2, k3 = 2 - ln 2 - 1 = 0.3068528
+    # corrected k3 * r = 0.6137056 ; beta 0.1 over 1 token: 0.0613706
+    # d/dlogp (k3 r) = (1 - e^d) r + k3 r = -2 + 0.6137056 = -1.3862944 ; times beta: -0.1386294
+    logp, old, ref = mx.array([[-1.0]]), mx.array([[-1.0 - math.log(2)]]), mx.array([[-1.0 + math.log(2)]])
+    fn = lambda lp: grpo_loss(lp, old, ref, mx.array([0.0]), mx.array([[1]]), loss_type="dapo", beta=0.1,
+                              num_tokens_total=1, use_bias_correction_kl=True)
+    loss, grad = mx.value_and_grad(lambda lp: fn(lp)[0])(logp)
+    close(loss, 0.0613706)
+    close(grad, [[-0.1386294]])
+    close(finalize_stats(fn(logp)[1])["kl"], 0.6137056)
+
+
+def test_entropy_bonus_is_the_mean_entropy_for_every_loss_type():
+    # A = 0 leaves only the bonus: -c H, H = mean over mask tokens (1 + 2 + 3 + 4 + 5) / 5 = 3, c = 0.1 -> -0.3
+    zero = mx.array([0.0, 0.0])
+    for loss_type in ("dapo", "grpo", "bnpo"):
+        close(loss_of(LOGP, adv=zero, loss_type=loss_type, entropy=ENTROPY, entropy_coef=0.1)[0], -0.3)
+    # grpo with 2 micro-batches: this one's token mean / 2 -> -0.15; dapo over 10 batch tokens: -1.5 / 10
+    close(loss_of(LOGP, adv=zero, loss_type="grpo", entropy=ENTROPY, entropy_coef=0.1, num_micro_batches=2)[0], -0.15)
+    close(loss_of(LOGP, adv=zero, entropy=ENTROPY, entropy_coef=0.1, num_tokens_total=10)[0], -0.15)
+    # with top_entropy_quantile 0.5 the bonus is over the kept tokens 3, 4, 5: mean 4 -> -0.4
+    close(loss_of(LOGP, adv=zero, loss_type="grpo", entropy=ENTROPY, entropy_coef=0.1, top_entropy_quantile=0.5)[0],
+          -0.4)
+    # gradient with respect to each token's entropy: -c / 5 on mask tokens (dapo)
+    grad = mx.grad(lambda h: loss_of(LOGP, adv=zero, entropy=h, entropy_coef=0.1)[0])(ENTROPY)
+    close(grad, [[-0.02] * 3, [-0.02, -0.02, 0.0]])
+    _, stats = loss_of(LOGP, entropy=ENTROPY, entropy_coef=0.1)
+    close(finalize_stats(stats)["policy_loss"], -0.16)  # the dapo loss without the bonus
+
+
+def test_entropy_gradient_matches_minus_sum_p_log_p():
+    from mlx_grpo.training.loss import token_logprobs_and_entropy
+
+    logits = mx.array(np.random.default_rng(0).normal(size=(2, 3, 7)).astype(np.float32))
+    targets = mx.array([[0, 3, 6], [2, 2, 5]])
+    ours = mx.grad(lambda x: token_logprobs_and_entropy(x, targets, 0.8, entropy_gradient=True)[1].sum())(logits)
+    textbook = mx.grad(lambda x: -(mx.softmax(x / 0.8, axis=-1) * (x / 0.8 - mx.logsumexp(x / 0.8, axis=-1, keepdims=True))).sum())(logits)
+    close(ours, textbook, atol=1e-5)
+    # and without it, the entropy is a metric: no gradient
+    plain = mx.grad(lambda x: token_logprobs_and_entropy(x, targets, 0.8)[1].sum())(logits)
+    assert mx.all(plain == 0).item()
+
+
+def test_new_options_trace_under_compile():
+    # the trainer compiles its step: the quantile, the masks and the new losses must trace (no host syncs)
+    def fn(lp, old, ent, sampling):
+        return loss_of(lp, old=old, entropy=ent, sampling_logp=sampling, top_entropy_quantile=0.5,
+                       off_policy_mask_threshold=1.0, entropy_coef=0.1, loss_type="vespo")[0]
+
+    sampling = LOGP + 0.9
+    close(mx.compile(fn)(LOGP, OLD, ENTROPY, sampling), fn(LOGP, OLD, ENTROPY, sampling), atol=1e-6)
+
+
+def test_item_3_keys_are_checked_before_any_model_loads():
+    for settings, message in [(dict(top_entropy_quantile=1.5), "top_entropy_quantile must be in"),
+                              (dict(off_policy_mask_threshold=0.0), "off_policy_mask_threshold must be > 0")]:
+        with pytest.raises(ConfigError, match=message):
+            validate(GRPOConfig(run_name="t", **settings))
+    warnings = config_warnings(validate(GRPOConfig(run_name="t", use_bias_correction_kl=True)))
+    assert len(warnings) == 1 and "beta = 0" in warnings[0]
+    with pytest.raises(ConfigError, match="unknown config key 'use_adaptive_entropy'"):
+        from mlx_grpo.config import config_from_dict
+
+        config_from_dict({"use_adaptive_entropy": True})
+
+
+def test_a_step_with_every_new_option_runs(tiny_model_dir):
+    from test_trainer import PROMPTS, tiny_step
+
+    from mlx_grpo.training.step import TrainState, grpo_updates, sample_rollouts
+
+    setup = tiny_step(tiny_model_dir, loss_type="sapo", top_entropy_quantile=0.5, entropy_coef=0.01,
+                      off_policy_mask_threshold=0.5, beta=0.05, use_bias_correction_kl=True, num_iterations=2)
+    rollouts = sample_rollouts(setup, TrainState(rollouts_quantized=True), PROMPTS)
+    updates = grpo_updates(setup, TrainState(), rollouts, [1.0, 0.0, 0.0, 1.0])
+    assert all(u.result.applied and math.isfinite(u.result.loss) for u in updates)

@@ -130,6 +130,10 @@ class GRPOConfig:
     vllm_importance_sampling_mode: str = "token_truncate"  # token_truncate | token_mask | sequence_truncate | sequence_mask
     vllm_importance_sampling_clip_min: float | None = None  # None = no lower bound
     vllm_importance_sampling_clip_max: float | None = 3.0  # None = no upper bound
+    off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2: drop A < 0 sequences this far off-policy; None = off
+    top_entropy_quantile: float = 1.0  # keep only the top-q tokens by entropy in the loss (0.2 in its paper); 1 = all
+    entropy_coef: float = 0.0  # entropy bonus: the loss minus entropy_coef * mean token entropy; 0 = off
+    use_bias_correction_kl: bool = False  # the KL term weighted by the ratio (DeepSeek-V3.2's unbiased estimator)
 
     # --- LoRA / DoRA / QLoRA (utils/training/lora.py: mlx-lm's adapter layers) ---
     train_type: str = "full"  # full | lora | dora; lora/dora train only adapters on a frozen base
@@ -554,6 +558,11 @@ def trl_loss_errors(cfg: GRPOConfig) -> list[str]:
     if cfg.loss_type == "vespo" and not cfg.vllm_importance_sampling_mode.startswith("token_"):
         errors.append("loss_type = \"vespo\" weighs whole sequences itself and takes token-level importance "
                       "weights only: set vllm_importance_sampling_mode = \"token_truncate\" (or \"token_mask\")")
+    q = cfg.top_entropy_quantile
+    if not 0.0 <= q <= 1.0:
+        errors.append(f"top_entropy_quantile must be in [0, 1] (1 = every token), got {q}")
+    if cfg.off_policy_mask_threshold is not None and cfg.off_policy_mask_threshold <= 0:
+        errors.append(f"off_policy_mask_threshold must be > 0 (e.g. 0.5) or none, got {cfg.off_policy_mask_threshold}")
     if cfg.delta is not None and cfg.delta <= 1.0:
         errors.append(f"delta caps the ratio from above and must be > 1 (TRL recommends > 1 + epsilon), got {cfg.delta}")
     for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
@@ -577,6 +586,11 @@ def config_warnings(cfg: GRPOConfig) -> list[str]:
     if cfg.importance_sampling_level == "sequence" and cfg.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
         warnings.append(f"importance_sampling_level = \"sequence\" with loss_type = \"{cfg.loss_type}\" sums "
                         "per-token losses, weighting each sequence by its length; GSPO's setup is loss_type = \"grpo\"")
+    if cfg.use_bias_correction_kl and cfg.beta == 0:
+        warnings.append("use_bias_correction_kl weights the KL term, which beta = 0 switches off: it does nothing")
+    if cfg.loss_type == "cispo" and cfg.effective_epsilon_high < 1.0:
+        warnings.append(f"loss_type = \"cispo\" caps every weight at epsilon_high = {cfg.effective_epsilon_high}, "
+                        "below 1; CISPO's eps_max is epsilon_high (TRL recommends 5.0)")
     return warnings
 
 

@@ -32,6 +32,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.nanochat import MLP, apply_rotary_emb
 
 from mlx_grpo.nanochat.mlx_lm_hook import MODEL_TYPE  # noqa: F401 (this module's model type)
+
 # nanochat's state dict keeps value embeddings at the top (value_embeds.{i}); here they live in their layer's attention.
 _NANOCHAT_VALUE_EMBED = re.compile(r"^value_embeds\.(\d+)\.(.+)$")
 

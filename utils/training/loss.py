@@ -214,20 +214,23 @@ def token_logprobs(logits: mx.array, targets: mx.array, temperature: float = 1.0
 
 
 def token_logprobs_and_entropy(
-    logits: mx.array, targets: mx.array, temperature: float = 1.0
+    logits: mx.array, targets: mx.array, temperature: float = 1.0, entropy_gradient: bool = False
 ) -> tuple[mx.array, mx.array]:
     """token_logprobs and the entropy of softmax(logits / temperature) per position, float32 [B, T].
 
     H = logsumexp(x) - sum_v softmax(x)_v * x_v (equal to -sum p log p); a metric, so it carries no
-    gradient. One pass shares the float32 logits and the logsumexp between the two. On CUDA, two
-    kernels instead (utils/cuda_kernels/logprobs.py): no float32 copy at all."""
+    gradient, unless entropy_gradient (an entropy bonus in the loss). One pass shares the float32
+    logits and the logsumexp between the two. On CUDA, two kernels instead
+    (utils/cuda_kernels/logprobs.py): no float32 copy at all (they have no entropy gradient)."""
     if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} must be [B, T, V] and [B, T]")
-    if _use_cuda_kernels(logits, temperature):
+    if _use_cuda_kernels(logits, temperature) and not entropy_gradient:
         return cuda_logprobs.token_logprobs_and_entropy(logits, targets, temperature)
     scaled = _scaled_float32_logits(logits, temperature)
     lse = mx.logsumexp(scaled, axis=-1)
     selected = mx.take_along_axis(scaled, targets[..., None].astype(mx.int32), axis=-1).squeeze(-1)
+    if entropy_gradient:
+        return selected - lse, lse - (mx.softmax(scaled, axis=-1) * scaled).sum(axis=-1)
     scaled_sg, lse_sg = mx.stop_gradient(scaled), mx.stop_gradient(lse)
     probs = mx.exp(scaled_sg - lse_sg[..., None])
     entropy = mx.stop_gradient(lse_sg - (probs * scaled_sg).sum(axis=-1))
@@ -270,6 +273,11 @@ def grpo_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    sampling_logp: Optional[mx.array] = None,
+    off_policy_mask_threshold: Optional[float] = None,
+    top_entropy_quantile: float = 1.0,
+    use_bias_correction_kl: bool = False,
+    entropy_coef: float = 0.0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """The GRPO policy loss of ONE micro-batch, scaled so that the SUM over the micro-batches of a
     generation batch equals TRL's loss for that batch (TRL's _compute_loss, loss type by loss type).
@@ -290,7 +298,15 @@ def grpo_loss(
                ratio prod_t r_t (times the rollout weights of is_weights), k/lam by sign(A)
     is_weights ([B, T] or [B, 1], no gradient): the rollout importance-sampling weights
     (training/rollout_correction.py); they multiply l, except for vespo, which puts them into w_i.
-    Then l + beta * k3, k3 = exp(ref - logp) - (ref - logp) - 1.
+    Masks (TRL's order; each multiplies l): off_policy_mask_threshold (DeepSeek-V3.2) drops a
+    sequence with A < 0 whose mean over mask tokens of sampling_logp - logp exceeds the threshold
+    (sampling_logp: the log-probs of the policy that sampled; None = old_logp); top_entropy_quantile
+    q < 1 keeps the tokens whose entropy is >= this micro-batch's (1 - q) quantile of mask-token
+    entropies (linear interpolation, torch.quantile's), needing `entropy`.
+    Then l + beta * k3, k3 = exp(ref - logp) - (ref - logp) - 1, times r with use_bias_correction_kl.
+    entropy_coef c > 0 subtracts c * H, H the mean entropy of the kept tokens (entropy must then
+    carry its gradient): sum H / num_tokens_total for dapo/cispo/vespo, else each micro-batch's
+    token mean / num_micro_batches (TRL's), so that H sums to the batch's mean entropy.
 
     Normalisation (TRL's loss_type), with |o_i| = sum_t mask[i, t]:
       grpo, sapo: sum_i (sum_t l*mask / max(|o_i|, 1)) / num_sequences_total
@@ -330,6 +346,10 @@ def grpo_loss(
         _check_count("max_completion_length", max_completion_length, loss_type)
     if loss_type == "bnpo":
         _check_count("num_micro_batches", num_micro_batches, loss_type)
+    if (top_entropy_quantile < 1.0 or entropy_coef != 0.0) and entropy is None:
+        raise ValueError("top_entropy_quantile < 1 and entropy_coef need the per-token entropy; pass entropy")
+    if entropy_coef != 0.0 and loss_type not in ("dapo", "cispo", "vespo"):
+        _check_count("num_micro_batches", num_micro_batches, loss_type)
     if loss_type in ("dapo", "cispo", "vespo"):
         # 0 is legitimate (every completion truncated and masked): the loss is then 0
         _check_count("num_tokens_total", num_tokens_total, loss_type, allow_zero=True)
@@ -350,6 +370,7 @@ def grpo_loss(
     else:
         log_weights = log_ratio.sum(axis=-1, keepdims=True) / mx.maximum(tokens_per_seq[:, None], 1.0)  # [B, 1]
     ratio = mx.exp(log_weights)
+    coef_1 = ratio  # before delta's cap: the KL's bias correction uses it
     logp_live = mx.where(live, logp, 0.0)  # cispo and vespo multiply by logp itself
 
     phi = None
@@ -367,6 +388,15 @@ def grpo_loss(
         if delta is not None:
             ratio = mx.minimum(ratio, delta)
         per_token_loss = -mx.minimum(ratio * adv, clipped_ratio * adv)
+    off_policy_keep = None
+    if off_policy_mask_threshold is not None:
+        off_policy_keep = off_policy_mask(adv, logp, old_logp if sampling_logp is None else sampling_logp, mask,
+                                          off_policy_mask_threshold)
+        per_token_loss = per_token_loss * off_policy_keep
+    entropy_keep = None
+    if top_entropy_quantile < 1.0:
+        entropy_keep = high_entropy_mask(entropy, mask, 1.0 - top_entropy_quantile)
+        per_token_loss = per_token_loss * entropy_keep
     if is_weights is not None and loss_type != "vespo":
         per_token_loss = per_token_loss * is_weights
     per_token_loss = mx.broadcast_to(per_token_loss, logp.shape)  # GSPO: the sequence loss on every token
@@ -375,6 +405,8 @@ def grpo_loss(
     if ref_logp is not None:
         ref_delta = mx.where(live, ref_logp.astype(mx.float32) - logp, 0.0)
         per_token_kl = mx.exp(ref_delta) - ref_delta - 1.0
+        if use_bias_correction_kl:  # DeepSeek-V3.2's unbiased estimator: weighted by the ratio (with its gradient)
+            per_token_kl = per_token_kl * coef_1
         if beta != 0:
             per_token_loss = per_token_loss + beta * per_token_kl
 
@@ -390,6 +422,15 @@ def grpo_loss(
         loss = masked_loss.sum() / num_sequences_total
     else:  # dapo, cispo, vespo
         loss = masked_loss.sum() / mx.maximum(mx.array(num_tokens_total, dtype=mx.float32), 1.0)
+    policy_loss = loss
+    if entropy_coef != 0.0:
+        kept = mask if entropy_keep is None else mask * entropy_keep
+        entropy_total = mx.where(kept > 0, entropy.astype(mx.float32) * kept, 0.0).sum()
+        if loss_type in ("dapo", "cispo", "vespo"):
+            entropy_term = entropy_total / mx.maximum(mx.array(num_tokens_total, dtype=mx.float32), 1.0)
+        else:
+            entropy_term = entropy_total / mx.maximum(kept.sum(), 1.0) / num_micro_batches
+        loss = loss - entropy_coef * entropy_term
 
     # Statistics: sums, so micro-batches and processes add up before finalize_stats divides; and this
     # micro-batch's means (mean/*), which finalize_stats averages over micro-batches as TRL's log does.
@@ -427,7 +468,41 @@ def grpo_loss(
     if entropy is not None:
         stats["entropy_sum"] = mx.where(live, mx.stop_gradient(entropy).astype(mx.float32) * mask, 0.0).sum()
         stats["mean/entropy"] = stats["entropy_sum"] / tokens
+    if entropy_coef != 0.0:
+        stats["policy_loss"] = mx.stop_gradient(policy_loss)  # TRL's policy_loss: the loss without the bonus
+    if off_policy_keep is not None:  # ours: the share of sequences the off-policy mask keeps
+        stats["mean/off_policy_mask/kept"] = off_policy_keep.sum() / max(float(logp.shape[0]), 1.0)
     return loss, stats
+
+
+def off_policy_mask(adv, logp, sampling_logp, mask, threshold) -> mx.array:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL's get_off_policy_mask), [B, 1] of 1 (keep) / 0 (drop).
+
+    Keep a sequence if A >= 0 or its mean over mask tokens of sampling_logp - logp (no gradient) is <= threshold.
+    adv [B, 1]; logp, sampling_logp, mask [B, T].
+    """
+    live = mask > 0
+    kl = mx.where(live, sampling_logp.astype(mx.float32) - mx.stop_gradient(logp), 0.0)
+    mean_kl = kl.sum(axis=-1, keepdims=True) / mx.maximum(mask.sum(axis=-1, keepdims=True), 1.0)
+    return ((adv >= 0) | (mean_kl <= threshold)).astype(mx.float32)
+
+
+def high_entropy_mask(entropy, mask, quantile: float) -> mx.array:
+    """1 where a mask token's entropy is >= the `quantile` quantile of the mask tokens' entropies, else 0, [B, T].
+
+    The quantile interpolates linearly between order statistics (torch.quantile): position
+    quantile * (n - 1) among the n sorted mask-token entropies. No host sync (it runs compiled).
+    """
+    live = mask > 0
+    entropy = mx.stop_gradient(entropy.astype(mx.float32))
+    ordered = mx.sort(mx.where(live, entropy, mx.inf).reshape(-1))  # padding sorts last
+    last = mx.maximum(live.sum() - 1, 0)
+    position = quantile * last.astype(mx.float32)
+    low = mx.floor(position).astype(mx.int32)
+    high = mx.minimum(low + 1, last).astype(mx.int32)
+    low_value, high_value = ordered[low], ordered[high]
+    threshold = low_value + (position - low.astype(mx.float32)) * mx.where(high > low, high_value - low_value, 0.0)
+    return ((entropy >= threshold) & live).astype(mx.float32)
 
 
 # The loss types with PPO's clipped surrogate (and so the clip_ratio metrics).
@@ -474,6 +549,8 @@ def finalize_stats(summed_stats: dict) -> dict[str, float]:
     units = max(value("num_ratio_units"), 1.0)
     micro_batches = max(value("micro_batches"), 1.0)
     metrics = {"importance_ratio/mean": value("ratio_sum") / units}
+    if "policy_loss" in summed_stats:  # with an entropy bonus: the loss without it
+        metrics["policy_loss"] = value("policy_loss")
     for key in summed_stats:
         if key.startswith("mean/"):
             metrics[key[len("mean/"):]] = value(key) / micro_batches

@@ -143,9 +143,10 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
 
 
 def loss_options(cfg: GRPOConfig) -> dict:
-    """The grpo_loss keywords of TRL's newer loss types, from the config."""
+    """The grpo_loss keywords of TRL's newer loss types, masks and entropy bonus, from the config."""
     names = ("delta", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
-             "vespo_k_neg", "vespo_lambda_neg")
+             "vespo_k_neg", "vespo_lambda_neg", "off_policy_mask_threshold", "top_entropy_quantile",
+             "use_bias_correction_kl", "entropy_coef")
     return {name: getattr(cfg, name) for name in names}
 
 
@@ -288,7 +289,10 @@ def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, reward
         model.train()  # only the loss forward runs in train mode (LoRA dropout)
         result = policy_update(model, setup.optimizer, setup.loss_and_grad, rollouts.batches, rollouts.slices,
                                advantages, rollouts.old_logp, rollouts.ref_logp, normalizers, cfg.max_grad_norm,
-                               all_sum=world.sum_tree, is_weights=rollouts.is_weights)
+                               all_sum=world.sum_tree, is_weights=rollouts.is_weights,
+                               # the off-policy mask compares with the policy that sampled (TRL's choice)
+                               sampling_logp=rollouts.rollout_logp if cfg.off_policy_mask_threshold is not None
+                               else None)
         model.eval()
         state.update += 1
         if result.applied:
