@@ -276,7 +276,8 @@ def train(args):
         texts = [train_task.text(c) for c in rollouts.completions]
         rewards = compute_rewards(reward_fns, cfg.reward_weights, texts, questions, answers, errors=cfg.reward_errors)
         accuracy = float(np.mean([train_task.is_correct(t, a) for t, a in zip(texts, answers)]))
-        updates = grpo_updates(setup, state, rollouts, rewards.total)
+        updates = grpo_updates(setup, state, rollouts, rewards.total,
+                               reward_parts=np.stack(list(rewards.per_function.values()), axis=1))
 
         # 3. Metrics of every update, sample completions, evaluation and checkpoints along the way.
         for update in updates:

@@ -313,3 +313,27 @@ def test_a_step_with_every_new_option_runs(tiny_model_dir):
     rollouts = sample_rollouts(setup, TrainState(rollouts_quantized=True), PROMPTS)
     updates = grpo_updates(setup, TrainState(), rollouts, [1.0, 0.0, 0.0, 1.0])
     assert all(u.result.applied and math.isfinite(u.result.loss) for u in updates)
+    setup = tiny_step(tiny_model_dir, multi_objective_aggregation="normalize_then_sum")
+    rollouts = sample_rollouts(setup, TrainState(), PROMPTS)
+    parts = np.array([[1, 0], [0, 2], [1, 1], [1, 3]], dtype=np.float32)
+    with pytest.raises(ValueError, match="needs reward_parts"):
+        grpo_updates(setup, TrainState(), rollouts, parts.sum(axis=1))
+    assert grpo_updates(setup, TrainState(), rollouts, parts.sum(axis=1), reward_parts=parts)[0].result.applied
+
+
+def test_normalize_then_sum_advantages_by_hand():
+    from mlx_grpo.training.distributed import World, normalize_then_sum_across
+
+    # two reward functions, weights (1, 0.5), two groups of 2:
+    #   f1 = [1, 0 | 1, 1], f2 = [0, 2 | 1, 3]
+    # group 1: f1 mean 0.5, std sqrt(0.5) -> +-0.5 / (0.7071068 + 1e-4) = +-0.7070068
+    #          f2 mean 1, std sqrt(2)     -> -+1 / (1.4142136 + 1e-4)   = -+0.7070568
+    # group 2: f1 std 0 -> 0, 0 ; f2 mean 2, std sqrt(2) -> -0.7070568, +0.7070568
+    # sums f1 + 0.5 f2: [0.3534784, -0.3534784, -0.3535284, 0.3535284]
+    # batch mean 0, std (ddof 1) sqrt((2 * 0.3534784^2 + 2 * 0.3535284^2) / 3) = 0.4081906
+    # advantages sum / (0.4081906 + 1e-4): [0.8657521, -0.8657521, -0.8658745, 0.8658745]
+    parts = np.array([[1, 0], [0, 2], [1, 1], [1, 3]], dtype=np.float32)
+    close(normalize_then_sum_across(World(), parts, [1.0, 0.5], 2), [0.8657521, -0.8657521, -0.8658745, 0.8658745])
+    warnings = config_warnings(validate(GRPOConfig(run_name="t", multi_objective_aggregation="normalize_then_sum",
+                                                   scale_rewards="none")))
+    assert len(warnings) == 1 and "scale_rewards" in warnings[0]

@@ -61,6 +61,7 @@ QUANT_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
 TRAIN_TYPES = ("full", "lora", "dora")
 # TRL's vllm_importance_sampling_mode values: ratio per token or per sequence, clipped (truncate) or zeroed (mask).
 IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 class ConfigError(ValueError):
@@ -134,6 +135,7 @@ class GRPOConfig:
     top_entropy_quantile: float = 1.0  # keep only the top-q tokens by entropy in the loss (0.2 in its paper); 1 = all
     entropy_coef: float = 0.0  # entropy bonus: the loss minus entropy_coef * mean token entropy; 0 = off
     use_bias_correction_kl: bool = False  # the KL term weighted by the ratio (DeepSeek-V3.2's unbiased estimator)
+    multi_objective_aggregation: str = "sum_then_normalize"  # sum_then_normalize | normalize_then_sum (GDPO)
 
     # --- LoRA / DoRA / QLoRA (utils/training/lora.py: mlx-lm's adapter layers) ---
     train_type: str = "full"  # full | lora | dora; lora/dora train only adapters on a frozen base
@@ -482,6 +484,7 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     one_of("scale_rewards", SCALE_REWARDS)
     one_of("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
     one_of("vllm_importance_sampling_mode", IMPORTANCE_SAMPLING_MODES)
+    one_of("multi_objective_aggregation", MULTI_OBJECTIVE_AGGREGATIONS)
     one_of("lr_scheduler_type", LR_SCHEDULERS)
     one_of("reward_errors", REWARD_ERRORS)
     one_of("prompt_format", PROMPT_FORMATS)
@@ -586,6 +589,9 @@ def config_warnings(cfg: GRPOConfig) -> list[str]:
     if cfg.importance_sampling_level == "sequence" and cfg.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
         warnings.append(f"importance_sampling_level = \"sequence\" with loss_type = \"{cfg.loss_type}\" sums "
                         "per-token losses, weighting each sequence by its length; GSPO's setup is loss_type = \"grpo\"")
+    if cfg.multi_objective_aggregation == "normalize_then_sum" and cfg.scale_rewards != "group":
+        warnings.append(f"multi_objective_aggregation = \"normalize_then_sum\" normalizes by itself: scale_rewards = "
+                        f"\"{cfg.scale_rewards}\" is not used")
     if cfg.use_bias_correction_kl and cfg.beta == 0:
         warnings.append("use_bias_correction_kl weights the KL term, which beta = 0 switches off: it does nothing")
     if cfg.loss_type == "cispo" and cfg.effective_epsilon_high < 1.0:

@@ -40,7 +40,14 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_grpo.config import ConfigError
 from mlx_grpo.training.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
-from mlx_grpo.training.loss import advantages_from_stats, batch_reward_std, group_advantages, group_reward_stats
+from mlx_grpo.training.loss import (
+    ADVANTAGE_STD_EPS,
+    advantages_from_stats,
+    batch_reward_std,
+    group_advantages,
+    group_reward_stats,
+    normalized_reward_sum,
+)
 
 BACKENDS = ("ring", "mpi", "nccl", "jaccl")
 # Gradients travel in buckets of about this many bytes: few large messages, bounded extra memory.
@@ -231,6 +238,16 @@ def group_advantages_across(world: World, rewards: mx.array, group_size: int, sc
     every_reward = mx.array(np.concatenate(world.gather_arrays(np.array(rewards, dtype=np.float32))))
     means, stds = group_reward_stats(rewards, group_size)
     return advantages_from_stats(rewards, means, "batch", group_stds=stds, batch_std=batch_reward_std(every_reward))
+
+
+def normalize_then_sum_across(world: World, reward_parts, weights, group_size: int) -> mx.array:
+    """TRL's "normalize_then_sum" advantages of this process's completions: each reward function normalized
+    in its group, the weighted sum, then (sum - batch mean) / (batch std + 1e-4) over ALL processes' sums."""
+    summed = normalized_reward_sum(reward_parts, weights, group_size)  # groups never straddle processes
+    every = np.concatenate(world.gather_arrays(np.array(summed, dtype=np.float32))).astype(np.float64)
+    if every.size < 2:
+        raise ValueError("normalize_then_sum needs at least 2 completions in the batch")
+    return (summed - float(every.mean())) / (float(np.std(every, ddof=1)) + ADVANTAGE_STD_EPS)
 
 
 def reward_std_across(world: World, rewards) -> float:

@@ -165,6 +165,24 @@ def group_advantages(rewards, group_size: int, scale_rewards: str) -> mx.array:
     return advantages_from_stats(rewards, means, scale_rewards, group_stds=stds, batch_std=batch_std)
 
 
+def normalized_reward_sum(reward_parts, weights, group_size: int) -> mx.array:
+    """GDPO's first half (TRL's multi_objective_aggregation = "normalize_then_sum"), shape [N].
+
+    reward_parts [N, K]: each reward function's (unweighted) rewards, ordered group by group. Each
+    function's rewards are normalized within their group, (r - mean) / (std + 1e-4) (ddof=1), then
+    summed with `weights` ([K]). The advantages are then this sum normalized over the whole batch
+    (advantages_from_stats with the batch mean and std).
+    """
+    parts = mx.array(np.asarray(reward_parts, dtype=np.float32))
+    if parts.ndim != 2 or parts.shape[1] != len(weights):
+        raise ValueError(f"reward_parts must be [N, {len(weights)}] (one column per reward function), got {parts.shape}")
+    _check_group_size(parts.shape[0], group_size)
+    grouped = parts.reshape(-1, group_size, parts.shape[1])
+    normalized = (grouped - grouped.mean(axis=1, keepdims=True)) / (mx.std(grouped, axis=1, keepdims=True, ddof=1)
+                                                                    + ADVANTAGE_STD_EPS)
+    return (normalized.reshape(parts.shape) * mx.array(weights, dtype=mx.float32)).sum(axis=1)
+
+
 def frac_reward_zero_std(group_stds) -> float:
     """Fraction of groups whose rewards are all equal (no learning signal), TRL's frac_reward_zero_std.
 

@@ -31,6 +31,7 @@ from mlx_grpo.training.checkpoint import CheckpointError, load_checkpoint, save_
 from mlx_grpo.training.distributed import (
     World,
     group_advantages_across,
+    normalize_then_sum_across,
     process_states,
     restore_process_state,
     reward_std_across,
@@ -271,15 +272,25 @@ class StepUpdate:
     reward_std: float = 0.0  # std of the step's rewards over every process (TRL's reward_std)
 
 
-def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, rewards) -> list[StepUpdate]:
+def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, rewards,
+                 reward_parts=None) -> list[StepUpdate]:
     """Rewards (one per completion) -> group-relative advantages -> num_iterations optimizer updates.
+
+    reward_parts [N, K]: each reward function's unweighted rewards, which multi_objective_aggregation =
+    "normalize_then_sum" needs (with cfg.reward_weights, [] = 1 each).
 
     A non-finite loss or gradient skips its update; max_nan_steps skipped in a row stop the run
     (TrainingError). Counts the step done in `state`.
     """
     cfg, world, model = setup.cfg, setup.world, setup.model
-    advantages = group_advantages_across(world, mx.array(np.asarray(rewards), dtype=mx.float32),
-                                         cfg.num_generations, cfg.scale_rewards)
+    if cfg.multi_objective_aggregation == "normalize_then_sum":
+        if reward_parts is None:
+            raise ValueError('multi_objective_aggregation = "normalize_then_sum" needs reward_parts')
+        weights = cfg.reward_weights or [1.0] * np.shape(reward_parts)[1]
+        advantages = normalize_then_sum_across(world, reward_parts, weights, cfg.num_generations)
+    else:
+        advantages = group_advantages_across(world, mx.array(np.asarray(rewards), dtype=mx.float32),
+                                             cfg.num_generations, cfg.scale_rewards)
     # Loss normalizers of the whole (global) batch, so the processes' gradients add up to its gradient.
     normalizers = world.sum_values(loss_normalizers(rollouts.completions, rollouts.batches))
     reward_std = reward_std_across(world, rewards)
