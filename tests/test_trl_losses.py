@@ -337,3 +337,14 @@ def test_normalize_then_sum_advantages_by_hand():
     warnings = config_warnings(validate(GRPOConfig(run_name="t", multi_objective_aggregation="normalize_then_sum",
                                                    scale_rewards="none")))
     assert len(warnings) == 1 and "scale_rewards" in warnings[0]
+
+
+def test_clip_ratio_low_min_and_high_max_per_sequence():
+    # per-sequence clip shares of the tiny batch: seq 1 (A > 0) high 1/3 (r 1.5), low 0 ;
+    # seq 2 (A < 0) low 1/2 (r 0.7), high 0 -> low_min = min(0, 1/2) = 0, high_max = max(1/3, 0) = 1/3
+    metrics = finalize_stats(loss_of(LOGP)[1])
+    close(metrics["clip_ratio/low_min"], 0.0)
+    close(metrics["clip_ratio/high_max"], 1 / 3)
+    # seq 2 alone: low_min 1/2 ; a row without tokens does not count (TRL's nanmin)
+    metrics = finalize_stats(loss_of(LOGP, mask=mx.array([[0, 0, 0], [1, 1, 0]]))[1])
+    close(metrics["clip_ratio/low_min"], 0.5)

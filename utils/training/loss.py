@@ -476,6 +476,17 @@ def grpo_loss(
         for name, flags in (("low", is_low), ("high", is_high), ("region", mx.maximum(is_low, is_high))):
             stats[f"clip_{name}_sum"] = unit_sum(flags)
             stats[f"mean/clip_ratio/{name}_mean"] = stats[f"clip_{name}_sum"] / units
+        # TRL's low_min / high_max: the extreme per-sequence clip share of the micro-batch (rows with tokens)
+        if importance_sampling_level == "token":
+            has_tokens = tokens_per_seq > 0
+            per_seq_low = mx.where(live, is_low, 0.0).sum(-1) / mx.maximum(tokens_per_seq, 1.0)
+            per_seq_high = mx.where(live, is_high, 0.0).sum(-1) / mx.maximum(tokens_per_seq, 1.0)
+        else:
+            has_tokens = mx.ones((logp.shape[0],), dtype=mx.bool_)
+            per_seq_low, per_seq_high = is_low[:, 0], is_high[:, 0]
+        any_row = has_tokens.any()
+        stats["mean/clip_ratio/low_min"] = mx.where(any_row, mx.where(has_tokens, per_seq_low, mx.inf).min(), 0.0)
+        stats["mean/clip_ratio/high_max"] = mx.where(any_row, mx.where(has_tokens, per_seq_high, -mx.inf).max(), 0.0)
     elif loss_type == "cispo":
         stats["mean/cispo_clip_ratio"] = unit_sum(((ratio_sg > epsilon_high) & (adv > 0)).astype(mx.float32)) / units
     elif loss_type == "vespo":
