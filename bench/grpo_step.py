@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0 runs a reference model)")
     p.add_argument("--num-iterations", type=int, default=1, help="> 1 takes old-policy log-probs")
     p.add_argument("--quant-bits", type=int, default=0, help="rollouts from a quantized copy (0 = off)")
+    p.add_argument("--is-mode", default="token_truncate", help="quantized rollouts: vllm_importance_sampling_mode, "
+                   "or 'off' (no correction: the quantized copy's log-probs are the old policy)")
     p.add_argument("--compile", action="store_true", help="compile the loss and gradient")
     p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast nanochat decoder")
     p.add_argument("--no-cuda-kernels", action="store_true", help="all three custom CUDA kernels off (decode attention, sampling, log-probs)")
@@ -98,7 +100,9 @@ def step_config(args) -> GRPOConfig:
         micro_batch_size=args.micro_batch_size, pad_to_multiple_of=args.pad_multiple, compute_dtype=args.compute_dtype,
         beta=args.beta, num_iterations=args.num_iterations, quantize_for_rollouts=args.quant_bits > 0,
         rollout_quant_bits=args.quant_bits or 4, use_compile=args.compile, train_type=args.train_type,
-        base_quant_bits=args.base_quant_bits, loss_type="dapo", epsilon=0.2))
+        base_quant_bits=args.base_quant_bits, loss_type="dapo", epsilon=0.2,
+        vllm_importance_sampling_correction=args.is_mode != "off",
+        vllm_importance_sampling_mode="token_truncate" if args.is_mode == "off" else args.is_mode))
 
 
 def main(argv=None):
