@@ -1,6 +1,8 @@
-"""GRPO loss math on MLX arrays: group advantages, per-token log-probs, the clipped surrogate
-loss with TRL's four aggregations (grpo, bnpo, dr_grpo, dapo), GSPO sequence-level ratios and
-the k3 KL penalty, plus summable statistics for logging.
+"""GRPO loss math on MLX arrays: group advantages, per-token log-probs, TRL's loss types (the
+clipped surrogate with its grpo, bnpo, dr_grpo, dapo, luspo aggregations and delta; cispo, sapo,
+vespo), GSPO sequence-level ratios, the rollout importance weights' place in the loss, the
+off-policy and entropy masks, the entropy bonus and the k3 KL penalty, plus summable statistics
+for logging.
 
 Definitions follow TRL's GRPOTrainer (trl/trainer/grpo_trainer.py): _generate_and_score_completions
 for the advantages, _compute_loss for the loss and the clip/KL metrics.
