@@ -37,6 +37,7 @@ from mlx_grpo.config import (
     config_changes,
     config_from_values,
     config_to_dict,
+    config_warnings,
     load_resolved_config,
     read_config_values,
     resolve_for_model,
@@ -219,6 +220,8 @@ def train(args):
     if not checkpoint and not args.eval_only and (requested.run_dir / METRICS_FILE).exists():
         raise ConfigError(f"{requested.run_dir} already holds a run: pass --resume to continue it, "
                           "or choose another run_name")
+    for warning in config_warnings(requested):  # what TRL warns about: it runs, but not as the paper does
+        print(f"[config] warning: {warning}")
     # The step's machinery imports mlx-lm and transformers (seconds), so it loads after the checks.
     from mlx_grpo.training.step import (
         TrainState,
@@ -319,7 +322,8 @@ def train(args):
         texts = [train_task.text(c) for c in rollouts.completions]
         rewards = compute_rewards(reward_fns, cfg.reward_weights, texts, questions, answers, errors=cfg.reward_errors)
         accuracy = float(np.mean([train_task.is_correct(t, a) for t, a in zip(texts, answers)]))
-        updates = grpo_updates(setup, state, rollouts, rewards.total)
+        updates = grpo_updates(setup, state, rollouts, rewards.total,
+                               reward_parts=np.stack(list(rewards.per_function.values()), axis=1))
 
         # 3. Metrics of every update, sample completions, evaluation and checkpoints along the way.
         for update in updates:

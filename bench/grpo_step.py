@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (> 0 runs a reference model)")
     p.add_argument("--num-iterations", type=int, default=1, help="> 1 takes old-policy log-probs")
     p.add_argument("--quant-bits", type=int, default=0, help="rollouts from a quantized copy (0 = off)")
+    p.add_argument("--is-mode", default="token_truncate", help="quantized rollouts: vllm_importance_sampling_mode, "
+                   "or 'off' (no correction: the quantized copy's log-probs are the old policy)")
     p.add_argument("--compile", action="store_true", help="compile the loss and gradient")
     p.add_argument("--no-share-prompts", action="store_true",
                    help="the update runs each prompt once per completion (share_prompt_forward = false)")
@@ -122,7 +124,9 @@ def step_config(args) -> GRPOConfig:
         beta=args.beta, num_iterations=args.num_iterations, quantize_for_rollouts=args.quant_bits > 0,
         rollout_quant_bits=args.quant_bits or 4, use_compile=args.compile, train_type=args.train_type,
         base_quant_bits=args.base_quant_bits, loss_type="dapo", epsilon=0.2,
-        share_prompt_forward=not args.no_share_prompts))
+        share_prompt_forward=not args.no_share_prompts,
+        vllm_importance_sampling_correction=args.is_mode != "off",
+        vllm_importance_sampling_mode="token_truncate" if args.is_mode == "off" else args.is_mode))
 
 
 def main(argv=None):

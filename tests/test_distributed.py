@@ -266,6 +266,8 @@ def test_two_ranks_compute_the_one_process_update(two_rank_worker, tiny_model_di
         for ours, theirs in zip(rank_results, single_results):
             assert ours.keys() == theirs.keys()
             for key in ours:
+                if key.startswith("mean/") or key == "micro_batches":
+                    continue  # per-micro-batch means (TRL's metrics) depend on how the batch is split
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (name, key)
 
 

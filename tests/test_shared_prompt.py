@@ -197,7 +197,7 @@ def test_loss_and_gradients_equal_the_plain_forward(kind, passes):
             where = f"{kind} {loss_type} {level} {passes}"
             assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7), where
             assert stats_b == pytest.approx(stats_a, rel=1e-5, abs=1e-6), where
-            if passes != "on-policy":
+            if passes != "on-policy" and "clip_region_sum" in stats_a:  # the clipped losses
                 assert stats_a["clip_region_sum"] > 0, "the perturbed old policy should clip some ratios"
             assert grads_a.keys() == grads_b.keys()
             for name, want in grads_a.items():

@@ -3,6 +3,7 @@ resumed config; and the pieces of a step (utils/training/step.py, utils/training
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -465,9 +466,38 @@ def test_old_policy_log_probs_only_where_they_differ_from_the_current_ones(tiny_
     assert on_policy.old_logp is None and on_policy.ref_logp is None and len(on_policy.completions) == 4
     assert set(on_policy.seconds) == {"rollout", "old_policy", "reference"}
     reused = sample_rollouts(tiny_step(tiny_model_dir, num_iterations=2), TrainState(), PROMPTS)
-    quantized = sample_rollouts(tiny_step(tiny_model_dir, beta=0.1), TrainState(rollouts_quantized=True), PROMPTS)
+    quantized = sample_rollouts(tiny_step(tiny_model_dir, beta=0.1, vllm_importance_sampling_correction=False),
+                                TrainState(rollouts_quantized=True), PROMPTS)
     assert reused.old_logp is not None and quantized.old_logp is not None and quantized.quantized
+    assert quantized.old_logp is quantized.rollout_logp and quantized.is_weights is None  # today's behaviour
     assert quantized.ref_logp is not None and len(quantized.ref_logp) == len(quantized.batches)
+
+
+def test_quantized_rollouts_are_weighted_by_the_trained_policys_ratio(tiny_model_dir):
+    from mlx_grpo.training.step import TrainState, grpo_updates, sample_rollouts
+    from mlx_grpo.training.update import frozen_logprobs
+
+    # one update per batch: "old" is the policy itself (None), the weights exp(trained - rollout) capped at 3
+    setup = tiny_step(tiny_model_dir)
+    corrected = sample_rollouts(setup, TrainState(rollouts_quantized=True), PROMPTS)
+    assert corrected.old_logp is None and len(corrected.is_weights) == len(corrected.batches)
+    trained = frozen_logprobs(setup.model, corrected.batches, setup.cfg.temperature)
+    for weights, own, rollout, batch in zip(corrected.is_weights, trained, corrected.rollout_logp, corrected.batches):
+        want = np.minimum(np.exp(np.where(np.array(batch.mask) > 0, np.array(own) - np.array(rollout), 0.0)), 3.0)
+        np.testing.assert_allclose(np.array(weights), want, rtol=1e-5)
+    assert set(corrected.sampling) == {f"sampling/{name}" for name in (
+        "sampling_logp_difference/mean", "sampling_logp_difference/max", "importance_sampling_ratio/min",
+        "importance_sampling_ratio/mean", "importance_sampling_ratio/max")}
+    assert corrected.sampling["sampling/importance_sampling_ratio/max"] <= 3.0
+    # two updates per batch: "old" is the trained policy's own log-probs, not the quantized copy's
+    setup = tiny_step(tiny_model_dir, num_iterations=2)
+    reused = sample_rollouts(setup, TrainState(rollouts_quantized=True), PROMPTS)
+    for old, own in zip(reused.old_logp, frozen_logprobs(setup.model, reused.batches, setup.cfg.temperature)):
+        np.testing.assert_array_equal(np.array(old), np.array(own))
+    updates = grpo_updates(setup, TrainState(), reused, [1.0, 0.0, 0.0, 1.0])
+    assert all(u.result.applied for u in updates)
+    # TRL's reward_std: the std of all 4 rewards (ddof 1): mean 0.5, var (4 * 0.25) / 3 = 1/3
+    assert updates[0].reward_std == pytest.approx(math.sqrt(1 / 3))
 
 
 def test_non_finite_quantized_rollouts_switch_to_full_precision_and_sample_again(tiny_model_dir, monkeypatch, capsys):

@@ -48,7 +48,7 @@ ALIASES = {
     "eval_subset_size": "eval_samples",
 }
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 LR_SCHEDULERS = ("cosine", "constant", "linear")
@@ -60,6 +60,9 @@ QUANT_BITS = (2, 3, 4, 5, 6, 8)
 QUANT_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
 TRAIN_TYPES = ("full", "lora", "dora")
 OPTIMIZERS = ("adamw", "muon")
+# TRL's vllm_importance_sampling_mode values: ratio per token or per sequence, clipped (truncate) or zeroed (mask).
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 class ConfigError(ValueError):
@@ -123,6 +126,26 @@ class GRPOConfig:
 
     # --- shared-prompt training forward (utils/training/shared_prompt.py) ---
     share_prompt_forward: bool = True  # the update runs each prompt once per micro-batch (the models it covers)
+    # --- TRL's newer losses and the rollout importance-sampling correction (TRL's names and defaults) ---
+    delta: float | None = None  # two-sided clipping: the unclipped ratio capped at delta (INTELLECT-2); None = off
+    sapo_temperature_pos: float = 1.0  # sapo's gate temperature for tokens with advantage > 0
+    sapo_temperature_neg: float = 1.05  # sapo's gate temperature for tokens with advantage <= 0
+    vespo_k_pos: float = 2.0  # vespo's gamma weight exponent k, advantage >= 0
+    vespo_lambda_pos: float = 3.0  # vespo's gamma weight decay lambda, advantage >= 0
+    vespo_k_neg: float = 3.0  # vespo's k, advantage < 0
+    vespo_lambda_neg: float = 2.0  # vespo's lambda, advantage < 0
+    # Quantized rollouts: the trained policy's own log-probs are the PPO "old" policy and each token (or
+    # sequence) is weighted by pi_trained / pi_rollout, clipped or masked to [clip_min, clip_max].
+    # false = the quantized copy's log-probs are "old" (no weights).
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "token_truncate"  # token_truncate | token_mask | sequence_truncate | sequence_mask
+    vllm_importance_sampling_clip_min: float | None = None  # None = no lower bound
+    vllm_importance_sampling_clip_max: float | None = 3.0  # None = no upper bound
+    off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2: drop A < 0 sequences this far off-policy; None = off
+    top_entropy_quantile: float = 1.0  # keep only the top-q tokens by entropy in the loss (0.2 in its paper); 1 = all
+    entropy_coef: float = 0.0  # entropy bonus: the loss minus entropy_coef * mean token entropy; 0 = off
+    use_bias_correction_kl: bool = False  # the KL term weighted by the ratio (DeepSeek-V3.2's unbiased estimator)
+    multi_objective_aggregation: str = "sum_then_normalize"  # sum_then_normalize | normalize_then_sum (GDPO)
 
     # --- LoRA / DoRA / QLoRA (utils/training/lora.py: mlx-lm's adapter layers) ---
     train_type: str = "full"  # full | lora | dora; lora/dora train only adapters on a frozen base
@@ -473,6 +496,8 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     one_of("loss_type", LOSS_TYPES)
     one_of("scale_rewards", SCALE_REWARDS)
     one_of("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
+    one_of("vllm_importance_sampling_mode", IMPORTANCE_SAMPLING_MODES)
+    one_of("multi_objective_aggregation", MULTI_OBJECTIVE_AGGREGATIONS)
     one_of("lr_scheduler_type", LR_SCHEDULERS)
     one_of("reward_errors", REWARD_ERRORS)
     one_of("prompt_format", PROMPT_FORMATS)
@@ -510,6 +535,8 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     need(cfg.eval_pass_k == 0 or cfg.eval_temperature > 0,
          "eval_pass_k > 0 samples k answers per question and needs eval_temperature > 0")
 
+    errors.extend(trl_loss_errors(cfg))
+
     if cfg.reward_funcs and cfg.reward_weights:
         need(len(cfg.reward_weights) == len(cfg.reward_funcs),
              f"reward_weights has {len(cfg.reward_weights)} entries but reward_funcs has "
@@ -542,6 +569,59 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     if errors:
         raise ConfigError("; ".join(errors))
     return cfg
+
+
+def trl_loss_errors(cfg: GRPOConfig) -> list[str]:
+    """The combinations TRL's GRPOConfig / GRPOTrainer refuse, and the ranges of their keys."""
+    errors = []
+    lo, hi = cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max
+    if lo is not None and hi is not None and lo >= hi:
+        errors.append(f"vllm_importance_sampling_clip_min ({lo}) must be below vllm_importance_sampling_clip_max ({hi})")
+    if cfg.vllm_importance_sampling_mode.endswith("_truncate") and lo is None and hi is None:
+        errors.append("a *_truncate vllm_importance_sampling_mode needs vllm_importance_sampling_clip_min or "
+                      "vllm_importance_sampling_clip_max; set vllm_importance_sampling_clip_max = 3.0")
+    if lo is not None and lo < 0:
+        errors.append(f"vllm_importance_sampling_clip_min must be >= 0, got {lo}")
+    if cfg.loss_type == "vespo" and not cfg.vllm_importance_sampling_mode.startswith("token_"):
+        errors.append("loss_type = \"vespo\" weighs whole sequences itself and takes token-level importance "
+                      "weights only: set vllm_importance_sampling_mode = \"token_truncate\" (or \"token_mask\")")
+    q = cfg.top_entropy_quantile
+    if not 0.0 <= q <= 1.0:
+        errors.append(f"top_entropy_quantile must be in [0, 1] (1 = every token), got {q}")
+    if cfg.off_policy_mask_threshold is not None and cfg.off_policy_mask_threshold <= 0:
+        errors.append(f"off_policy_mask_threshold must be > 0 (e.g. 0.5) or none, got {cfg.off_policy_mask_threshold}")
+    if cfg.delta is not None and cfg.delta <= 1.0:
+        errors.append(f"delta caps the ratio from above and must be > 1 (TRL recommends > 1 + epsilon), got {cfg.delta}")
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+        if getattr(cfg, name) <= 0:
+            errors.append(f"{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("vespo_k_pos", "vespo_k_neg"):
+        if getattr(cfg, name) < 0:
+            errors.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    return errors
+
+
+def config_warnings(cfg: GRPOConfig) -> list[str]:
+    """Settings TRL accepts with a warning (each one line): they run, but not as the method's paper does."""
+    warnings = []
+    if cfg.loss_type == "luspo" and cfg.importance_sampling_level != "sequence":
+        warnings.append("loss_type = \"luspo\" is a sequence-level loss: set importance_sampling_level = "
+                        "\"sequence\" as its paper does")
+    if cfg.loss_type == "vespo" and cfg.importance_sampling_level != "token":
+        warnings.append("loss_type = \"vespo\" computes sequence weights itself: set importance_sampling_level = "
+                        "\"token\" (the default)")
+    if cfg.importance_sampling_level == "sequence" and cfg.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        warnings.append(f"importance_sampling_level = \"sequence\" with loss_type = \"{cfg.loss_type}\" sums "
+                        "per-token losses, weighting each sequence by its length; GSPO's setup is loss_type = \"grpo\"")
+    if cfg.multi_objective_aggregation == "normalize_then_sum" and cfg.scale_rewards != "group":
+        warnings.append(f"multi_objective_aggregation = \"normalize_then_sum\" normalizes by itself: scale_rewards = "
+                        f"\"{cfg.scale_rewards}\" is not used")
+    if cfg.use_bias_correction_kl and cfg.beta == 0:
+        warnings.append("use_bias_correction_kl weights the KL term, which beta = 0 switches off: it does nothing")
+    if cfg.loss_type == "cispo" and cfg.effective_epsilon_high < 1.0:
+        warnings.append(f"loss_type = \"cispo\" caps every weight at epsilon_high = {cfg.effective_epsilon_high}, "
+                        "below 1; CISPO's eps_max is epsilon_high (TRL recommends 5.0)")
+    return warnings
 
 
 def config_from_dict(d: dict[str, Any], source: str = "in config dict") -> GRPOConfig:

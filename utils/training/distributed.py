@@ -40,7 +40,14 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_grpo.config import ConfigError
 from mlx_grpo.training.checkpoint import CheckpointError, capture_rng_state, restore_rng_state
-from mlx_grpo.training.loss import advantages_from_stats, batch_reward_std, group_advantages, group_reward_stats
+from mlx_grpo.training.loss import (
+    ADVANTAGE_STD_EPS,
+    advantages_from_stats,
+    batch_reward_std,
+    group_advantages,
+    group_reward_stats,
+    normalized_reward_sum,
+)
 
 BACKENDS = ("ring", "mpi", "nccl", "jaccl")
 # Gradients travel in buckets of about this many bytes: few large messages, bounded extra memory.
@@ -233,12 +240,31 @@ def group_advantages_across(world: World, rewards: mx.array, group_size: int, sc
     return advantages_from_stats(rewards, means, "batch", group_stds=stds, batch_std=batch_reward_std(every_reward))
 
 
+def normalize_then_sum_across(world: World, reward_parts, weights, group_size: int) -> mx.array:
+    """TRL's "normalize_then_sum" advantages of this process's completions: each reward function normalized
+    in its group, the weighted sum, then (sum - batch mean) / (batch std + 1e-4) over ALL processes' sums."""
+    summed = normalized_reward_sum(reward_parts, weights, group_size)  # groups never straddle processes
+    every = np.concatenate(world.gather_arrays(np.array(summed, dtype=np.float32))).astype(np.float64)
+    if every.size < 2:
+        raise ValueError("normalize_then_sum needs at least 2 completions in the batch")
+    return (summed - float(every.mean())) / (float(np.std(every, ddof=1)) + ADVANTAGE_STD_EPS)
+
+
+def reward_std_across(world: World, rewards) -> float:
+    """TRL's reward_std: the std (ddof=1) of every reward of the step, over all processes."""
+    every_reward = np.concatenate(world.gather_arrays(np.asarray(rewards, dtype=np.float32)))
+    return float(np.std(every_reward.astype(np.float64), ddof=1)) if every_reward.size > 1 else 0.0
+
+
 # How each logged metric combines over processes; the rest are means weighted by completions.
 SAME_ON_EVERY_PROCESS = ("step", "epoch", "lr", "nan_events", "loss", "grad_norm", "kl", "entropy",
-                         "clip_ratio/", "importance_ratio/")  # computed after the all-sum
+                         "clip_ratio/", "importance_ratio/", "cispo_clip_ratio", "vespo/",
+                         "reward_std")  # computed after the all-sum (reward_std: over every process's rewards)
 SUMMED = ("reward_failures", "tools/calls", "tools/failures", "tokens_per_sec/rollout")
-SMALLEST = ("completions/min_length", "tokens_per_sec/train")  # train: global tokens / slowest process
-LARGEST = ("completions/max_length", "memory/", "time/")
+SMALLEST = ("completions/min_length", "tokens_per_sec/train",  # train: global tokens / slowest process
+            "sampling/importance_sampling_ratio/min")
+LARGEST = ("completions/max_length", "memory/", "time/", "sampling/importance_sampling_ratio/max",
+           "sampling/sampling_logp_difference/max")
 
 
 def _rule(key: str) -> str:

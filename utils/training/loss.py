@@ -1,6 +1,8 @@
-"""GRPO loss math on MLX arrays: group advantages, per-token log-probs, the clipped surrogate
-loss with TRL's four aggregations (grpo, bnpo, dr_grpo, dapo), GSPO sequence-level ratios and
-the k3 KL penalty, plus summable statistics for logging.
+"""GRPO loss math on MLX arrays: group advantages, per-token log-probs, TRL's loss types (the
+clipped surrogate with its grpo, bnpo, dr_grpo, dapo, luspo aggregations and delta; cispo, sapo,
+vespo), GSPO sequence-level ratios, the rollout importance weights' place in the loss, the
+off-policy and entropy masks, the entropy bonus and the k3 KL penalty, plus summable statistics
+for logging.
 
 Definitions follow TRL's GRPOTrainer (trl/trainer/grpo_trainer.py): _generate_and_score_completions
 for the advantages, _compute_loss for the loss and the clip/KL metrics.
@@ -165,6 +167,24 @@ def group_advantages(rewards, group_size: int, scale_rewards: str) -> mx.array:
     return advantages_from_stats(rewards, means, scale_rewards, group_stds=stds, batch_std=batch_std)
 
 
+def normalized_reward_sum(reward_parts, weights, group_size: int) -> mx.array:
+    """GDPO's first half (TRL's multi_objective_aggregation = "normalize_then_sum"), shape [N].
+
+    reward_parts [N, K]: each reward function's (unweighted) rewards, ordered group by group. Each
+    function's rewards are normalized within their group, (r - mean) / (std + 1e-4) (ddof=1), then
+    summed with `weights` ([K]). The advantages are then this sum normalized over the whole batch
+    (advantages_from_stats with the batch mean and std).
+    """
+    parts = mx.array(np.asarray(reward_parts, dtype=np.float32))
+    if parts.ndim != 2 or parts.shape[1] != len(weights):
+        raise ValueError(f"reward_parts must be [N, {len(weights)}] (one column per reward function), got {parts.shape}")
+    _check_group_size(parts.shape[0], group_size)
+    grouped = parts.reshape(-1, group_size, parts.shape[1])
+    normalized = (grouped - grouped.mean(axis=1, keepdims=True)) / (mx.std(grouped, axis=1, keepdims=True, ddof=1)
+                                                                    + ADVANTAGE_STD_EPS)
+    return (normalized.reshape(parts.shape) * mx.array(weights, dtype=mx.float32)).sum(axis=1)
+
+
 def frac_reward_zero_std(group_stds) -> float:
     """Fraction of groups whose rewards are all equal (no learning signal), TRL's frac_reward_zero_std.
 
@@ -214,20 +234,23 @@ def token_logprobs(logits: mx.array, targets: mx.array, temperature: float = 1.0
 
 
 def token_logprobs_and_entropy(
-    logits: mx.array, targets: mx.array, temperature: float = 1.0
+    logits: mx.array, targets: mx.array, temperature: float = 1.0, entropy_gradient: bool = False
 ) -> tuple[mx.array, mx.array]:
     """token_logprobs and the entropy of softmax(logits / temperature) per position, float32 [B, T].
 
     H = logsumexp(x) - sum_v softmax(x)_v * x_v (equal to -sum p log p); a metric, so it carries no
-    gradient. One pass shares the float32 logits and the logsumexp between the two. On CUDA, two
-    kernels instead (utils/cuda_kernels/logprobs.py): no float32 copy at all."""
+    gradient, unless entropy_gradient (an entropy bonus in the loss). One pass shares the float32
+    logits and the logsumexp between the two. On CUDA, two kernels instead
+    (utils/cuda_kernels/logprobs.py): no float32 copy at all (they have no entropy gradient)."""
     if logits.ndim != targets.ndim + 1 or logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} and targets {targets.shape} must be [B, T, V] and [B, T]")
-    if _use_cuda_kernels(logits, temperature):
+    if _use_cuda_kernels(logits, temperature) and not entropy_gradient:
         return cuda_logprobs.token_logprobs_and_entropy(logits, targets, temperature)
     scaled = _scaled_float32_logits(logits, temperature)
     lse = mx.logsumexp(scaled, axis=-1)
     selected = mx.take_along_axis(scaled, targets[..., None].astype(mx.int32), axis=-1).squeeze(-1)
+    if entropy_gradient:
+        return selected - lse, lse - (mx.softmax(scaled, axis=-1) * scaled).sum(axis=-1)
     scaled_sg, lse_sg = mx.stop_gradient(scaled), mx.stop_gradient(lse)
     probs = mx.exp(scaled_sg - lse_sg[..., None])
     entropy = mx.stop_gradient(lse_sg - (probs * scaled_sg).sum(axis=-1))
@@ -262,9 +285,22 @@ def grpo_loss(
     num_tokens_total: Optional[Number] = None,
     num_micro_batches: Optional[int] = None,
     entropy: Optional[mx.array] = None,
+    is_weights: Optional[mx.array] = None,
+    delta: Optional[float] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    sampling_logp: Optional[mx.array] = None,
+    off_policy_mask_threshold: Optional[float] = None,
+    top_entropy_quantile: float = 1.0,
+    use_bias_correction_kl: bool = False,
+    entropy_coef: float = 0.0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    """Clipped GRPO surrogate loss of ONE micro-batch, scaled so that the SUM over the micro-batches
-    of a generation batch equals TRL's loss for that batch.
+    """The GRPO policy loss of ONE micro-batch, scaled so that the SUM over the micro-batches of a
+    generation batch equals TRL's loss for that batch (TRL's _compute_loss, loss type by loss type).
 
     logp, old_logp, ref_logp, mask: [B, T]; advantages: [B]. mask is 1 on tokens that get gradient
     (sampled completion tokens), 0 on padding, prompt and forced tool-output tokens. Masked tokens
@@ -272,17 +308,34 @@ def grpo_loss(
     old_logp None means on-policy (ratio = exp(logp - stop_gradient(logp)) = 1). ref_logp may be
     None only when beta == 0. epsilon_high None means epsilon (symmetric clipping).
 
-    Per token: r = exp(logp - old_logp) ("token"), or for "sequence" (GSPO) one ratio per sequence,
-    r_i = exp(masked mean_t (logp - old_logp)), broadcast to its tokens.
-    l = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * k3,
-    k3 = exp(ref - logp) - (ref - logp) - 1.
+    Ratio: r = exp(logp - old_logp) ("token"), or for "sequence" (GSPO) one ratio per sequence,
+    r_i = exp(masked mean_t (logp - old_logp)), broadcast to its tokens. Per-token loss l:
+      grpo, bnpo, dr_grpo, dapo, luspo: -min(r' A, clip(r, 1 - epsilon, 1 + epsilon_high) A),
+               r' = min(r, delta) with delta set (two-sided clipping), else r
+      cispo:   -stop_gradient(min(r, epsilon_high)) A logp     (epsilon_high is CISPO's eps_max, e.g. 5)
+      sapo:    -(4 / tau) sigmoid(tau (r - 1)) A, tau = sapo_temperature_pos if A > 0 else _neg
+      vespo:   -phi_i A logp, phi_i = exp(lam + k log w_i - lam w_i) (no gradient), w_i the sequence
+               ratio prod_t r_t (times the rollout weights of is_weights), k/lam by sign(A)
+    is_weights ([B, T] or [B, 1], no gradient): the rollout importance-sampling weights
+    (training/rollout_correction.py); they multiply l, except for vespo, which puts them into w_i.
+    Masks (TRL's order; each multiplies l): off_policy_mask_threshold (DeepSeek-V3.2) drops a
+    sequence with A < 0 whose mean over mask tokens of sampling_logp - logp exceeds the threshold
+    (sampling_logp: the log-probs of the policy that sampled; None = old_logp); top_entropy_quantile
+    q < 1 keeps the tokens whose entropy is >= this micro-batch's (1 - q) quantile of mask-token
+    entropies (linear interpolation, torch.quantile's), needing `entropy`.
+    Then l + beta * k3, k3 = exp(ref - logp) - (ref - logp) - 1, times r with use_bias_correction_kl.
+    entropy_coef c > 0 subtracts c * H, H the mean entropy of the kept tokens (entropy must then
+    carry its gradient): sum H / num_tokens_total for dapo/cispo/vespo, else each micro-batch's
+    token mean / num_micro_batches (TRL's), so that H sums to the batch's mean entropy.
 
     Normalisation (TRL's loss_type), with |o_i| = sum_t mask[i, t]:
-      grpo:    sum_i (sum_t l*mask / max(|o_i|, 1)) / num_sequences_total
+      grpo, sapo: sum_i (sum_t l*mask / max(|o_i|, 1)) / num_sequences_total
       bnpo:    (sum l*mask / max(sum mask, 1)) / num_micro_batches    (per-micro-batch token mean,
                averaged over micro-batches the way TRL's gradient accumulation does)
       dr_grpo: sum l*mask / (num_sequences_total * max_completion_length)
-      dapo:    sum l*mask / max(num_tokens_total, 1)   (mask tokens of the whole generation batch)
+      dapo, cispo, vespo: sum l*mask / max(num_tokens_total, 1)   (mask tokens of the whole batch)
+      luspo:   sum l*mask / num_sequences_total    (each sequence's loss times its length; TRL's
+               mean_i(l_i |o_i|) at sequence level, masked where TRL's token level would count padding)
     TRL divides grpo/dr_grpo by the micro-batch size times the accumulation steps; with equal
     micro-batches that equals num_sequences_total. num_sequences_total counts every completion,
     including rows masked out whole (truncated), as TRL's mean over rows does.
@@ -296,6 +349,8 @@ def grpo_loss(
     for name, arr in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy)):
         if arr is not None and arr.shape != logp.shape:
             raise ValueError(f"{name} shape {arr.shape} must equal logp shape {logp.shape}")
+    if is_weights is not None and is_weights.shape not in (logp.shape, (logp.shape[0], 1)):
+        raise ValueError(f"is_weights shape {is_weights.shape} must be [B, T] or [B, 1] for logp {logp.shape}")
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"advantages must be [B] = {logp.shape[:1]}, got shape {advantages.shape}")
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
@@ -305,13 +360,17 @@ def grpo_loss(
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta != 0 and ref_logp is None:
         raise ValueError(f"beta={beta} needs ref_logp (reference-model log-probs); pass them or set beta to 0")
-    if loss_type in ("grpo", "dr_grpo"):
+    if loss_type in ("grpo", "dr_grpo", "sapo", "luspo"):
         _check_count("num_sequences_total", num_sequences_total, loss_type)
     if loss_type == "dr_grpo":
         _check_count("max_completion_length", max_completion_length, loss_type)
     if loss_type == "bnpo":
         _check_count("num_micro_batches", num_micro_batches, loss_type)
-    if loss_type == "dapo":
+    if (top_entropy_quantile < 1.0 or entropy_coef != 0.0) and entropy is None:
+        raise ValueError("top_entropy_quantile < 1 and entropy_coef need the per-token entropy; pass entropy")
+    if entropy_coef != 0.0 and loss_type not in ("dapo", "cispo", "vespo"):
+        _check_count("num_micro_batches", num_micro_batches, loss_type)
+    if loss_type in ("dapo", "cispo", "vespo"):
         # 0 is legitimate (every completion truncated and masked): the loss is then 0
         _check_count("num_tokens_total", num_tokens_total, loss_type, allow_zero=True)
 
@@ -321,6 +380,8 @@ def grpo_loss(
     old_logp = mx.stop_gradient(logp) if old_logp is None else old_logp.astype(mx.float32)
     adv = advantages.astype(mx.float32)[:, None]  # [B, 1]
     tokens_per_seq = mask.sum(axis=-1)  # [B]
+    if is_weights is not None:
+        is_weights = mx.stop_gradient(is_weights.astype(mx.float32))
 
     # where() (not a multiply) so a masked token holding inf/NaN cannot make 0 * inf = NaN.
     log_ratio = mx.where(live, logp - old_logp, 0.0)
@@ -329,34 +390,72 @@ def grpo_loss(
     else:
         log_weights = log_ratio.sum(axis=-1, keepdims=True) / mx.maximum(tokens_per_seq[:, None], 1.0)  # [B, 1]
     ratio = mx.exp(log_weights)
-    clipped_ratio = mx.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
-    per_token_loss = -mx.minimum(ratio * adv, clipped_ratio * adv)
+    coef_1 = ratio  # before delta's cap: the KL's bias correction uses it
+    logp_live = mx.where(live, logp, 0.0)  # cispo and vespo multiply by logp itself
+
+    phi = None
+    if loss_type == "cispo":
+        per_token_loss = -mx.stop_gradient(mx.minimum(ratio, epsilon_high)) * adv * logp_live
+    elif loss_type == "sapo":
+        tau = mx.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token_loss = -mx.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv
+    elif loss_type == "vespo":
+        phi = vespo_gamma_weights(adv, log_ratio, mask, is_weights, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                                  vespo_lambda_neg)
+        per_token_loss = -phi * adv * logp_live
+    else:  # grpo, bnpo, dr_grpo, dapo, luspo: PPO's clipped surrogate
+        clipped_ratio = mx.clip(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
+        if delta is not None:
+            ratio = mx.minimum(ratio, delta)
+        per_token_loss = -mx.minimum(ratio * adv, clipped_ratio * adv)
+    off_policy_keep = None
+    if off_policy_mask_threshold is not None:
+        off_policy_keep = off_policy_mask(adv, logp, old_logp if sampling_logp is None else sampling_logp, mask,
+                                          off_policy_mask_threshold)
+        per_token_loss = per_token_loss * off_policy_keep
+    entropy_keep = None
+    if top_entropy_quantile < 1.0:
+        entropy_keep = high_entropy_mask(entropy, mask, 1.0 - top_entropy_quantile)
+        per_token_loss = per_token_loss * entropy_keep
+    if is_weights is not None and loss_type != "vespo":
+        per_token_loss = per_token_loss * is_weights
     per_token_loss = mx.broadcast_to(per_token_loss, logp.shape)  # GSPO: the sequence loss on every token
 
     per_token_kl = None
     if ref_logp is not None:
-        delta = mx.where(live, ref_logp.astype(mx.float32) - logp, 0.0)
-        per_token_kl = mx.exp(delta) - delta - 1.0
+        ref_delta = mx.where(live, ref_logp.astype(mx.float32) - logp, 0.0)
+        per_token_kl = mx.exp(ref_delta) - ref_delta - 1.0
+        if use_bias_correction_kl:  # DeepSeek-V3.2's unbiased estimator: weighted by the ratio (with its gradient)
+            per_token_kl = per_token_kl * coef_1
         if beta != 0:
             per_token_loss = per_token_loss + beta * per_token_kl
 
     masked_loss = mx.where(live, per_token_loss * mask, 0.0)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         per_seq = masked_loss.sum(axis=-1) / mx.maximum(tokens_per_seq, 1.0)
         loss = per_seq.sum() / num_sequences_total
     elif loss_type == "bnpo":
         loss = masked_loss.sum() / mx.maximum(mask.sum(), 1.0) / num_micro_batches
     elif loss_type == "dr_grpo":
         loss = masked_loss.sum() / (num_sequences_total * max_completion_length)
-    else:  # dapo
+    elif loss_type == "luspo":
+        loss = masked_loss.sum() / num_sequences_total
+    else:  # dapo, cispo, vespo
         loss = masked_loss.sum() / mx.maximum(mx.array(num_tokens_total, dtype=mx.float32), 1.0)
+    policy_loss = loss
+    if entropy_coef != 0.0:
+        kept = mask if entropy_keep is None else mask * entropy_keep
+        entropy_total = mx.where(kept > 0, entropy.astype(mx.float32) * kept, 0.0).sum()
+        if loss_type in ("dapo", "cispo", "vespo"):
+            entropy_term = entropy_total / mx.maximum(mx.array(num_tokens_total, dtype=mx.float32), 1.0)
+        else:
+            entropy_term = entropy_total / mx.maximum(kept.sum(), 1.0) / num_micro_batches
+        loss = loss - entropy_coef * entropy_term
 
-    # Statistics: sums only, so micro-batches and processes add up before finalize_stats divides.
+    # Statistics: sums, so micro-batches and processes add up before finalize_stats divides; and this
+    # micro-batch's means (mean/*), which finalize_stats averages over micro-batches as TRL's log does.
     # Clip/ratio stats count tokens at "token" level and sequences at "sequence" level, like TRL.
     ratio_sg = mx.stop_gradient(ratio)
-    is_low = ((ratio_sg < 1.0 - epsilon) & (adv < 0)).astype(mx.float32)
-    is_high = ((ratio_sg > 1.0 + epsilon_high) & (adv > 0)).astype(mx.float32)
-    is_region = mx.maximum(is_low, is_high)
     if importance_sampling_level == "token":
         unit_weight, num_units = mask, mask.sum()
     else:
@@ -369,40 +468,121 @@ def grpo_loss(
         "num_sequences": mx.array(float(logp.shape[0])),
         "num_tokens": mask.sum(),
         "num_ratio_units": num_units,
+        "micro_batches": mx.array(1.0),
         "ratio_sum": unit_sum(ratio_sg),
-        "clip_low_sum": unit_sum(is_low),
-        "clip_high_sum": unit_sum(is_high),
-        "clip_region_sum": unit_sum(is_region),
     }
+    units, tokens = mx.maximum(num_units, 1.0), mx.maximum(mask.sum(), 1.0)
+    if loss_type in CLIPPED_LOSS_TYPES:
+        is_low = ((ratio_sg < 1.0 - epsilon) & (adv < 0)).astype(mx.float32)
+        is_high = ((ratio_sg > 1.0 + epsilon_high) & (adv > 0)).astype(mx.float32)
+        for name, flags in (("low", is_low), ("high", is_high), ("region", mx.maximum(is_low, is_high))):
+            stats[f"clip_{name}_sum"] = unit_sum(flags)
+            stats[f"mean/clip_ratio/{name}_mean"] = stats[f"clip_{name}_sum"] / units
+        # TRL's low_min / high_max: the extreme per-sequence clip share of the micro-batch (rows with tokens)
+        if importance_sampling_level == "token":
+            has_tokens = tokens_per_seq > 0
+            per_seq_low = mx.where(live, is_low, 0.0).sum(-1) / mx.maximum(tokens_per_seq, 1.0)
+            per_seq_high = mx.where(live, is_high, 0.0).sum(-1) / mx.maximum(tokens_per_seq, 1.0)
+        else:
+            has_tokens = mx.ones((logp.shape[0],), dtype=mx.bool_)
+            per_seq_low, per_seq_high = is_low[:, 0], is_high[:, 0]
+        any_row = has_tokens.any()
+        stats["mean/clip_ratio/low_min"] = mx.where(any_row, mx.where(has_tokens, per_seq_low, mx.inf).min(), 0.0)
+        stats["mean/clip_ratio/high_max"] = mx.where(any_row, mx.where(has_tokens, per_seq_high, -mx.inf).max(), 0.0)
+    elif loss_type == "cispo":
+        stats["mean/cispo_clip_ratio"] = unit_sum(((ratio_sg > epsilon_high) & (adv > 0)).astype(mx.float32)) / units
+    elif loss_type == "vespo":
+        stats["mean/vespo/phi_seq_mean"] = phi.sum() / max(float(logp.shape[0]), 1.0)
     if per_token_kl is not None:
         stats["kl_sum"] = mx.where(live, mx.stop_gradient(per_token_kl) * mask, 0.0).sum()
+        stats["mean/kl"] = stats["kl_sum"] / tokens
     if entropy is not None:
         stats["entropy_sum"] = mx.where(live, mx.stop_gradient(entropy).astype(mx.float32) * mask, 0.0).sum()
+        stats["mean/entropy"] = stats["entropy_sum"] / tokens
+    if entropy_coef != 0.0:
+        stats["policy_loss"] = mx.stop_gradient(policy_loss)  # TRL's policy_loss: the loss without the bonus
+    if off_policy_keep is not None:  # ours: the share of sequences the off-policy mask keeps
+        stats["mean/off_policy_mask/kept"] = off_policy_keep.sum() / max(float(logp.shape[0]), 1.0)
     return loss, stats
+
+
+def off_policy_mask(adv, logp, sampling_logp, mask, threshold) -> mx.array:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL's get_off_policy_mask), [B, 1] of 1 (keep) / 0 (drop).
+
+    Keep a sequence if A >= 0 or its mean over mask tokens of sampling_logp - logp (no gradient) is <= threshold.
+    adv [B, 1]; logp, sampling_logp, mask [B, T].
+    """
+    live = mask > 0
+    kl = mx.where(live, sampling_logp.astype(mx.float32) - mx.stop_gradient(logp), 0.0)
+    mean_kl = kl.sum(axis=-1, keepdims=True) / mx.maximum(mask.sum(axis=-1, keepdims=True), 1.0)
+    return ((adv >= 0) | (mean_kl <= threshold)).astype(mx.float32)
+
+
+def high_entropy_mask(entropy, mask, quantile: float) -> mx.array:
+    """1 where a mask token's entropy is >= the `quantile` quantile of the mask tokens' entropies, else 0, [B, T].
+
+    The quantile interpolates linearly between order statistics (torch.quantile): position
+    quantile * (n - 1) among the n sorted mask-token entropies. No host sync (it runs compiled).
+    """
+    live = mask > 0
+    entropy = mx.stop_gradient(entropy.astype(mx.float32))
+    ordered = mx.sort(mx.where(live, entropy, mx.inf).reshape(-1))  # padding sorts last
+    last = mx.maximum(live.sum() - 1, 0)
+    position = quantile * last.astype(mx.float32)
+    low = mx.floor(position).astype(mx.int32)
+    high = mx.minimum(low + 1, last).astype(mx.int32)
+    low_value, high_value = ordered[low], ordered[high]
+    threshold = low_value + (position - low.astype(mx.float32)) * mx.where(high > low, high_value - low_value, 0.0)
+    return ((entropy >= threshold) & live).astype(mx.float32)
+
+
+# The loss types with PPO's clipped surrogate (and so the clip_ratio metrics).
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+# VESPO's floor for the sequence weight, log(1e-8), and its cap on log ratios (TRL's get_gamma_weights).
+VESPO_LOG_FLOOR = math.log(1e-8)
+VESPO_LOG_CAP = 20.0
+
+
+def vespo_gamma_weights(adv, log_ratio, mask, is_weights, k_pos, lambda_pos, k_neg, lambda_neg) -> mx.array:
+    """VESPO's per-sequence weight phi(w) = exp(lam + k log w - lam w) (phi(1) = 1), shape [B, 1], no gradient.
+
+    log w = sum_t clip(log r_t, -20, 20) over mask tokens, plus sum_t log(is weight) (floored at
+    log 1e-8) where rollout weights are given, clipped to [log 1e-8, 20]; k, lam by A >= 0 or not.
+    Non-finite phi counts as 0. adv [B, 1]; log_ratio, mask [B, T]; is_weights [B, T] or None.
+    """
+    live = mask > 0
+    seq_log = mx.where(live, mx.clip(log_ratio, -VESPO_LOG_CAP, VESPO_LOG_CAP), 0.0).sum(axis=-1, keepdims=True)
+    if is_weights is not None:
+        # Summed over mask tokens only: TRL sums every slot, where padding holds a weight of 1 (log 0) anyway.
+        log_is = mx.clip(mx.log(is_weights), VESPO_LOG_FLOOR, VESPO_LOG_CAP)
+        seq_log = seq_log + mx.where(live, log_is, 0.0).sum(axis=-1, keepdims=True)
+    log_w = mx.stop_gradient(mx.clip(seq_log, VESPO_LOG_FLOOR, VESPO_LOG_CAP))
+    nonneg = adv >= 0
+    k = mx.where(nonneg, k_pos, k_neg)
+    lam = mx.maximum(mx.where(nonneg, lambda_pos, lambda_neg), 1e-4)
+    phi = mx.exp(lam + k * log_w - lam * mx.exp(log_w))
+    return mx.where(mx.isfinite(phi), phi, 0.0)
 
 
 def finalize_stats(summed_stats: dict) -> dict[str, float]:
     """Turn summed stats into TRL-named metrics (floats).
 
-    kl and entropy: per-token means over mask tokens; clip_ratio/{low,high,region}_mean and
-    importance_ratio/mean: means over ratio units (mask tokens, or sequences for GSPO). These are
-    pooled over the whole batch; TRL instead averages per-micro-batch means, which differs only
-    when micro-batches hold different token counts. Empty denominators count as 1 (TRL's clamp).
+    kl, entropy, clip_ratio/{low,high,region}_mean, cispo_clip_ratio and vespo/phi_seq_mean are TRL's:
+    each micro-batch's mean (over mask tokens; over ratio units, i.e. mask tokens or GSPO's sequences,
+    for the clip ratios; over sequences for phi), averaged over the micro-batches as TRL's log
+    averages them. importance_ratio/mean (ours) pools every ratio unit of the batch. Empty
+    denominators count as 1 (TRL's clamp).
     """
     def value(key):
         v = summed_stats[key]
         return float(v.item()) if isinstance(v, mx.array) else float(v)
 
-    tokens = max(value("num_tokens"), 1.0)
     units = max(value("num_ratio_units"), 1.0)
-    metrics = {
-        "clip_ratio/low_mean": value("clip_low_sum") / units,
-        "clip_ratio/high_mean": value("clip_high_sum") / units,
-        "clip_ratio/region_mean": value("clip_region_sum") / units,
-        "importance_ratio/mean": value("ratio_sum") / units,
-    }
-    if "kl_sum" in summed_stats:
-        metrics["kl"] = value("kl_sum") / tokens
-    if "entropy_sum" in summed_stats:
-        metrics["entropy"] = value("entropy_sum") / tokens
+    micro_batches = max(value("micro_batches"), 1.0)
+    metrics = {"importance_ratio/mean": value("ratio_sum") / units}
+    if "policy_loss" in summed_stats:  # with an entropy bonus: the loss without it
+        metrics["policy_loss"] = value("policy_loss")
+    for key in summed_stats:
+        if key.startswith("mean/"):
+            metrics[key[len("mean/"):]] = value(key) / micro_batches
     return metrics

@@ -28,11 +28,19 @@ from mlx_grpo.config import GRPOConfig, config_to_dict
 from mlx_grpo.generation.engine import RolloutStats, generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mlx_grpo.training.distributed import World, group_advantages_across, process_states, restore_process_state
+from mlx_grpo.training.distributed import (
+    World,
+    group_advantages_across,
+    normalize_then_sum_across,
+    process_states,
+    restore_process_state,
+    reward_std_across,
+)
 from mlx_grpo.training.lora import base_policy, has_adapters, load_adapter_weights, rollout_copy
 from mlx_grpo.training.loss import finalize_stats, frac_reward_zero_std, group_reward_stats
 from mlx_grpo.training.shared_prompt import supports_shared_prompt
 from mlx_grpo.training.muon import MuonAdamW, muon_adamw
+from mlx_grpo.training.rollout_correction import importance_sampling_weights, sampling_metrics
 from mlx_grpo.training.update import (
     FusedAdamW,
     LossAndGrad,
@@ -137,7 +145,7 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
         model, temperature=cfg.temperature, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
         epsilon_high=cfg.effective_epsilon_high, beta=cfg.beta,
         importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.generation_limit,
-        compute_dtype=compute_dtype, use_compile=cfg.use_compile)
+        compute_dtype=compute_dtype, use_compile=cfg.use_compile, loss_options=loss_options(cfg))
     share_prompts = cfg.share_prompt_forward and supports_shared_prompt(model)
     if cfg.share_prompt_forward and not share_prompts:
         print(f"[update] share_prompt_forward: model type {getattr(getattr(model, 'args', None), 'model_type', None)!r} is not covered; "
@@ -145,6 +153,14 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
     return StepSetup(cfg, world, model, reference, optimizer, schedule, loss_and_grad,
                      make_rollout_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p), set(stop_token_ids),
                      calculator, fast_decode, adapters, share_prompts)
+
+
+def loss_options(cfg: GRPOConfig) -> dict:
+    """The grpo_loss keywords of TRL's newer loss types, masks and entropy bonus, from the config."""
+    names = ("delta", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos",
+             "vespo_k_neg", "vespo_lambda_neg", "off_policy_mask_threshold", "top_entropy_quantile",
+             "use_bias_correction_kl", "entropy_coef")
+    return {name: getattr(cfg, name) for name in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +180,9 @@ class Rollouts:
     ref_logp: list | None  # per micro-batch, under the reference (beta > 0)
     quantized: bool  # sampled by a quantized copy
     seconds: dict = field(default_factory=dict)  # "rollout", "old_policy", "reference"
+    rollout_logp: list | None = None  # per micro-batch, under the quantized copy that sampled them
+    is_weights: list | None = None  # per micro-batch: the importance-sampling correction's weights
+    sampling: dict = field(default_factory=dict)  # TRL's sampling/* metrics of the correction
 
 
 def rollout_policy(setup: StepSetup, quantized: bool):
@@ -200,12 +219,27 @@ def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict) -> Rollou
                                          share_prompts=setup.share_prompts)
     start = _lap(seconds, "rollout", start)
     # Old-policy log-probs only where they differ from the current ones: the policy that sampled them
-    # is a quantized copy, or the batch is reused for more than one update.
-    old_logp = None
-    if quantized or cfg.num_iterations > 1:
+    # is a quantized copy, or the batch is reused for more than one update. With the correction, a
+    # quantized copy's rollouts are weighted by pi_trained / pi_rollout and "old" is the trained policy.
+    old_logp, rollout_logp, is_weights, sampling = None, None, None, {}
+    if quantized and cfg.vllm_importance_sampling_correction:
+        rollout_logp = frozen_logprobs(policy, batches, cfg.temperature)
+        with setup.loss_and_grad.compute_weights():  # the weights the loss forward runs with
+            trained_logp = frozen_logprobs(setup.model, batches, cfg.temperature)
+        is_weights = [importance_sampling_weights(t, r, b.mask, cfg.vllm_importance_sampling_mode,
+                                                  cfg.vllm_importance_sampling_clip_min,
+                                                  cfg.vllm_importance_sampling_clip_max)
+                      for t, r, b in zip(trained_logp, rollout_logp, batches)]
+        mx.eval(is_weights)
+        sampling = sampling_metrics(trained_logp, rollout_logp, is_weights, [b.mask for b in batches],
+                                    cfg.vllm_importance_sampling_mode)
+        old_logp = trained_logp if cfg.num_iterations > 1 else None  # one update: "old" is the policy itself
+    elif quantized or cfg.num_iterations > 1:
         old_logp = frozen_logprobs(policy, batches, cfg.temperature)
+        rollout_logp = old_logp if quantized else None
     _lap(seconds, "old_policy", start)
-    return Rollouts(prompts, completions, stats, slices, batches, old_logp, None, quantized, seconds)
+    return Rollouts(prompts, completions, stats, slices, batches, old_logp, None, quantized, seconds,
+                    rollout_logp, is_weights, sampling)
 
 
 def sample_rollouts(setup: StepSetup, state: TrainState, prompts) -> Rollouts:
@@ -217,7 +251,7 @@ def sample_rollouts(setup: StepSetup, state: TrainState, prompts) -> Rollouts:
     """
     seconds = {}
     rollouts = _sample(setup, prompts, state.rollouts_quantized, seconds)
-    if rollouts.quantized and not setup.world.all_true(masked_all_finite(rollouts.old_logp, rollouts.batches)):
+    if rollouts.quantized and not setup.world.all_true(masked_all_finite(rollouts.rollout_logp, rollouts.batches)):
         print("[nan] the quantized rollout copy gave non-finite log-probs: rollouts switch to full precision "
               "for the rest of the run; sampling this step again")
         state.rollouts_quantized = False
@@ -250,26 +284,41 @@ class StepUpdate:
     lr: float  # the learning rate it used
     nan_events: int  # state.nan_events after it
     result: UpdateResult
+    reward_std: float = 0.0  # std of the step's rewards over every process (TRL's reward_std)
 
 
-def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, rewards) -> list[StepUpdate]:
+def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, rewards,
+                 reward_parts=None) -> list[StepUpdate]:
     """Rewards (one per completion) -> group-relative advantages -> num_iterations optimizer updates.
+
+    reward_parts [N, K]: each reward function's unweighted rewards, which multi_objective_aggregation =
+    "normalize_then_sum" needs (with cfg.reward_weights, [] = 1 each).
 
     A non-finite loss or gradient skips its update; max_nan_steps skipped in a row stop the run
     (TrainingError). Counts the step done in `state`.
     """
     cfg, world, model = setup.cfg, setup.world, setup.model
-    advantages = group_advantages_across(world, mx.array(np.asarray(rewards), dtype=mx.float32),
-                                         cfg.num_generations, cfg.scale_rewards)
+    if cfg.multi_objective_aggregation == "normalize_then_sum":
+        if reward_parts is None:
+            raise ValueError('multi_objective_aggregation = "normalize_then_sum" needs reward_parts')
+        weights = cfg.reward_weights or [1.0] * np.shape(reward_parts)[1]
+        advantages = normalize_then_sum_across(world, reward_parts, weights, cfg.num_generations)
+    else:
+        advantages = group_advantages_across(world, mx.array(np.asarray(rewards), dtype=mx.float32),
+                                             cfg.num_generations, cfg.scale_rewards)
     # Loss normalizers of the whole (global) batch, so the processes' gradients add up to its gradient.
     normalizers = world.sum_values(loss_normalizers(rollouts.completions, rollouts.batches))
+    reward_std = reward_std_across(world, rewards)
     updates = []
     for _ in range(cfg.num_iterations):
         lr = float(setup.schedule(setup.optimizer.step))
         model.train()  # only the loss forward runs in train mode (LoRA dropout)
         result = policy_update(model, setup.optimizer, setup.loss_and_grad, rollouts.batches, rollouts.slices,
                                advantages, rollouts.old_logp, rollouts.ref_logp, normalizers, cfg.max_grad_norm,
-                               all_sum=world.sum_tree)
+                               all_sum=world.sum_tree, is_weights=rollouts.is_weights,
+                               # the off-policy mask compares with the policy that sampled (TRL's choice)
+                               sampling_logp=rollouts.rollout_logp if cfg.off_policy_mask_threshold is not None
+                               else None)
         model.eval()
         state.update += 1
         if result.applied:
@@ -281,7 +330,7 @@ def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, reward
             if state.nan_streak >= cfg.max_nan_steps:
                 raise TrainingError(f"stopping: {state.nan_streak} updates in a row had non-finite loss or "
                                     "gradients; lower learning_rate or use compute_dtype = \"float32\"")
-        updates.append(StepUpdate(state.update, lr, state.nan_events, result))
+        updates.append(StepUpdate(state.update, lr, state.nan_events, result, reward_std))
     state.step += 1
     return updates
 
@@ -296,12 +345,16 @@ def update_metrics(cfg: GRPOConfig, rollouts: Rollouts, rewards, update: StepUpd
         "nan_events": update.nan_events,
         "loss": result.loss,
         "reward": float(rewards.total.mean()),
-        "reward_std": float(group_stds.mean()),
+        "reward_std": update.reward_std,
+        "reward_std/group_mean": float(group_stds.mean()),  # ours: the mean of the groups' stds
         **{f"rewards/{name}/mean": float(values.mean()) for name, values in rewards.per_function.items()},
+        **{f"rewards/{name}/std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+           for name, values in rewards.per_function.items()},
         "reward_failures": int(sum(rewards.failures.values())),
         "frac_reward_zero_std": frac_reward_zero_std(group_stds),
         "train/accuracy": accuracy,
         **finalize_stats(result.stats),
+        **rollouts.sampling,
         "completions/mean_length": float(np.mean(lengths)),
         "completions/min_length": int(min(lengths)),
         "completions/max_length": int(max(lengths)),
