@@ -183,7 +183,10 @@ class MlxLmDecoder:
 
 
 def make_decoder(model, prompts, group_size, max_new_tokens, fast_decode=True, prefilled=None):
-    """The fast nanochat decoder where it applies (nanochat, no adapters), else mlx-lm's model call."""
+    """The fast nanochat decoder where it applies (nanochat, no adapters), a model's own (a vision-language
+    policy, utils/vlm/), else mlx-lm's model call."""
+    if hasattr(model, "rollout_decoder"):
+        return model.rollout_decoder(prompts, group_size, prefilled)
     if fast_decode and nanochat_decode.supports(model):
         return nanochat_decode.NanochatDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled)
     return MlxLmDecoder(model, prompts, group_size, prefilled)

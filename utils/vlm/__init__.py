@@ -1,0 +1,56 @@
+"""Vision-language models through mlx-vlm: loading, prompts with images, batched generation, the GRPO forward.
+
+mlx-vlm is an optional extra (`pip install -e ".[vlm]"`); every VLM path names that command in one line
+when it is missing. Which models are VLMs is read from their config.json (a `vision_config`), so no
+mlx-vlm import is needed to decide.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+INSTALL_HINT = 'pip install -e ".[vlm]" (or pip install mlx-vlm)'
+
+
+class VlmError(ValueError):
+    """A vision-language request that cannot be done as asked; the message says what to change."""
+
+
+def require_mlx_vlm():
+    """The mlx_vlm module, or a VlmError whose one line says how to install it."""
+    try:
+        import mlx_vlm
+    except ImportError as e:
+        raise VlmError(f"vision-language models need mlx-vlm, which is not installed: {INSTALL_HINT}") from e
+    return mlx_vlm
+
+
+def is_vlm_config(config: dict) -> bool:
+    """A Hugging Face or mlx-vlm config.json of a vision-language model: it describes a vision tower."""
+    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
+
+
+def read_config(source: str | Path) -> dict | None:
+    """config.json of a local folder, or of a hub repo already in the local Hugging Face cache; None if neither."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        file = path / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        cached = try_to_load_from_cache(str(source), "config.json")
+        file = Path(cached) if isinstance(cached, str) else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_vlm_source(source: str | Path) -> bool:
+    config = read_config(source)
+    return config is not None and is_vlm_config(config)
