@@ -41,7 +41,10 @@ def read_config(source: str | Path) -> dict | None:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
             return None
-        cached = try_to_load_from_cache(str(source), "config.json")
+        try:
+            cached = try_to_load_from_cache(str(source), "config.json")
+        except ValueError:  # HFValidationError: not a repo id either (a missing local path)
+            return None
         file = Path(cached) if isinstance(cached, str) else None
     if file is None or not file.is_file():
         return None
