@@ -97,7 +97,7 @@ def test_a_decode_step_continues_the_full_forward(vlm):
 
     _, _, images, policy = vlm
     prompt = build_vlm_prompt(policy, QUESTION, [images["blue"]])
-    cache, state, _, _ = prefill_prompt(policy, prompt)
+    cache, state = prefill_prompt(policy, prompt)
     policy.set_sequence_state(state)
     step = policy.language_model(mx.array(prompt[-1:])[None], cache=cache).logits[0, -1]
     np.testing.assert_allclose(np.array(step), np.array(_embeddings_forward(policy, prompt)[-1]), atol=1e-5)

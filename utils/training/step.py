@@ -181,8 +181,9 @@ def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict) -> Rollou
     completions, stats = generate_completions(
         policy, prompts, group_size=cfg.num_generations, max_new_tokens=cfg.generation_limit, sampler=setup.sampler,
         stop_token_ids=setup.stop_token_ids, calculator=setup.calculator, fast_decode=setup.fast_decode)
-    slices, batches = pack_micro_batches(prompts, completions, cfg.effective_micro_batch_size,
-                                         cfg.mask_truncated_completions, pad_multiple=cfg.pad_to_multiple_of)
+    pack = getattr(setup.model, "pack_micro_batches", pack_micro_batches)  # a VLM's rows carry image features
+    slices, batches = pack(prompts, completions, cfg.effective_micro_batch_size,
+                           cfg.mask_truncated_completions, pad_multiple=cfg.pad_to_multiple_of)
     start = _lap(seconds, "rollout", start)
     # Old-policy log-probs only where they differ from the current ones: the policy that sampled them
     # is a quantized copy, or the batch is reused for more than one update.

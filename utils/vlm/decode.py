@@ -35,23 +35,32 @@ def _select_rows(cache, rows: mx.array) -> None:
         layer.state = (keys[rows], values[rows])
 
 
-def prefill_prompt(policy, prompt):
-    """prompt[:-1] (the image placeholders among it) through the model into a new one-row cache; the
-    prompt's last token is the first decode step's input, as in the engine."""
-    from mlx_vlm.models.cache import make_prompt_cache
-
-    ids = mx.array(prompt)[None]
-    vision = dict(prompt.vision) if hasattr(prompt, "vision") else {}
+def prompt_embeddings(policy, prompt):
+    """As mlx-vlm's generate_step: the prompt's embeddings with its image features merged in ([T, D]; the
+    vision encoder runs here) and the metadata the language model takes with them (multimodal positions)."""
+    ids = mx.array(list(prompt))[None]
+    vision = dict(getattr(prompt, "vision", {}))
     pixel_values = vision.pop("pixel_values", None)
-    cache = make_prompt_cache(policy.language_model)
-    # As mlx-vlm's generate_step: embeddings (image features merged in) and their metadata for the whole
-    # prompt; the language model slices the positions at its cache offset.
     features = policy.vlm.get_input_embeddings(ids, pixel_values, mask=mx.ones(ids.shape, mx.int32), **vision)
     extra = {k: v for k, v in features.to_dict().items() if k != "inputs_embeds" and v is not None}
-    if len(prompt) > 1:
-        policy.language_model(ids[:, :-1], inputs_embeds=features.inputs_embeds[:, :-1], cache=cache, **extra)
+    embeds = features.inputs_embeds[0]
+    mx.eval(embeds, extra)
+    return embeds, extra
+
+
+def prefill_prompt(policy, prompt):
+    """prompt[:-1] (the image placeholders among it) through the model into a new one-row cache; the
+    prompt's last token is the first decode step's input, as in the engine. Returns the cache and the
+    language model's sequence state; the prompt's features are kept for the loss (policy.prompt_features)."""
+    from mlx_vlm.models.cache import make_prompt_cache
+
+    embeds, extra = policy.prompt_features.get(policy, prompt)
+    cache = make_prompt_cache(policy.language_model)
+    if len(prompt) > 1:  # the language model slices the whole prompt's positions at its cache offset
+        ids = mx.array(list(prompt))[None]
+        policy.language_model(ids[:, :-1], inputs_embeds=embeds[None, :-1], cache=cache, **extra)
         mx.eval([c.state for c in cache])
-    return cache, policy.sequence_state(), features.inputs_embeds[0], extra
+    return cache, policy.sequence_state()
 
 
 class _PromptRows:
@@ -59,7 +68,7 @@ class _PromptRows:
 
     def __init__(self, policy, prompt, group_size):
         self.policy = policy
-        self.cache, self.state, _, _ = prefill_prompt(policy, prompt)
+        self.cache, self.state = prefill_prompt(policy, prompt)
         self.size = group_size
         if len(prompt) > 1 and group_size > 1:
             _select_rows(self.cache, mx.zeros((group_size,), mx.int32))
@@ -73,6 +82,7 @@ class VlmDecoder:
     """step(tokens) -> next-token logits for every active row, rows grouped prompt by prompt."""
 
     def __init__(self, policy, prompts, group_size):
+        policy.prompt_features.clear()  # this call's prompts' features replace the last call's
         self.groups = [_PromptRows(policy, prompt, group_size) for prompt in prompts]
 
     def step(self, tokens):

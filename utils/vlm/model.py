@@ -41,6 +41,9 @@ class VlmPolicy(nn.Module):
         self.vlm = vlm
         self.processor = processor  # not a module or array: kept out of the parameter tree
         self.path = path
+        from mlx_grpo.vlm.training import PromptFeatures
+
+        self.prompt_features = PromptFeatures()  # the last rollout's prompts, for the loss (utils/vlm/training.py)
 
     @property
     def layers(self):
@@ -69,6 +72,13 @@ class VlmPolicy(nn.Module):
 
             return vlm_batch_logits(self, inputs)
         return self.vlm.language_model(inputs, cache=cache).logits
+
+    def pack_micro_batches(self, prompts, completions, micro_batch_size, mask_truncated=False, pad_multiple=1):
+        """The trainer's packing (utils/training/step.py) for this model: rows carry their image features."""
+        from mlx_grpo.vlm.training import pack_vlm_micro_batches
+
+        return pack_vlm_micro_batches(self, prompts, completions, micro_batch_size, mask_truncated,
+                                      pad_multiple=pad_multiple)
 
     def sequence_state(self) -> dict:
         return {name: getattr(self.language_model, name) for name in SEQUENCE_STATE

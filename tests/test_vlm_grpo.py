@@ -1,0 +1,90 @@
+"""GRPO on a tiny random Qwen2-VL: the loss forward with image features against decoding, LoRA updates."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx_vlm")
+
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from fixture_vlm import COLOURS, build_tiny_qwen2_vl, write_square  # noqa: E402
+from mlx_grpo import convert_model  # noqa: E402
+from mlx_grpo.config import GRPOConfig, validate  # noqa: E402
+from mlx_grpo.generation.engine import generate_completions  # noqa: E402
+from mlx_grpo.generation.sampling import make_rollout_sampler  # noqa: E402
+from mlx_grpo.training.distributed import World  # noqa: E402
+from mlx_grpo.training.lora import add_adapters, adapter_modules  # noqa: E402
+from mlx_grpo.training.step import TrainState, build_step, grpo_updates, sample_rollouts  # noqa: E402
+from mlx_grpo.training.update import ensure_float32  # noqa: E402
+from mlx_grpo.vlm.decode import prefill_prompt  # noqa: E402
+from mlx_grpo.vlm.model import build_vlm_prompt, load_vlm, vlm_tokenizer  # noqa: E402
+
+QUESTION = "What colour is the square?"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm_grpo")
+    hf = build_tiny_qwen2_vl(root / "hf")
+    assert convert_model.main(["--hf-path", str(hf), "--output-dir", str(root / "mlx")]) == 0
+    images = {colour: str(write_square(root / f"{colour}.png", colour)) for colour in COLOURS}
+    return root / "mlx", images
+
+
+def _prompts(policy, images):
+    return [build_vlm_prompt(policy, QUESTION, [images[c]]) for c in COLOURS]
+
+
+def test_loss_forward_is_the_decoding_forward(folder):
+    """The packed rows' logits (prompt features + completion embeddings at the decoding positions) equal the
+    logits decoding computed step by step from the prefilled cache."""
+    path, images = folder
+    policy = load_vlm(path)
+    prompts = _prompts(policy, images)
+    completions, _ = generate_completions(policy, prompts, group_size=2, max_new_tokens=6,
+                                          sampler=make_rollout_sampler(1.0, 1.0, 0, 0.0), stop_token_ids=set())
+    slices, batches = policy.pack_micro_batches(prompts, completions, 4, pad_multiple=8)
+    logits = np.concatenate([np.array(policy(b.inputs)) for b in batches])
+    for row, completion in enumerate(completions):
+        prompt = prompts[completion.prompt_index]
+        cache, state = prefill_prompt(policy, prompt)
+        policy.set_sequence_state(state)
+        stepped = []
+        for token in [prompt[-1]] + completion.tokens[:-1]:
+            stepped.append(policy.language_model(mx.array([[token]]), cache=cache).logits[0, -1])
+        start = len(prompt) - 1
+        np.testing.assert_allclose(logits[row, start:start + len(completion.tokens)], np.array(mx.stack(stepped)),
+                                   atol=1e-4)
+    assert sum(b.mask.sum().item() for b in batches) == 6 * len(completions)
+
+
+@pytest.mark.parametrize("use_compile", [False, True])
+def test_lora_grpo_updates_reach_the_adapters(folder, use_compile):
+    path, images = folder
+    policy = load_vlm(path)
+    tokenizer = vlm_tokenizer(policy)
+    cfg = validate(GRPOConfig(run_name="r", train_type="lora", lora_rank=4, quantize_for_rollouts=False,
+                              use_compile=use_compile, num_generations=4, max_new_tokens=6,
+                              max_completion_length=6, temperature=1.0, top_p=1.0, learning_rate=1e-2,
+                              warmup_ratio=0.0, beta=0.04, max_grad_norm=0.0))
+    add_adapters(policy, cfg)
+    ensure_float32(policy, adapters_only=True)
+    vision_before = {k: np.array(v) for k, v in tree_flatten(policy.vlm.vision_tower.parameters())}
+    assert not any(k.startswith("vlm.vision_tower") for k, _ in tree_flatten(policy.trainable_parameters()))
+    setup = build_step(cfg, World(), policy, total_updates=2, stop_token_ids=tokenizer.eos_token_ids)
+    state = TrainState()
+    prompts = _prompts(policy, images)
+    mx.random.seed(3)
+    rollouts = sample_rollouts(setup, state, prompts)
+    target = rollouts.completions[0].tokens[0]
+    rewards = [float(np.mean([t == target for t in c.tokens])) for c in rollouts.completions]
+    assert np.std(rewards) > 0
+    (update,) = grpo_updates(setup, state, rollouts, rewards)
+    assert update.result.applied and np.isfinite(update.result.loss) and update.result.grad_norm > 0
+    lora_b = {name: np.abs(np.array(layer.lora_b)).max() for name, layer in adapter_modules(policy)}
+    assert lora_b and all(value > 0 for value in lora_b.values()), lora_b
+    assert all(name.startswith("vlm.language_model.") for name in lora_b)
+    for k, v in tree_flatten(policy.vlm.vision_tower.parameters()):
+        np.testing.assert_array_equal(np.array(v), vision_before[k])
+    assert rollouts.ref_logp is not None and all(np.isfinite(np.array(r)).all() for r in rollouts.ref_logp)

@@ -1,0 +1,117 @@
+"""GRPO on vision-language models: micro-batches that carry each prompt's image features, and their forward.
+
+The loss forward of a row (prompt + completion) is the language model on the prompt's embeddings with the
+image features merged in, at the prompt's multimodal positions, followed by the completion's token
+embeddings at the positions decoding gave them. The features come from the rollout's prefill (the vision
+encoder ran once per prompt, utils/vlm/decode.py); with the vision tower frozen they are constants of the
+step. Positions that are not image features embed their tokens inside the forward, so full training
+trains the token embeddings too.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlx_grpo.training.update import PackedBatch, pack_micro_batches
+from mlx_grpo.vlm import VlmError
+
+
+class PromptFeatures:
+    """Each prompt's merged embeddings and multimodal metadata from its last prefill, keyed by id(prompt).
+
+    A plain object (not a dict) so that mlx's Module does not take it for parameters."""
+
+    def __init__(self):
+        self.by_prompt = {}
+
+    def put(self, prompt, embeds, extra):
+        self.by_prompt[id(prompt)] = (prompt, embeds, extra)
+
+    def get(self, policy, prompt):
+        held = self.by_prompt.get(id(prompt))
+        if held is not None and held[0] is prompt:
+            return held[1], held[2]
+        from mlx_grpo.vlm.decode import prompt_embeddings
+
+        embeds, extra = prompt_embeddings(policy, prompt)
+        self.put(prompt, embeds, extra)
+        return embeds, extra
+
+    def clear(self):
+        self.by_prompt = {}
+
+
+def image_token_id(config):
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _row_positions(extra: dict, prompt_len: int, width: int):
+    """The row's positions: the prompt's (multimodal: [3, T]) then the completion's, each + 1 from the
+    prompt's last, shifted by the prompt's rope delta as decoding shifts them. None: the model's default."""
+    positions = extra.get("position_ids")
+    if positions is None:
+        return None
+    delta = extra.get("rope_deltas")
+    delta = mx.array(0) if delta is None else delta.reshape(-1)[0]
+    after = mx.arange(prompt_len, width) + delta
+    if positions.ndim == 3:  # [3, 1, T]: temporal, height, width sections
+        prompt_part = positions[:, 0, :prompt_len]
+        return mx.concatenate([prompt_part, mx.broadcast_to(after[None], (positions.shape[0], after.size))], axis=1)
+    if positions.ndim == 2:  # [1, T]
+        return mx.concatenate([positions[0, :prompt_len], after])
+    raise VlmError(f"position ids of shape {positions.shape}: not a layout this trainer knows")
+
+
+def vlm_batch(policy, batch: PackedBatch, prompts: list) -> PackedBatch:
+    """A packed text micro-batch (rows: prompt + completion, right-padded) with the image features of each
+    row's prompt; prompts[r] is row r's VlmPrompt."""
+    inputs = batch.inputs
+    rows, width = inputs.shape
+    image_id = image_token_id(policy.config)
+    embeds, use, positions = [], [], []
+    for r, prompt in enumerate(prompts):
+        features, extra = policy.prompt_features.get(policy, prompt)
+        length = len(prompt)
+        pad = mx.zeros((width - length, features.shape[-1]), features.dtype)
+        embeds.append(mx.concatenate([features, pad]))
+        ids = mx.array(list(prompt))
+        from_features = ids == image_id if image_id is not None else mx.ones((length,), mx.bool_)
+        use.append(mx.concatenate([from_features, mx.zeros((width - length,), mx.bool_)]))
+        positions.append(_row_positions(extra, length, width))
+    model_inputs = {"ids": inputs, "embeds": mx.stack(embeds), "use_embeds": mx.stack(use)[..., None]}
+    if positions[0] is not None:
+        model_inputs["position_ids"] = mx.stack(positions, axis=-2)  # [3, B, W] or [B, W]
+    return PackedBatch(model_inputs, batch.targets, batch.mask)
+
+
+def pack_vlm_micro_batches(policy, prompts, completions, micro_batch_size, mask_truncated=False, pad_id=0,
+                           pad_multiple=1):
+    """pack_micro_batches, each micro-batch carrying its rows' image features (see vlm_batch)."""
+    slices, batches = pack_micro_batches(prompts, completions, micro_batch_size, mask_truncated, pad_id=pad_id,
+                                         pad_multiple=pad_multiple)
+    row_prompts = [prompts[c.prompt_index] for c in completions]
+    return slices, [vlm_batch(policy, batch, row_prompts[rows]) for rows, batch in zip(slices, batches)]
+
+
+def vlm_batch_logits(policy, inputs: dict) -> mx.array:
+    """Logits of a vlm_batch's rows: token embeddings, the prompt's image features where they belong."""
+    ids = inputs["ids"]
+    token_embeds = policy.embed_tokens(ids)
+    embeds = mx.where(inputs["use_embeds"], inputs["embeds"].astype(token_embeds.dtype), token_embeds)
+    kwargs = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
+    return policy.language_model(ids, inputs_embeds=embeds, **kwargs).logits
+
+
+def prepare_vlm_policy(policy, train_vision: bool = False) -> None:
+    """Full training: the vision tower stays frozen unless train_vision (then its features are not constants
+    of the step, which this trainer does not support yet)."""
+    if train_vision:
+        raise VlmError("vlm_train_vision = true: training the vision tower is not supported yet; leave it false "
+                       "(the language model trains, the image features come from the frozen tower)")
+    tower = getattr(policy.vlm, "vision_tower", None)
+    if tower is not None:
+        tower.freeze()
