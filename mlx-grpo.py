@@ -63,10 +63,11 @@ from mlx_grpo.training.step import (
     update_metrics,
 )
 from mlx_grpo.training.update import ensure_float32
+from mlx_grpo.vlm import VlmError
 
 # Errors caused by the user's input (config, data, model folder, rewards, checkpoints, settings).
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError, CheckpointError, FileNotFoundError,
-               DistributedError, TrainingError)
+               DistributedError, TrainingError, VlmError)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.toml"
 DEMO_MODEL = "demo/model"  # configs/demo.toml's model, made by utils/demo/build.py
@@ -199,17 +200,25 @@ def train(args):
     cfg = resolve_for_model(requested, nano is not None)
     changes = config_changes(saved, cfg) if saved else []  # a resume may change only the safe keys unasked
     check_resume_changes(changes, accept=args.accept_changes)
+    make_task = Task
+    if hasattr(model, "processor"):  # a vision-language model (utils/vlm/): image questions, its own prompts
+        from mlx_grpo.vlm.data import VlmTask
+        from mlx_grpo.vlm.training import check_vlm_config, prepare_vlm_policy
+
+        check_vlm_config(cfg)
+        prepare_vlm_policy(model, cfg)
+        make_task = lambda cfg, tokenizer, split, limit=0: VlmTask(cfg, model, tokenizer, split, limit)  # noqa: E731
     adapter_config = add_adapters(model, cfg) if cfg.train_type != "full" else None
     ensure_float32(model, adapters_only=adapter_config is not None)
     calculator = CalculatorTool.for_tokenizer(nano) if cfg.use_calculator else None
 
     # Evaluation: greedy accuracy (and pass@k) on held-out questions.
-    eval_task = Task(cfg, tokenizer, cfg.eval_split, limit=cfg.eval_samples)
+    eval_task = make_task(cfg, tokenizer, cfg.eval_split, limit=cfg.eval_samples)
     if args.eval_only:
         return evaluate(cfg, world, model, eval_task, calculator, 0)
 
     # The training data and the rewards.
-    train_task = Task(cfg, tokenizer, cfg.train_split, limit=cfg.max_train_samples)
+    train_task = make_task(cfg, tokenizer, cfg.train_split, limit=cfg.max_train_samples)
     reward_fns = resolve_reward_functions(cfg.reward_funcs, cfg.reward_file)
     prompts_per_step = cfg.effective_prompts_per_step
     data = PromptSampler(len(train_task.prompts), seed=cfg.seed, shuffle=cfg.shuffle, num_epochs=cfg.num_epochs)

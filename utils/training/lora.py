@@ -163,7 +163,8 @@ def add_adapters(model: nn.Module, cfg) -> dict:
     adapter_config = adapter_config_for(cfg, len(model.layers), default_lora_keys(model))
     model.set_dtype(getattr(mx, cfg.compute_dtype))
     if cfg.base_quant_bits:
-        _quantize_base(model, cfg.base_quant_bits, cfg.base_quant_group_size)
+        # a vision-language policy quantizes its language model only
+        _quantize_base(getattr(model, "quantization_root", model), cfg.base_quant_bits, cfg.base_quant_group_size)
     model.freeze()
     _convert(model, adapter_config)  # new adapter layers are created unfrozen, in float32
     model.eval()  # dropout acts only where the trainer switches to train mode (the loss forward)

@@ -51,6 +51,11 @@ class VlmPolicy(nn.Module):
         return self.vlm.language_model.layers
 
     @property
+    def quantization_root(self):
+        """What QLoRA quantizes: the language model (the vision tower stays as it is)."""
+        return self.vlm.language_model
+
+    @property
     def language_model(self):
         return self.vlm.language_model
 
@@ -109,6 +114,25 @@ def load_vlm(path: str | Path, *, lazy: bool = False) -> VlmPolicy:
         raise VlmError(f"cannot load the vision-language model {str(path)!r} ({type(e).__name__}: {reason}); pass "
                        f"a folder converted with python utils/convert_model.py --vlm") from e
     return VlmPolicy(model, processor, str(path))
+
+
+def save_vlm_folder(folder: str | Path, policy: VlmPolicy, source: str | Path) -> Path:
+    """The policy's weights (mlx-vlm's names) with source's config, tokenizer and processor files: a folder
+    load_vlm (and mlx-vlm's own load) reads back."""
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    from mlx_vlm.utils import save_weights
+
+    # mlx-vlm's writer: its index names the weight files, so a trainer checkpoint's optimizer.safetensors
+    # beside them is not read as weights
+    save_weights(folder, policy.vlm)
+    for path in Path(source).expanduser().iterdir():
+        if path.is_file() and (path.suffix in (".json", ".jinja", ".txt", ".model", ".py")
+                               and not path.name.startswith("model.safetensors")):
+            shutil.copy(path, folder / path.name)
+    return folder
 
 
 def vlm_tokenizer(policy: VlmPolicy):

@@ -106,12 +106,25 @@ def vlm_batch_logits(policy, inputs: dict) -> mx.array:
     return policy.language_model(ids, inputs_embeds=embeds, **kwargs).logits
 
 
-def prepare_vlm_policy(policy, train_vision: bool = False) -> None:
-    """Full training: the vision tower stays frozen unless train_vision (then its features are not constants
-    of the step, which this trainer does not support yet)."""
-    if train_vision:
-        raise VlmError("vlm_train_vision = true: training the vision tower is not supported yet; leave it false "
-                       "(the language model trains, the image features come from the frozen tower)")
-    tower = getattr(policy.vlm, "vision_tower", None)
-    if tower is not None:
-        tower.freeze()
+def check_vlm_config(cfg) -> None:
+    """The settings GRPO on a vision-language policy does not support yet, each refused in one line."""
+    from mlx_grpo.config import ConfigError
+
+    if cfg.vlm_train_vision:
+        raise ConfigError("vlm_train_vision = true: training the vision tower is not supported yet; leave it "
+                          "false (the language model trains on the frozen tower's image features)")
+    if cfg.quantize_for_rollouts:
+        raise ConfigError("quantize_for_rollouts: a vision-language policy samples its rollouts itself (no "
+                          "quantized copy yet); set quantize_for_rollouts = false")
+    if cfg.train_type == "full" and (cfg.beta > 0 or cfg.compute_dtype != "float32"):
+        raise ConfigError("full training of a vision-language policy needs beta = 0 and compute_dtype = "
+                          "\"float32\" (no frozen copy of it yet); or train adapters (train_type = \"lora\"), "
+                          "whose base is the reference")
+
+
+def prepare_vlm_policy(policy, cfg) -> None:
+    """Full training: the vision tower stays frozen (its features are constants of each step)."""
+    if cfg.train_type == "full":
+        tower = getattr(policy.vlm, "vision_tower", None)
+        if tower is not None:
+            tower.freeze()
