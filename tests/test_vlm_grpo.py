@@ -16,7 +16,7 @@ from mlx_grpo.config import GRPOConfig, validate  # noqa: E402
 from mlx_grpo.generation.engine import generate_completions  # noqa: E402
 from mlx_grpo.generation.sampling import make_rollout_sampler  # noqa: E402
 from mlx_grpo.training.distributed import World  # noqa: E402
-from mlx_grpo.training.lora import add_adapters, adapter_modules  # noqa: E402
+from mlx_grpo.training.lora import add_adapters, adapter_modules, load_adapted_model  # noqa: E402
 from mlx_grpo.training.step import TrainState, build_step, grpo_updates, sample_rollouts  # noqa: E402
 from mlx_grpo.training.update import ensure_float32  # noqa: E402
 from mlx_grpo.vlm.decode import prefill_prompt  # noqa: E402
@@ -144,5 +144,11 @@ def test_trainer_runs_grpo_on_image_questions(folder, tmp_path, train_type):
     if train_type == "full":
         model, _ = load_model(checkpoint)
         assert hasattr(model, "processor")  # a VLM folder: config, weights, processor files
-    else:
+    else:  # the adapters on their base, as inference loads them
         assert (checkpoint / "adapters.safetensors").is_file()
+        model, _ = load_adapted_model(checkpoint)
+        assert hasattr(model, "processor") and adapter_modules(model)
+    from mlx_grpo import inference
+
+    assert inference.main(["--model", str(checkpoint), "--image", str(data / "red_0.png"), "--prompt", "Colour?",
+                           "--max-tokens", "3"]) == 0

@@ -215,8 +215,7 @@ def main(argv=None) -> int:
     from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError
     from mlx_grpo.training.checkpoint import CheckpointError
     from mlx_grpo.training.lora import load_adapted_model
-    from mlx_grpo.vlm import VlmError, is_vlm_source
-    from mlx_grpo.vlm.model import load_vlm, vlm_tokenizer
+    from mlx_grpo.vlm import VlmError
 
     try:
         options = GenerationOptions(
@@ -226,19 +225,13 @@ def main(argv=None) -> int:
         model_name = resolve_model(args.model)
         if args.model is None:
             print(f"[model] {model_name} (newest checkpoint; --model picks another)", file=sys.stderr)
-        if is_vlm_source(model_name):  # a vision-language model: mlx-vlm's (utils/vlm/)
-            if args.adapter_path is not None:
-                raise VlmError("--adapter-path: LoRA adapters on vision-language models are not loaded by "
-                               "inference yet; fuse them into the model first")
-            model = load_vlm(model_name)
-            tokenizer = vlm_tokenizer(model)
-        elif args.image:
+        if args.adapter_path is not None or is_adapter_folder(model_name):  # base + LoRA adapters
+            model, tokenizer = load_adapted_model(model_name, args.adapter_path)
+        else:  # a vision-language model loads through mlx-vlm (utils/vlm/)
+            model, tokenizer = load_model(model_name)
+        if args.image and not hasattr(model, "processor"):
             raise VlmError(f"--image needs a vision-language model (a config.json with a vision_config); "
                            f"{model_name} is a text model")
-        elif args.adapter_path is not None or is_adapter_folder(model_name):  # base + LoRA adapters
-            model, tokenizer = load_adapted_model(model_name, args.adapter_path)
-        else:
-            model, tokenizer = load_model(model_name)
         if args.seed is not None:
             mx.random.seed(args.seed)
         if args.prompt is not None:

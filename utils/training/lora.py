@@ -328,7 +328,8 @@ def load_adapted_model(model: str | Path, adapter_path: str | Path | None = None
         if not (Path(adapter_path) / ADAPTER_FILE).is_file():
             raise ModelLoadError(f"{adapter_path} has {ADAPTER_CONFIG_FILE} but no {ADAPTER_FILE}")
         if quant := adapter_config.get("base_quantization"):
-            config = _quantize_base(base, quant["bits"], quant["group_size"], config)
+            config = _quantize_base(getattr(base, "quantization_root", base), quant["bits"], quant["group_size"],
+                                    config)
         try:
             load_adapters(base, str(adapter_path))
         except ValueError as e:  # mlx-lm names the tensors that do not fit
