@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("mlx_vlm")
 
 import mlx.core as mx  # noqa: E402
-
 from fixture_vlm import COLOURS, build_tiny_qwen2_vl, write_square  # noqa: E402
+
 from mlx_grpo import convert_model, inference  # noqa: E402
 from mlx_grpo.generation.engine import generate_completions  # noqa: E402
 from mlx_grpo.generation.sampling import make_rollout_sampler  # noqa: E402

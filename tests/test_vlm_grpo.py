@@ -8,15 +8,15 @@ import pytest
 pytest.importorskip("mlx_vlm")
 
 import mlx.core as mx  # noqa: E402
+from fixture_vlm import COLOURS, build_tiny_qwen2_vl, write_square  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from fixture_vlm import COLOURS, build_tiny_qwen2_vl, write_square  # noqa: E402
 from mlx_grpo import convert_model  # noqa: E402
 from mlx_grpo.config import GRPOConfig, validate  # noqa: E402
 from mlx_grpo.generation.engine import generate_completions  # noqa: E402
 from mlx_grpo.generation.sampling import make_rollout_sampler  # noqa: E402
 from mlx_grpo.training.distributed import World  # noqa: E402
-from mlx_grpo.training.lora import add_adapters, adapter_modules, load_adapted_model  # noqa: E402
+from mlx_grpo.training.lora import adapter_modules, add_adapters, load_adapted_model  # noqa: E402
 from mlx_grpo.training.step import TrainState, build_step, grpo_updates, sample_rollouts  # noqa: E402
 from mlx_grpo.training.update import ensure_float32  # noqa: E402
 from mlx_grpo.vlm.decode import prefill_prompt  # noqa: E402

@@ -149,7 +149,8 @@ def convert_vlm(args: argparse.Namespace, output_dir: Path | None) -> str:
     from huggingface_hub.errors import HFValidationError
     from mlx_vlm.convert import convert
 
-    not_for_vlm = [flag for flag, value in (("--step", args.step is not None), ("--overwrite", args.overwrite)) if value]
+    nanochat_flags = (("--step", args.step is not None), ("--overwrite", args.overwrite))
+    not_for_vlm = [flag for flag, value in nanochat_flags if value]
     if not_for_vlm:
         raise ConversionError(f"{', '.join(not_for_vlm)}: only for nanochat checkpoints, not for vision-language "
                               "models; drop them")

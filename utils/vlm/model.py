@@ -180,8 +180,8 @@ def build_vlm_prompt(policy: VlmPolicy, text: str, images=(), *, system: Optiona
             raise VlmError("--system needs the chat template; drop --raw or put the system text in the prompt")
         prompt_text = text
     else:
-        prompt_text = apply_chat_template(policy.processor, policy.config, chat_messages(policy, text, images, system, history),
-                                          num_images=len(images))
+        messages = chat_messages(policy, text, images, system, history)
+        prompt_text = apply_chat_template(policy.processor, policy.config, messages, num_images=len(images))
     inputs = prepare_inputs(policy.processor, images=images or None, prompts=prompt_text,
                             image_token_index=getattr(policy.config, "image_token_index", None),
                             add_special_tokens=should_add_special_tokens(policy.config.model_type, policy.processor))
