@@ -152,3 +152,39 @@ def test_trainer_runs_grpo_on_image_questions(folder, tmp_path, train_type):
 
     assert inference.main(["--model", str(checkpoint), "--image", str(data / "red_0.png"), "--prompt", "Colour?",
                            "--max-tokens", "3"]) == 0
+
+
+def test_training_the_vision_tower(folder):
+    """vlm_train_vision: the loss forward runs the tower (the same logits as the step's constant features)
+    and the update reaches the tower's weights."""
+    from mlx_grpo.config import ConfigError
+    from mlx_grpo.vlm.training import check_vlm_config, prepare_vlm_policy
+
+    path, images = folder
+    policy = load_vlm(path)
+    cfg = validate(GRPOConfig(run_name="r", vlm_train_vision=True, use_compile=False, quantize_for_rollouts=False,
+                              num_generations=4, max_new_tokens=4, max_completion_length=4, temperature=1.0,
+                              top_p=1.0, learning_rate=1e-2, warmup_ratio=0.0, max_grad_norm=0.0))
+    check_vlm_config(cfg)
+    with pytest.raises(ConfigError, match="use_compile = false"):
+        check_vlm_config(validate(GRPOConfig(run_name="r", vlm_train_vision=True, quantize_for_rollouts=False)))
+    prepare_vlm_policy(policy, cfg)
+    ensure_float32(policy)
+    assert any(k.startswith("vlm.vision_tower.") for k, _ in tree_flatten(policy.trainable_parameters()))
+    setup = build_step(cfg, World(), policy, total_updates=1, stop_token_ids=set())
+    state = TrainState()
+    prompts = _prompts(policy, images)
+    rollouts = sample_rollouts(setup, state, prompts)
+    live = policy(rollouts.batches[0].inputs)
+    policy.train_vision = False
+    _, constant_batches = policy.pack_micro_batches(prompts, rollouts.completions, cfg.effective_micro_batch_size,
+                                                    pad_multiple=cfg.pad_to_multiple_of)
+    np.testing.assert_allclose(np.array(live), np.array(policy(constant_batches[0].inputs)), atol=1e-5)
+    policy.train_vision = True
+    before = {k: np.array(v) for k, v in tree_flatten(policy.vlm.vision_tower.parameters())}
+    rewards = [float(i % 3 == 0) for i in range(len(rollouts.completions))]
+    (update,) = grpo_updates(setup, state, rollouts, rewards)
+    assert update.result.applied and np.isfinite(update.result.loss)
+    changed = [k for k, v in tree_flatten(policy.vlm.vision_tower.parameters()) if not np.array_equal(np.array(v),
+                                                                                                     before[k])]
+    assert changed

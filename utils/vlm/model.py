@@ -43,6 +43,7 @@ class VlmPolicy(nn.Module):
         self.path = path
         from mlx_grpo.vlm.training import PromptFeatures
 
+        self.train_vision = False  # vlm_train_vision: the loss forward runs the vision tower (utils/vlm/training.py)
         self.prompt_features = PromptFeatures()  # the last rollout's prompts, for the loss (utils/vlm/training.py)
 
     @property

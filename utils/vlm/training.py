@@ -68,7 +68,8 @@ def _row_positions(extra: dict, prompt_len: int, width: int):
 
 def vlm_batch(policy, batch: PackedBatch, prompts: list) -> PackedBatch:
     """A packed text micro-batch (rows: prompt + completion, right-padded) with the image features of each
-    row's prompt; prompts[r] is row r's VlmPrompt."""
+    row's prompt; prompts[r] is row r's VlmPrompt. With policy.train_vision the batch carries each distinct
+    prompt's processor inputs instead, and the forward runs the vision tower (once per prompt)."""
     inputs = batch.inputs
     rows, width = inputs.shape
     image_id = image_token_id(policy.config)
@@ -82,10 +83,28 @@ def vlm_batch(policy, batch: PackedBatch, prompts: list) -> PackedBatch:
         from_features = ids == image_id if image_id is not None else mx.ones((length,), mx.bool_)
         use.append(mx.concatenate([from_features, mx.zeros((width - length,), mx.bool_)]))
         positions.append(_row_positions(extra, length, width))
-    model_inputs = {"ids": inputs, "embeds": mx.stack(embeds), "use_embeds": mx.stack(use)[..., None]}
+    model_inputs = {"ids": inputs, "use_embeds": mx.stack(use)[..., None]}
+    if policy.train_vision:
+        distinct = list({id(p): p for p in prompts}.values())
+        model_inputs["vision"] = [{"ids": mx.array(list(p))[None], **p.vision} for p in distinct]
+        model_inputs["row_prompt"] = mx.array([[id(q) for q in distinct].index(id(p)) for p in prompts])
+    else:
+        model_inputs["embeds"] = mx.stack(embeds)
     if positions[0] is not None:
         model_inputs["position_ids"] = mx.stack(positions, axis=-2)  # [3, B, W] or [B, W]
     return PackedBatch(model_inputs, batch.targets, batch.mask)
+
+
+def _live_prompt_embeds(policy, inputs: dict, width: int) -> mx.array:
+    """[B, W, D]: each row's prompt embeddings, the vision tower run inside the forward (vlm_train_vision)."""
+    per_prompt = []
+    for vision in inputs["vision"]:
+        vision = dict(vision)
+        ids, pixel_values = vision.pop("ids"), vision.pop("pixel_values", None)
+        embeds = policy.vlm.get_input_embeddings(ids, pixel_values, mask=mx.ones(ids.shape, mx.int32), **vision)
+        prompt = embeds.inputs_embeds[0]
+        per_prompt.append(mx.concatenate([prompt, mx.zeros((width - prompt.shape[0], prompt.shape[1]), prompt.dtype)]))
+    return mx.stack(per_prompt)[inputs["row_prompt"]]
 
 
 def pack_vlm_micro_batches(policy, prompts, completions, micro_batch_size, mask_truncated=False, pad_id=0,
@@ -101,7 +120,8 @@ def vlm_batch_logits(policy, inputs: dict) -> mx.array:
     """Logits of a vlm_batch's rows: token embeddings, the prompt's image features where they belong."""
     ids = inputs["ids"]
     token_embeds = policy.embed_tokens(ids)
-    embeds = mx.where(inputs["use_embeds"], inputs["embeds"].astype(token_embeds.dtype), token_embeds)
+    prompt_embeds = inputs["embeds"] if "embeds" in inputs else _live_prompt_embeds(policy, inputs, ids.shape[1])
+    embeds = mx.where(inputs["use_embeds"], prompt_embeds.astype(token_embeds.dtype), token_embeds)
     kwargs = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
     return policy.language_model(ids, inputs_embeds=embeds, **kwargs).logits
 
@@ -110,9 +130,10 @@ def check_vlm_config(cfg) -> None:
     """The settings GRPO on a vision-language policy does not support yet, each refused in one line."""
     from mlx_grpo.config import ConfigError
 
-    if cfg.vlm_train_vision:
-        raise ConfigError("vlm_train_vision = true: training the vision tower is not supported yet; leave it "
-                          "false (the language model trains on the frozen tower's image features)")
+    if cfg.vlm_train_vision and (cfg.train_type != "full" or cfg.use_compile):
+        raise ConfigError("vlm_train_vision = true trains the vision tower with the language model: it needs "
+                          "train_type = \"full\" (adapter checkpoints hold no tower) and use_compile = false "
+                          "(the tower's forward is not compiled)")
     if cfg.quantize_for_rollouts:
         raise ConfigError("quantize_for_rollouts: a vision-language policy samples its rollouts itself (no "
                           "quantized copy yet); set quantize_for_rollouts = false")
@@ -123,8 +144,9 @@ def check_vlm_config(cfg) -> None:
 
 
 def prepare_vlm_policy(policy, cfg) -> None:
-    """Full training: the vision tower stays frozen (its features are constants of each step)."""
-    if cfg.train_type == "full":
-        tower = getattr(policy.vlm, "vision_tower", None)
-        if tower is not None:
-            tower.freeze()
+    """Full training trains the language model; the vision tower stays frozen (its features constants of each
+    step) unless vlm_train_vision. Adapters (LoRA/DoRA) freeze the whole base, the tower with it."""
+    policy.train_vision = bool(cfg.vlm_train_vision)
+    tower = getattr(policy.vlm, "vision_tower", None)
+    if cfg.train_type == "full" and tower is not None and not policy.train_vision:
+        tower.freeze()
