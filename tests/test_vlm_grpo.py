@@ -128,14 +128,18 @@ def test_trainer_runs_grpo_on_image_questions(folder, tmp_path, train_type):
                 "prompts_per_step=2", "num_generations=4", "micro_batch_size=4", "max_new_tokens=6",
                 "max_completion_length=6", "eval_samples=3", "eval_max_new_tokens=6", "quantize_for_rollouts=false",
                 "use_compile=false", "pad_to_multiple_of=1", "learning_rate=1e-3", "warmup_ratio=0",
-                "completions_log_steps=1", "save_steps=0", "plot=false", f"train_type={train_type}",
+                "completions_log_steps=1", "plot=false", f"train_type={train_type}",
                 "temperature=1.0", "top_p=1.0"]
     args = ["--config", "configs/smoke.toml"]
     for item in settings:
         args += ["--set", item]
-    history = trainer_main(args)
+    history = trainer_main(args + ["--set", "save_steps=1"])
     run_dir = tmp_path / "out" / "run"
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    if train_type == "full":  # resumed after step 1, step 2 is the same
+        trainer_main(args + ["--resume", str(run_dir / "checkpoints" / "step_000001")])
+        resumed = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+        assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in records if "loss" in r]
     losses = [r for r in records if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in losses)
     assert all(r["grad_norm"] > 0 for r in losses)

@@ -86,6 +86,14 @@ class VlmPolicy(nn.Module):
         return pack_vlm_micro_batches(self, prompts, completions, micro_batch_size, mask_truncated,
                                       pad_multiple=pad_multiple)
 
+    def load_weights(self, file_or_weights, strict: bool = True):
+        """Weights by mlx-vlm's names (a folder's weight file as save_vlm_folder writes it, its shards
+        included) or by this module's (`vlm.` first)."""
+        if isinstance(file_or_weights, (str, Path)):
+            file_or_weights = list(_read_vlm_weights(Path(file_or_weights)).items())
+        named = [(k if k.startswith("vlm.") else f"vlm.{k}", v) for k, v in file_or_weights]
+        return super().load_weights(named, strict=strict)
+
     def sequence_state(self) -> dict:
         return {name: getattr(self.language_model, name) for name in SEQUENCE_STATE
                 if hasattr(self.language_model, name)}
@@ -101,6 +109,20 @@ class VlmPolicy(nn.Module):
         if prefilled is not None:
             raise VlmError("a kept KV cache (chat cache reuse) is not supported for vision-language models")
         return VlmDecoder(self, prompts, group_size)
+
+
+def _read_vlm_weights(file: Path) -> dict:
+    """The weights of `file`, or of every shard its folder's index names (mlx-vlm shards large models)."""
+    import json
+
+    index = file.parent / "model.safetensors.index.json"
+    files = [file]
+    if index.is_file():
+        files = [file.parent / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    weights = {}
+    for shard in files:
+        weights.update(mx.load(str(shard)))
+    return weights
 
 
 def load_vlm(path: str | Path, *, lazy: bool = False) -> VlmPolicy:
