@@ -144,6 +144,9 @@ def save_vlm_folder(folder: str | Path, policy: VlmPolicy, source: str | Path) -
     load_vlm (and mlx-vlm's own load) reads back."""
     import shutil
 
+    from mlx_grpo.training.checkpoint import _RESERVED_FILES
+
+    not_model_files = set(_RESERVED_FILES)  # a checkpoint's own files, when source is a trainer checkpoint
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     from mlx_vlm.utils import save_weights
@@ -152,8 +155,8 @@ def save_vlm_folder(folder: str | Path, policy: VlmPolicy, source: str | Path) -
     # beside them is not read as weights
     save_weights(folder, policy.vlm)
     for path in Path(source).expanduser().iterdir():
-        if path.is_file() and (path.suffix in (".json", ".jinja", ".txt", ".model", ".py")
-                               and not path.name.startswith("model.safetensors")):
+        if (path.is_file() and path.suffix in (".json", ".jinja", ".txt", ".model", ".py")
+                and not path.name.startswith("model.safetensors") and path.name not in not_model_files):
             shutil.copy(path, folder / path.name)
     return folder
 
