@@ -118,8 +118,21 @@ def convert_kwargs(args: argparse.Namespace, output_dir: Path) -> dict:
     }
 
 
-def convert_hf(args: argparse.Namespace, output_dir: Path | None) -> str:
+def _run_converter(convert, kwargs: dict, source: str) -> None:
+    """mlx-lm's or mlx-vlm's convert(**kwargs); a source that cannot be read is a ConversionError."""
     from huggingface_hub.errors import HFValidationError
+
+    try:
+        convert(**kwargs)
+    except (OSError, HFValidationError) as e:  # not on disk, and the hub is offline/unreachable/unknown
+        reason = " ".join(str(e).split())[:300]
+        raise ConversionError(
+            f"cannot read {source!r} ({type(e).__name__}: {reason}); pass a local model folder or a "
+            f"Hugging Face repo id (downloading needs the network, or the model already in the HF cache)"
+        ) from e
+
+
+def convert_hf(args: argparse.Namespace, output_dir: Path | None) -> str:
     from mlx_lm.convert import convert
 
     not_for_hf = [flag for flag, value in (("--step", args.step is not None), ("--overwrite", args.overwrite)) if value]
@@ -130,14 +143,7 @@ def convert_hf(args: argparse.Namespace, output_dir: Path | None) -> str:
     output_dir = output_dir or default_output_dir(args.hf_path, _q_bits(args))
     if output_dir.exists():  # mlx_lm.convert writes only new folders
         raise ConversionError(f"output folder {output_dir} already exists; remove it or pass another --output-dir")
-    try:
-        convert(**convert_kwargs(args, output_dir))
-    except (OSError, HFValidationError) as e:  # not on disk, and the hub is offline/unreachable/unknown
-        reason = " ".join(str(e).split())[:300]
-        raise ConversionError(
-            f"cannot read {args.hf_path!r} ({type(e).__name__}: {reason}); pass a local model folder or a "
-            f"Hugging Face repo id (downloading needs the network, or the model already in the HF cache)"
-        ) from e
+    _run_converter(convert, convert_kwargs(args, output_dir), args.hf_path)
     quant = f", {_q_bits(args)}-bit" if args.quantize else ""
     return f"Converted {args.hf_path} -> {output_dir}{quant}"
 
@@ -146,7 +152,6 @@ def convert_vlm(args: argparse.Namespace, output_dir: Path | None) -> str:
     """A Hugging Face vision-language model through mlx_vlm.convert: the language model quantized with -q,
     the vision tower kept in full precision (mlx-vlm's rule); the processor files copied."""
     require_mlx_vlm()
-    from huggingface_hub.errors import HFValidationError
     from mlx_vlm.convert import convert
 
     nanochat_flags = (("--step", args.step is not None), ("--overwrite", args.overwrite))
@@ -161,14 +166,7 @@ def convert_vlm(args: argparse.Namespace, output_dir: Path | None) -> str:
     # mlx-vlm's q_bits / q_group_size have defaults; None would reach its quantizer
     kwargs["q_bits"] = _q_bits(args) or DEFAULT_Q_BITS
     kwargs["q_group_size"] = _q_group_size(args) or DEFAULT_Q_GROUP_SIZE
-    try:
-        convert(**kwargs)  # trust_remote_code passed as given: mlx-vlm's own default is True
-    except (OSError, HFValidationError) as e:
-        reason = " ".join(str(e).split())[:300]
-        raise ConversionError(
-            f"cannot read {args.hf_path!r} ({type(e).__name__}: {reason}); pass a local model folder or a "
-            f"Hugging Face repo id (downloading needs the network, or the model already in the HF cache)"
-        ) from e
+    _run_converter(convert, kwargs, args.hf_path)  # trust_remote_code passed as given: mlx-vlm's default is True
     quant = f", {_q_bits(args)}-bit language model" if args.quantize else ""
     return f"Converted the vision-language model {args.hf_path} -> {output_dir} (mlx-vlm){quant}"
 
