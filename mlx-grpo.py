@@ -66,10 +66,12 @@ from mlx_grpo.training.lora import add_adapters, save_adapters, trainable_summar
 from mlx_grpo.training.metrics import METRICS_FILE, MetricsLogger, check_loggers, format_console_line
 from mlx_grpo.training.run_lock import RunLockError, lock_run_dir
 from mlx_grpo.training.update import ensure_float32
+from mlx_grpo.vlm import VlmError, check_vlm_config, is_vlm_source, require_mlx_vlm
 
-# Errors caused by the user's input (config, data, model folder, rewards, checkpoints, settings, run folder).
+# Errors caused by the user's input (config, data, model folder, rewards, checkpoints, settings, run folder,
+# vision-language requests).
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, NanochatCheckpointError, RewardError, CheckpointError,
-               FileNotFoundError, DistributedError, KernelSwitchError, RunLockError)
+               FileNotFoundError, DistributedError, KernelSwitchError, RunLockError, VlmError)
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.toml"
@@ -210,7 +212,14 @@ def train(args):
     # What can be checked with nothing loaded is checked now, so bad input fails in a second: the data
     # files, the model folder, then the run folder, locked while this run writes it (a default name is
     # made unique here).
-    check_data_files(requested, eval_only=args.eval_only)
+    if is_vlm_source(requested.model_name):  # a vision-language model: mlx-vlm, the settings it supports, image rows
+        from mlx_grpo.vlm.data import check_image_data_files
+
+        require_mlx_vlm()
+        check_vlm_config(requested)
+        check_image_data_files(requested, eval_only=args.eval_only)
+    else:
+        check_data_files(requested, eval_only=args.eval_only)
     check_model_folder(requested.model_name)
     check_loggers(requested.report_to)
     cuda_kernels_enabled()  # a bad MLX_GRPO_CUDA_KERNELS stops the run now, not at its first rollout
@@ -247,17 +256,24 @@ def train(args):
     cfg = resolve_for_model(requested, nano is not None)
     changes = config_changes(saved, cfg) if saved else []  # a resume may change only the safe keys unasked
     check_resume_changes(changes, accept=args.accept_changes)
+    make_task = Task
+    if hasattr(model, "processor"):  # a vision-language model (utils/vlm/): image questions, its own prompts
+        from mlx_grpo.vlm.data import VlmTask
+        from mlx_grpo.vlm.training import prepare_vlm_policy
+
+        prepare_vlm_policy(model, cfg)
+        make_task = lambda cfg, tokenizer, split, limit=0: VlmTask(cfg, model, tokenizer, split, limit)  # noqa: E731
     adapter_config = add_adapters(model, cfg) if cfg.train_type != "full" else None
     ensure_float32(model, adapters_only=adapter_config is not None)
     calculator = CalculatorTool.for_tokenizer(nano) if cfg.use_calculator else None
 
     # Evaluation: greedy accuracy (and pass@k) on held-out questions.
-    eval_task = Task(cfg, tokenizer, cfg.eval_split, limit=cfg.eval_samples)
+    eval_task = make_task(cfg, tokenizer, cfg.eval_split, limit=cfg.eval_samples)
     if args.eval_only:
         return evaluate(cfg, world, model, eval_task, calculator, 0)
 
     # The training data and the rewards.
-    train_task = Task(cfg, tokenizer, cfg.train_split, limit=cfg.max_train_samples)
+    train_task = make_task(cfg, tokenizer, cfg.train_split, limit=cfg.max_train_samples)
     reward_fns = resolve_reward_functions(cfg.reward_funcs, cfg.reward_file)
     prompts_per_step = cfg.effective_prompts_per_step
     data = PromptSampler(len(train_task.prompts), seed=cfg.seed, shuffle=cfg.shuffle, num_epochs=cfg.num_epochs)

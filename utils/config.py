@@ -174,6 +174,9 @@ class GRPOConfig:
     eval_split: str = "test"
     shuffle: bool = True  # shuffle training prompts each epoch (seeded)
 
+    # --- vision-language models (utils/vlm/: mlx-vlm models, rows with image or images) ---
+    vlm_train_vision: bool = False  # full training: train the vision tower too (use_compile = false); false = frozen
+
     # Every *_steps key counts steps: one step is one generation batch and its num_iterations updates,
     # so with num_iterations = 1 steps and updates coincide (as eval_every_updates counted them).
 

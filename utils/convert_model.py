@@ -4,11 +4,13 @@
     python utils/convert_model.py --hf-path meta-llama/Llama-3.2-1B-Instruct -q --q-bits 8 --q-group-size 32
     python utils/convert_model.py --hf-path karpathy/nanochat-d32 --output-dir models/nanochat-d32-mlx
     python utils/convert_model.py --hf-path path/to/nanochat_ckpt_dir -q      # folder with model_*.pt + meta_*.json
+    python utils/convert_model.py --hf-path Qwen/Qwen2-VL-2B-Instruct -q --vlm # vision-language: through mlx-vlm
 
 Hugging Face models go through mlx_lm.convert. nanochat checkpoints (a folder with model_*.pt,
 a hub release known to be nanochat such as karpathy/nanochat-d32, or any source with --nanochat)
 go through the same function as convert_nanochat.py (mlx_grpo.nanochat.convert.convert); for a
-nanochat base dir with stages, use convert_nanochat.py --stage.
+nanochat base dir with stages, use convert_nanochat.py --stage. Vision-language models (a config.json
+with a vision_config, or any source with --vlm) go through mlx_vlm.convert (the vlm extra).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ try:
         default_output_dir,
     )
     from mlx_grpo.nanochat.convert import convert as convert_nanochat_checkpoint
+    from mlx_grpo.vlm import VlmError, is_vlm_source, require_mlx_vlm
 except ModuleNotFoundError as missing:  # run from a checkout that was never installed
     if missing.name != "mlx_grpo":
         raise
@@ -61,11 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="HF models: allow the repo's own Python code (custom model or tokenizer classes)")
     parser.add_argument("--nanochat", action="store_true",
                         help="read --hf-path as a nanochat checkpoint (folder or hub repo) even if not detected")
+    parser.add_argument("--vlm", action="store_true",
+                        help="convert --hf-path as a vision-language model through mlx-vlm even if its config.json "
+                             "(local, or in the HF cache) does not show a vision_config")
     parser.add_argument("--step", type=int, help="nanochat: checkpoint step to convert (default: the newest)")
     parser.add_argument("--overwrite", action="store_true", help="nanochat: write into a non-empty output folder")
     args = parser.parse_args(argv)
     if not args.quantize and (args.q_bits is not None or args.q_group_size is not None):
         parser.error("--q-bits / --q-group-size need -q (--quantize)")
+    if args.vlm and args.nanochat:
+        parser.error("--vlm and --nanochat: pick one (nanochat checkpoints are text models)")
     return args
 
 
@@ -121,8 +129,21 @@ def convert_kwargs(args: argparse.Namespace, output_dir: Path) -> dict:
     }
 
 
-def convert_hf(args: argparse.Namespace, output_dir: Path | None) -> str:
+def _run_converter(convert, kwargs: dict, source: str) -> None:
+    """mlx-lm's or mlx-vlm's convert(**kwargs); a source that cannot be read is a ConversionError."""
     from huggingface_hub.errors import HFValidationError
+
+    try:
+        convert(**kwargs)
+    except (OSError, HFValidationError) as e:  # not on disk, and the hub is offline/unreachable/unknown
+        reason = " ".join(str(e).split())[:300]
+        raise ConversionError(
+            f"cannot read {source!r} ({type(e).__name__}: {reason}); pass a local model folder or a "
+            f"Hugging Face repo id (downloading needs the network, or the model already in the HF cache)"
+        ) from e
+
+
+def convert_hf(args: argparse.Namespace, output_dir: Path | None) -> str:
     from mlx_lm.convert import convert
 
     not_for_hf = [flag for flag, value in (("--step", args.step is not None), ("--overwrite", args.overwrite)) if value]
@@ -133,16 +154,32 @@ def convert_hf(args: argparse.Namespace, output_dir: Path | None) -> str:
     output_dir = output_dir or default_output_dir(args.hf_path, _q_bits(args))
     if output_dir.exists():  # mlx_lm.convert writes only new folders
         raise ConversionError(f"output folder {output_dir} already exists; remove it or pass another --output-dir")
-    try:
-        convert(**convert_kwargs(args, output_dir))
-    except (OSError, HFValidationError) as e:  # not on disk, and the hub is offline/unreachable/unknown
-        reason = " ".join(str(e).split())[:300]
-        raise ConversionError(
-            f"cannot read {args.hf_path!r} ({type(e).__name__}: {reason}); pass a local model folder or a "
-            f"Hugging Face repo id (downloading needs the network, or the model already in the HF cache)"
-        ) from e
+    _run_converter(convert, convert_kwargs(args, output_dir), args.hf_path)
     quant = f", {_q_bits(args)}-bit" if args.quantize else ""
     return f"Converted {args.hf_path} -> {output_dir}{quant}"
+
+
+def convert_vlm(args: argparse.Namespace, output_dir: Path | None) -> str:
+    """A Hugging Face vision-language model through mlx_vlm.convert: the language model quantized with -q,
+    the vision tower kept in full precision (mlx-vlm's rule); the processor files copied."""
+    require_mlx_vlm()
+    from mlx_vlm.convert import convert
+
+    nanochat_flags = (("--step", args.step is not None), ("--overwrite", args.overwrite))
+    not_for_vlm = [flag for flag, value in nanochat_flags if value]
+    if not_for_vlm:
+        raise ConversionError(f"{', '.join(not_for_vlm)}: only for nanochat checkpoints, not for vision-language "
+                              "models; drop them")
+    output_dir = output_dir or default_output_dir(args.hf_path, _q_bits(args))
+    if output_dir.exists():  # mlx_vlm.convert would write into it
+        raise ConversionError(f"output folder {output_dir} already exists; remove it or pass another --output-dir")
+    kwargs = convert_kwargs(args, output_dir)
+    # mlx-vlm's q_bits / q_group_size have defaults; None would reach its quantizer
+    kwargs["q_bits"] = _q_bits(args) or DEFAULT_Q_BITS
+    kwargs["q_group_size"] = _q_group_size(args) or DEFAULT_Q_GROUP_SIZE
+    _run_converter(convert, kwargs, args.hf_path)  # trust_remote_code passed as given: mlx-vlm's default is True
+    quant = f", {_q_bits(args)}-bit language model" if args.quantize else ""
+    return f"Converted the vision-language model {args.hf_path} -> {output_dir} (mlx-vlm){quant}"
 
 
 def convert_nanochat(args: argparse.Namespace, output_dir: Path | None) -> str:
@@ -165,9 +202,11 @@ def main(argv=None) -> int:
     try:
         if is_nanochat_source(args.hf_path, forced=args.nanochat):
             message = convert_nanochat(args, output_dir)
+        elif args.vlm or is_vlm_source(args.hf_path):
+            message = convert_vlm(args, output_dir)
         else:
             message = convert_hf(args, output_dir)
-    except (ConversionError, NanochatCheckpointError) as e:
+    except (ConversionError, NanochatCheckpointError, VlmError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(message)

@@ -5,6 +5,7 @@
     python utils/inference.py --model outputs/run1/checkpoints/step_000100 --prompt "What is 12*7?" --stream
     python utils/inference.py --model mlx-community/Qwen2.5-1.5B-Instruct-4bit --prompt "Hi" --system "Be brief."
     python utils/inference.py --model models/nanochat-d32-mlx --prompts-file questions.jsonl --output answers.jsonl
+    python utils/inference.py --model models/Qwen2-VL-2B-Instruct-mlx --image cat.png --prompt "What is this?"
 
 Chat commands: /clear, /system TEXT, /help, /exit (also quit, exit, Ctrl-D); Ctrl-C stops an answer.
 nanochat models use their calculator: a call <|python_start|>expr<|python_end|> is evaluated
@@ -43,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--prompts-file", help="answer every prompt of a file, generated together in batches of "
                       "--batch-size: a .jsonl file with a \"prompt\" field a line, or any other file with one "
                       "prompt a line")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image for a vision-language model (repeatable): with --prompt and --chat it goes "
+                             "with the (first) message; with --prompts-file with every prompt of the file that "
+                             "names no image or images of its own")
     parser.add_argument("--raw", action="store_true", help="send --prompt / --prompts-file text as is, "
                         "without the chat template (special-token strings in it become special tokens)")
     parser.add_argument("--system", help="system prompt (chat template only)")
@@ -111,10 +116,33 @@ def _print_stats(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_prompt(model, tokenizer, args, options) -> None:
-    from mlx_grpo.generation.chat import ReplyStream, build_prompt
+def _build_prompt(model, tokenizer, text, args, images):
+    from mlx_grpo.generation.chat import build_prompt
 
-    prompt = build_prompt(tokenizer, args.prompt, system=args.system, raw=args.raw)
+    if hasattr(model, "processor"):  # a vision-language model (utils/vlm/)
+        from mlx_grpo.vlm.model import build_vlm_prompt
+
+        return build_vlm_prompt(model, text, images, system=args.system, raw=args.raw)
+    return build_prompt(tokenizer, text, system=args.system, raw=args.raw)
+
+
+def record_images(record: dict, base: Path, default: list) -> list:
+    """A prompts-file record's "image" (a path) or "images" (a list), relative to the file's folder; else default."""
+    from mlx_grpo.vlm import VlmError
+
+    images = record.get("images", record.get("image"))
+    if images is None:
+        return default
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise VlmError(f"a prompts-file record's image/images must be a path or a list of paths, got {images!r}")
+    return [str(Path(i) if Path(i).is_absolute() else base / i) for i in images]
+
+
+def run_prompt(model, tokenizer, args, options) -> None:
+    from mlx_grpo.generation.chat import ReplyStream
+
+    prompt = _build_prompt(model, tokenizer, args.prompt, args, args.image)
     if args.show_prompt:
         print(f"[prompt] {tokenizer.decode(prompt)}", file=sys.stderr, flush=True)
     stream = ReplyStream(model, tokenizer, prompt, options)
@@ -125,10 +153,12 @@ def run_prompt(model, tokenizer, args, options) -> None:
 
 
 def run_prompts_file(model, tokenizer, args, options) -> None:
-    from mlx_grpo.generation.chat import build_prompt, generate_replies, read_prompts_file
+    from mlx_grpo.generation.chat import generate_replies, read_prompts_file
 
     records = read_prompts_file(args.prompts_file)
-    prompts = [build_prompt(tokenizer, r["prompt"], system=args.system, raw=args.raw) for r in records]
+    base = Path(args.prompts_file).parent
+    prompts = [_build_prompt(model, tokenizer, r["prompt"], args, record_images(r, base, args.image) if
+                             hasattr(model, "processor") else []) for r in records]
     if args.show_prompt:
         for i, prompt in enumerate(prompts, start=1):
             print(f"[prompt {i}] {tokenizer.decode(prompt)}", file=sys.stderr)
@@ -155,7 +185,12 @@ def run_prompts_file(model, tokenizer, args, options) -> None:
 def run_chat_mode(model, tokenizer, args, options, model_name: str) -> None:
     from mlx_grpo.generation.chat import ChatSession, run_chat
 
-    session = ChatSession(model, tokenizer, options, system=args.system)
+    if hasattr(model, "processor"):  # a vision-language model
+        from mlx_grpo.vlm.chat import VlmChatSession
+
+        session = VlmChatSession(model, tokenizer, options, images=args.image, system=args.system)
+    else:
+        session = ChatSession(model, tokenizer, options, system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:
         tools = " Calculator on." if model_uses_calculator(tokenizer, options) else ""
@@ -180,6 +215,7 @@ def main(argv=None) -> int:
     from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError
     from mlx_grpo.training.checkpoint import CheckpointError
     from mlx_grpo.training.lora import load_adapted_model
+    from mlx_grpo.vlm import VlmError
 
     try:
         options = GenerationOptions(
@@ -191,8 +227,11 @@ def main(argv=None) -> int:
             print(f"[model] {model_name} (newest checkpoint; --model picks another)", file=sys.stderr)
         if args.adapter_path is not None or is_adapter_folder(model_name):  # base + LoRA adapters
             model, tokenizer = load_adapted_model(model_name, args.adapter_path)
-        else:
+        else:  # a vision-language model loads through mlx-vlm (utils/vlm/)
             model, tokenizer = load_model(model_name)
+        if args.image and not hasattr(model, "processor"):
+            raise VlmError(f"--image needs a vision-language model (a config.json with a vision_config); "
+                           f"{model_name} is a text model")
         if args.seed is not None:
             mx.random.seed(args.seed)
         if args.prompt is not None:
@@ -201,7 +240,7 @@ def main(argv=None) -> int:
             run_prompts_file(model, tokenizer, args, options)
         else:
             run_chat_mode(model, tokenizer, args, options, model_name)
-    except (InferenceError, ModelLoadError, NanochatCheckpointError, CheckpointError) as e:
+    except (InferenceError, ModelLoadError, NanochatCheckpointError, CheckpointError, VlmError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -24,6 +24,7 @@ from mlx_grpo.nanochat.tokenizer import (
     load_tiktoken_encoding,
     nanochat_tokenizer,
 )
+from mlx_grpo.vlm import is_vlm_source, read_config
 
 CONVERTED_MODELS_DIR = "models"  # convert_nanochat.py's output folder (nanochat.convert.default_output_dir)
 ADAPTER_CONFIG_FILE = "adapter_config.json"  # marks a LoRA checkpoint / mlx-lm adapter folder
@@ -131,6 +132,11 @@ def load_model(path: str | Path, *, lazy: bool = False, return_config: bool = Fa
     """
     if is_adapter_folder(path):  # a LoRA checkpoint: adapters only
         raise ModelLoadError(_adapters_not_a_model(path))
+    if is_vlm_source(path):  # a vision-language model: mlx-vlm's, as a policy (utils/vlm/)
+        from mlx_grpo.vlm.model import load_vlm, vlm_tokenizer
+
+        model = load_vlm(path, lazy=lazy)
+        return (model, vlm_tokenizer(model), read_config(path)) if return_config else (model, vlm_tokenizer(model))
     if is_nanochat_folder(path):
         folder = Path(path).expanduser()
         model, config = load_nanochat_model(folder, lazy=lazy)
@@ -169,6 +175,10 @@ def save_model_folder(folder: str | Path, model: nn.Module, tokenizer, source: s
 
     folder = Path(folder)
     src = Path(source).expanduser()
+    if hasattr(model, "processor"):  # a vision-language policy (utils/vlm/)
+        from mlx_grpo.vlm.model import save_vlm_folder
+
+        return save_vlm_folder(folder, model, src)
     if nanochat_tokenizer(tokenizer) is not None:
         meta = {**read_nanochat_meta(src), "parent": str(source)}
         return save_nanochat_folder(folder, model, dict(config or load_config(src)), src / TOKENIZER_FILENAME,

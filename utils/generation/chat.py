@@ -10,6 +10,7 @@ The engine decodes, samples (with mlx-lm's logits processors) and runs nanochat'
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from dataclasses import dataclass, field
@@ -257,7 +258,7 @@ class ReplyStream:
             raise InferenceError("the prompt is empty")
         self.model = model
         self.tokenizer = tokenizer
-        self.prompt = list(prompt)
+        self.prompt = copy.copy(prompt) if isinstance(prompt, list) else list(prompt)  # keeps a VlmPrompt's images
         self.options = options
         self.cache = cache
         self.reply = Reply()

@@ -185,7 +185,10 @@ class MlxLmDecoder:
 
 
 def make_decoder(model, prompts, group_size, max_new_tokens, fast_decode=True, prefilled=None):
-    """A fast decoder where one applies (nanochat; llama, qwen2, qwen3; no adapters), else mlx-lm's model call."""
+    """A model's own decoder (a vision-language policy, utils/vlm/), a fast decoder where one applies (nanochat;
+    llama, qwen2, qwen3; no adapters), else mlx-lm's model call."""
+    if hasattr(model, "rollout_decoder"):  # first: a VLM must not reach the text-only fast decoders
+        return model.rollout_decoder(prompts, group_size, prefilled)
     if fast_decode and nanochat_decode.supports(model):
         return nanochat_decode.NanochatDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled)
     if fast_decode and llama_decoder.supports(model):

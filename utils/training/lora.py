@@ -163,7 +163,8 @@ def add_adapters(model: nn.Module, cfg) -> dict:
     adapter_config = adapter_config_for(cfg, len(model.layers), default_lora_keys(model))
     model.set_dtype(getattr(mx, cfg.compute_dtype))
     if cfg.base_quant_bits:
-        _quantize_base(model, cfg.base_quant_bits, cfg.base_quant_group_size)
+        # a vision-language policy quantizes its language model only
+        _quantize_base(getattr(model, "quantization_root", model), cfg.base_quant_bits, cfg.base_quant_group_size)
     model.freeze()
     _convert(model, adapter_config)  # new adapter layers are created unfrozen, in float32
     model.eval()  # dropout acts only where the trainer switches to train mode (the loss forward)
@@ -327,7 +328,8 @@ def load_adapted_model(model: str | Path, adapter_path: str | Path | None = None
         if not (Path(adapter_path) / ADAPTER_FILE).is_file():
             raise ModelLoadError(f"{adapter_path} has {ADAPTER_CONFIG_FILE} but no {ADAPTER_FILE}")
         if quant := adapter_config.get("base_quantization"):
-            config = _quantize_base(base, quant["bits"], quant["group_size"], config)
+            config = _quantize_base(getattr(base, "quantization_root", base), quant["bits"], quant["group_size"],
+                                    config)
         try:
             load_adapters(base, str(adapter_path))
         except ValueError as e:  # mlx-lm names the tensors that do not fit

@@ -97,10 +97,11 @@ def supports_shared_prompt(model) -> bool:
 
 
 def batch_logits(model, model_inputs) -> mx.array:
-    """The logits of a packed micro-batch: model_inputs is PackedBatch.model_inputs or SharedPromptBatch's."""
-    if isinstance(model_inputs, mx.array):
-        return model(model_inputs)
-    return shared_prompt_logits(model, *model_inputs)
+    """The logits of a packed micro-batch: model_inputs is PackedBatch.model_inputs (token ids, or a dict for a
+    vision-language policy, utils/vlm/training.py) or SharedPromptBatch's (a tuple)."""
+    if isinstance(model_inputs, tuple):
+        return shared_prompt_logits(model, *model_inputs)
+    return model(model_inputs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -146,7 +146,8 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
         epsilon_high=cfg.effective_epsilon_high, beta=cfg.beta,
         importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.generation_limit,
         compute_dtype=compute_dtype, use_compile=cfg.use_compile, loss_options=loss_options(cfg))
-    share_prompts = cfg.share_prompt_forward and supports_shared_prompt(model)
+    # A vision-language policy (utils/vlm/) is not covered: its micro-batches carry image features.
+    share_prompts = cfg.share_prompt_forward and supports_shared_prompt(model) and not hasattr(model, "processor")
     if cfg.share_prompt_forward and not share_prompts:
         print(f"[update] share_prompt_forward: model type {getattr(getattr(model, 'args', None), 'model_type', None)!r} is not covered; "
               "each completion runs its prompt in the update")
@@ -194,6 +195,10 @@ def rollout_policy(setup: StepSetup, quantized: bool):
     after the rollout (_sample holds it); sampled tokens are the adapted policy's (tests/test_lora.py).
     """
     cfg = setup.cfg
+    if setup.adapters and hasattr(setup.model, "processor"):
+        # A vision-language policy (utils/vlm/) has no frozen copy (check_vlm_config refuses the settings that
+        # need one): its adapters sample in place, on a base already in compute_dtype.
+        return setup.model
     if quantized or setup.adapters or setup.compute_dtype != mx.float32:
         return rollout_copy(setup.model, cfg.rollout_quant_bits if quantized else None, cfg.rollout_quant_group_size,
                             setup.compute_dtype)
@@ -214,9 +219,14 @@ def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict) -> Rollou
     completions, stats = generate_completions(
         policy, prompts, group_size=cfg.num_generations, max_new_tokens=cfg.generation_limit, sampler=setup.sampler,
         stop_token_ids=setup.stop_token_ids, calculator=setup.calculator, fast_decode=setup.fast_decode)
-    slices, batches = pack_micro_batches(prompts, completions, cfg.effective_micro_batch_size,
-                                         cfg.mask_truncated_completions, pad_multiple=cfg.pad_to_multiple_of,
-                                         share_prompts=setup.share_prompts)
+    if hasattr(setup.model, "pack_micro_batches"):  # a VLM: rows carry image features; prompts never shared
+        slices, batches = setup.model.pack_micro_batches(prompts, completions, cfg.effective_micro_batch_size,
+                                                         cfg.mask_truncated_completions,
+                                                         pad_multiple=cfg.pad_to_multiple_of)
+    else:
+        slices, batches = pack_micro_batches(prompts, completions, cfg.effective_micro_batch_size,
+                                             cfg.mask_truncated_completions, pad_multiple=cfg.pad_to_multiple_of,
+                                             share_prompts=setup.share_prompts)
     start = _lap(seconds, "rollout", start)
     # Old-policy log-probs only where they differ from the current ones: the policy that sampled them
     # is a quantized copy, or the batch is reused for more than one update. With the correction, a
