@@ -120,8 +120,10 @@ def test_trainer_runs_grpo_on_image_questions(folder, tmp_path, train_type):
     from mlx_grpo.models import load_model
 
     path, _ = folder
-    data = write_colour_dataset(tmp_path / "data", rows_per_colour=2)
-    (data / "test.jsonl").write_text((data / "train.jsonl").read_text())
+    data = write_colour_dataset(tmp_path / "data", rows_per_colour=3)
+    rows = (data / "train.jsonl").read_text().splitlines(keepends=True)
+    (data / "train.jsonl").write_text("".join(rows[:6]))  # squares 0 and 1 of each colour
+    (data / "test.jsonl").write_text("".join(rows[6:]))  # held out: the same question on other images
     (tmp_path / "rewards.py").write_text(COLOUR_REWARD)
     settings = [f"model_name={path}", f"output_dir={tmp_path / 'out'}", "run_name=run", f"dataset_path={data}",
                 f"reward_file={tmp_path / 'rewards.py'}", "reward_funcs=colour_reward", "max_train_samples=4",
