@@ -13,13 +13,13 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from mlx_grpo import convert_model  # noqa: E402
 from mlx_grpo.config import GRPOConfig, validate  # noqa: E402
-from mlx_grpo.generation.engine import generate_completions  # noqa: E402
+from mlx_grpo.generation.engine import generate_completions, make_decoder  # noqa: E402
 from mlx_grpo.generation.sampling import make_rollout_sampler  # noqa: E402
 from mlx_grpo.training.distributed import World  # noqa: E402
 from mlx_grpo.training.lora import adapter_modules, add_adapters, load_adapted_model  # noqa: E402
-from mlx_grpo.training.step import TrainState, build_step, grpo_updates, sample_rollouts  # noqa: E402
-from mlx_grpo.training.update import ensure_float32  # noqa: E402
-from mlx_grpo.vlm.decode import prefill_prompt  # noqa: E402
+from mlx_grpo.training.step import TrainState, build_step, grpo_updates, rollout_policy, sample_rollouts  # noqa: E402
+from mlx_grpo.training.update import PackedBatch, ensure_float32  # noqa: E402
+from mlx_grpo.vlm.decode import VlmDecoder, prefill_prompt  # noqa: E402
 from mlx_grpo.vlm.model import build_vlm_prompt, load_vlm, vlm_tokenizer  # noqa: E402
 
 QUESTION = "What colour is the square?"
@@ -75,10 +75,16 @@ def test_lora_grpo_updates_reach_the_adapters(folder, use_compile):
     vision_before = {k: np.array(v) for k, v in tree_flatten(policy.vlm.vision_tower.parameters())}
     assert not any(k.startswith("vlm.vision_tower") for k, _ in tree_flatten(policy.trainable_parameters()))
     setup = build_step(cfg, World(), policy, total_updates=2, stop_token_ids=tokenizer.eos_token_ids)
+    # share_prompt_forward is on by default: VLM micro-batches still carry their image features, unshared;
+    # the adapters sample in place (no merged copy of a VLM) through the policy's own decoder.
+    assert cfg.share_prompt_forward and not setup.share_prompts
+    assert rollout_policy(setup, quantized=False) is policy
     state = TrainState()
     prompts = _prompts(policy, images)
+    assert isinstance(make_decoder(policy, prompts, 2, 4), VlmDecoder)
     mx.random.seed(3)
     rollouts = sample_rollouts(setup, state, prompts)
+    assert all(isinstance(b, PackedBatch) and isinstance(b.model_inputs, dict) for b in rollouts.batches)
     target = rollouts.completions[0].tokens[0]
     rewards = [float(np.mean([t == target for t in c.tokens])) for c in rollouts.completions]
     assert np.std(rewards) > 0

@@ -149,8 +149,9 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
     # A vision-language policy (utils/vlm/) is not covered: its micro-batches carry image features.
     share_prompts = cfg.share_prompt_forward and supports_shared_prompt(model) and not hasattr(model, "processor")
     if cfg.share_prompt_forward and not share_prompts:
-        print(f"[update] share_prompt_forward: model type {getattr(getattr(model, 'args', None), 'model_type', None)!r} is not covered; "
-              "each completion runs its prompt in the update")
+        model_type = getattr(getattr(model, "args", None), "model_type", None)
+        which = "a vision-language model" if hasattr(model, "processor") else f"model type {model_type!r}"
+        print(f"[update] share_prompt_forward: {which} is not covered; each completion runs its prompt in the update")
     return StepSetup(cfg, world, model, reference, optimizer, schedule, loss_and_grad,
                      make_rollout_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p), set(stop_token_ids),
                      calculator, fast_decode, adapters, share_prompts)
