@@ -13,6 +13,7 @@ summary at the end.
 """
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -49,13 +50,25 @@ from mlx_grpo.training.distributed import (
     quiet_unless_main,
     reduce_step_metrics,
 )
+from mlx_grpo.training.backend import BACKEND_KEYS, current_backend, resolve_for_backend, resolve_headroom
 from mlx_grpo.training.lora import add_adapters, save_adapters, trainable_summary
+from mlx_grpo.training.memory import (
+    MemoryPlanError,
+    check_fits,
+    memory_metrics,
+    model_dims,
+    plan_memory,
+    read_model_config,
+    record_peak,
+    wired_limit,
+)
 from mlx_grpo.training.metrics import METRICS_FILE, MetricsLogger, format_console_line
 from mlx_grpo.training.step import (
     TrainingError,
     TrainState,
     build_step,
     every,
+    generation_options,
     grpo_updates,
     load_training_checkpoint,
     sample_rollouts,
@@ -66,7 +79,7 @@ from mlx_grpo.training.update import ensure_float32
 
 # Errors caused by the user's input (config, data, model folder, rewards, checkpoints, settings).
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError, CheckpointError, FileNotFoundError,
-               DistributedError, TrainingError)
+               DistributedError, TrainingError, MemoryPlanError)
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.toml"
 DEMO_MODEL = "demo/model"  # configs/demo.toml's model, made by utils/demo/build.py
@@ -81,6 +94,9 @@ def parse_args(argv=None):
                              "the run run_name, else the newest run in output_dir")
     parser.add_argument("--accept-changes", action="store_true",
                         help="with --resume: continue with the keys given now where they change the run's math")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory plan (peak of each phase, what this machine can use) and exit; "
+                             "reads only config.json files")
     args = parser.parse_args(argv)
     if args.accept_changes and not args.resume:
         parser.error("--accept-changes goes with --resume")
@@ -129,21 +145,24 @@ class Task:
         return self._check([text], answer=[answer])[0] > 0
 
 
-def evaluate(cfg, world, model, task, calculator, update):
+def evaluate(cfg, world, model, task, calculator, update, plan=None):
     """Greedy accuracy (and pass@k) on the held-out questions, batched like rollouts."""
+    mx.reset_peak_memory()
     result = evaluate_sharded(world, model, task.prompts, task.answers, decode=task.text, is_correct=task.is_correct,
                               stop_token_ids=task.stop_token_ids, max_new_tokens=cfg.eval_max_new_tokens,
                               calculator=calculator, pass_k=cfg.eval_pass_k, temperature=cfg.eval_temperature,
-                              top_k=cfg.top_k, top_p=cfg.top_p, questions=task.questions)
+                              top_k=cfg.top_k, top_p=cfg.top_p, questions=task.questions, **generation_options(cfg))
+    peaks = {}
+    record_peak(peaks, "eval")
     print(f"[eval] update {update}: accuracy {result.accuracy:.2%} on {result.num_questions} questions"
           + "".join(f", pass@{k} {v:.2%}" for k, v in result.pass_at_k.items()))
     return {"eval/accuracy": result.accuracy, "eval/seconds": result.seconds,
-            **{f"eval/pass@{k}": v for k, v in result.pass_at_k.items()}}
+            **{f"eval/pass@{k}": v for k, v in result.pass_at_k.items()}, **memory_metrics(plan, peaks)}
 
 
-def evaluate_and_log(cfg, world, model, task, calculator, state, logger):
+def evaluate_and_log(cfg, world, model, task, calculator, state, logger, plan=None):
     """evaluate() after state.update updates, kept in the run's eval history and metrics."""
-    metrics = evaluate(cfg, world, model, task, calculator, state.update)
+    metrics = evaluate(cfg, world, model, task, calculator, state.update, plan)
     state.eval_history.append({"update": state.update, **metrics})
     logger.log(state.update, metrics)
 
@@ -160,9 +179,36 @@ def model_writer(cfg, model, tokenizer, adapter_config):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return train(args)
+        with wired_limit():  # Metal: the run's memory stays wired; the previous limit comes back after
+            return train(args)
     except USER_ERRORS as error:  # bad input: one line naming the problem, no traceback
         sys.exit(f"error: {error}")
+
+
+def plan_run(cfg, world, stop_if_too_large=True):
+    """The backend's "auto" keys chosen (each printed once) and the memory plan printed, from config.json
+    files only; stops (MemoryPlanError, one line) when the plan does not fit and memory_check is on."""
+    backend = current_backend()
+    cfg, notes = resolve_for_backend(cfg, backend)
+    config = read_model_config(cfg.model_name)
+    plan = plan_memory(model_dims(config, cfg), cfg, world.size) if config is not None else None
+    rollout_bytes = plan.phases["rollout"] - sum(plan.resident.values()) if plan else None
+    cfg, more = resolve_headroom(cfg, backend, rollout_bytes)
+    for line in notes + more:
+        print(line)
+    if plan is None:
+        print(f"[memory] no plan: {cfg.model_name} has no config.json on this machine yet")
+        return cfg, None
+    for line in plan.lines():
+        print(line)
+    if stop_if_too_large and cfg.memory_check:
+        check_fits(config, cfg, plan, world.size)
+    elif not plan.fits:
+        try:
+            check_fits(config, cfg, plan, world.size)
+        except MemoryPlanError as error:
+            print(f"[memory] {error}")
+    return cfg, plan
 
 
 def train(args):
@@ -182,6 +228,13 @@ def train(args):
         given.update(output_dir=str(run_dir.parent), run_name=run_dir.name)  # where the run lives now
         saved = load_resolved_config(checkpoint)
     requested = config_from_values(given, base=saved)
+    # The memory plan, before anything loads (utils/training/memory.py): --plan prints it and exits.
+    requested, plan = plan_run(requested, world, stop_if_too_large=not args.plan)
+    if saved is not None:  # a run saved before a backend key existed: the choice made now, not a change
+        saved = dataclasses.replace(saved, **{key: getattr(requested, key) for key in BACKEND_KEYS
+                                              if getattr(saved, key) is None})
+    if args.plan:
+        return plan
     if not checkpoint and not args.eval_only and (requested.run_dir / METRICS_FILE).exists():
         raise ConfigError(f"{requested.run_dir} already holds a run: pass --resume to continue it, "
                           "or choose another run_name")
@@ -206,7 +259,7 @@ def train(args):
     # Evaluation: greedy accuracy (and pass@k) on held-out questions.
     eval_task = Task(cfg, tokenizer, cfg.eval_split, limit=cfg.eval_samples)
     if args.eval_only:
-        return evaluate(cfg, world, model, eval_task, calculator, 0)
+        return evaluate(cfg, world, model, eval_task, calculator, 0, plan)
 
     # The training data and the rewards.
     train_task = Task(cfg, tokenizer, cfg.train_split, limit=cfg.max_train_samples)
@@ -250,7 +303,7 @@ def train(args):
         print(f"[{cfg.train_type}] {trainable_summary(model)}")
 
     if state.step == 0:
-        evaluate_and_log(cfg, world, model, eval_task, calculator, state, logger)
+        evaluate_and_log(cfg, world, model, eval_task, calculator, state, logger, plan)
 
     from tqdm import tqdm
 
@@ -279,7 +332,8 @@ def train(args):
         for update in updates:
             metrics = {"step": state.step, "epoch": data.epoch,
                        **update_metrics(cfg, rollouts, rewards, update, accuracy),
-                       "time/step": time.perf_counter() - step_start, "memory/peak_gb": mx.get_peak_memory() / 1e9}
+                       "time/step": time.perf_counter() - step_start,
+                       "memory/peak_gb": max(rollouts.peaks.values()) / 1e9, **memory_metrics(plan, rollouts.peaks)}
             metrics = reduce_step_metrics(world, metrics, len(rollouts.completions))
             logger.log(update.update, metrics)
             progress.update(1)
@@ -292,7 +346,7 @@ def train(args):
                 {"prompt": questions[i], "completion": texts[i], "answer": answers[i],
                  "reward": float(rewards.total[i])} for i in range(min(cfg.completions_log_count, len(texts)))])
         if every(cfg.eval_steps, state.step) or state.step == total_steps:
-            evaluate_and_log(cfg, world, model, eval_task, calculator, state, logger)
+            evaluate_and_log(cfg, world, model, eval_task, calculator, state, logger, plan)
         if every(cfg.save_steps, state.step) or state.step == total_steps:
             save_training_checkpoint(setup, state, run_dir, write_model_files, keep_last=cfg.keep_last)
     progress.close()

@@ -182,10 +182,11 @@ class MlxLmDecoder:
         return [layer_cache.extract(row) for layer_cache in self.cache]
 
 
-def make_decoder(model, prompts, group_size, max_new_tokens, fast_decode=True, prefilled=None):
+def make_decoder(model, prompts, group_size, max_new_tokens, fast_decode=True, prefilled=None, prefill_align=None):
     """The fast nanochat decoder where it applies (nanochat, no adapters), else mlx-lm's model call."""
     if fast_decode and nanochat_decode.supports(model):
-        return nanochat_decode.NanochatDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled)
+        return nanochat_decode.NanochatDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled,
+                                               prefill_align=prefill_align or nanochat_decode.PREFILL_ALIGN)
     return MlxLmDecoder(model, prompts, group_size, prefilled)
 
 
@@ -229,6 +230,8 @@ def generate_completions(
     logits_processors=None,
     on_token: Optional[Callable[[Completion], None]] = None,
     cache: Optional[ReusableCache] = None,
+    prefill_align: Optional[int] = None,
+    headroom: Optional[float] = None,
 ):
     """Sample `group_size` completions for every prompt (token id lists), all in one batch.
 
@@ -243,6 +246,7 @@ def generate_completions(
     - cache: a ReusableCache for one prompt and group_size 1 (a chat): only the part of the prompt it does
       not hold is prefilled, and afterwards it holds the prompt and the completion. An exception while
       generating (Ctrl-C) resets it.
+    - prefill_align, headroom: the run's prefill_align and rollout_headroom (None: the CUDA-measured defaults).
     """
     start = time.perf_counter()
     if any(len(p) == 0 for p in prompts):
@@ -252,14 +256,14 @@ def generate_completions(
                          "group_size=1 with it")
     completions = [Completion(prompt_index=i) for i in range(len(prompts)) for _ in range(group_size)]
     rows = _Rows(completions, prompts, set(stop_token_ids), calculator, logits_processors, on_token)
-    trim_buffer_cache(ROLLOUT_HEADROOM * mx.get_memory_limit())
+    trim_buffer_cache((ROLLOUT_HEADROOM if headroom is None else headroom) * mx.get_memory_limit())
     try:
         prefilled, prompt_tokens = None, sum(len(p) for p in prompts)
         if cache is not None:
             held = cache.prepare(prompts[0])
             _prefill_prompt(model, prompts[0][held:-1], cache.cache)
             prefilled, prompt_tokens = [cache.cache], len(prompts[0]) - held
-        decoder = make_decoder(model, prompts, group_size, max_new_tokens, fast_decode, prefilled)
+        decoder = make_decoder(model, prompts, group_size, max_new_tokens, fast_decode, prefilled, prefill_align)
         prefill_end = time.perf_counter()
         first_inputs = [prompts[c.prompt_index][-1] for c in completions]
         steps = _decode(decoder, first_inputs, rows, max_new_tokens, sampler, compact_fraction)

@@ -24,7 +24,7 @@ from mlx_grpo.cuda_kernels import decode as cuda_decode
 # softcap), so tests/test_nanochat_decode.py checks these against it; the CUDA kernel and benches read them here.
 RMS_NORM_EPS = 1e-5
 SOFTCAP = 15.0
-PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of this
+PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of this (the default; config prefill_align)
 
 
 def _linear_spec(layer):
@@ -124,7 +124,9 @@ class NanochatDecoder:
     per-row layout is used then, which row_cache() reads to hand the cache back.
     """
 
-    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None):
+    def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None,
+                 prefill_align=PREFILL_ALIGN):
+        self.prefill_align = prefill_align
         attn = model.transformer.h[0].attn
         self.model = model
         self.n_heads, self.n_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -174,7 +176,7 @@ class NanochatDecoder:
             return [(c.keys[..., :width, :], c.values[..., :width, :]) for c in self.prefilled[0]]
         # The forward's length is rounded up so that steps with other prompts reuse its shape: on CUDA
         # MLX's fused attention plans every new shape anew, each time it meets one.
-        padded = -(-width // PREFILL_ALIGN) * PREFILL_ALIGN
+        padded = -(-width // self.prefill_align) * self.prefill_align
         tokens = mx.array([p[:n] + [0] * (padded - n) for p, n in zip(prompts, prefix_lens)], dtype=mx.int32)
         cache = make_prompt_cache(self.model)
         self.model(tokens, cache=cache)

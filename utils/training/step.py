@@ -29,8 +29,10 @@ from mlx_grpo.generation.engine import RolloutStats, generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mlx_grpo.training.distributed import World, group_advantages_across, process_states, restore_process_state
+from mlx_grpo.training.backend import current_backend, resolve_for_backend, resolve_headroom
 from mlx_grpo.training.lora import base_policy, has_adapters, load_adapter_weights, rollout_copy
 from mlx_grpo.training.loss import finalize_stats, frac_reward_zero_std, group_reward_stats
+from mlx_grpo.training.memory import record_peak
 from mlx_grpo.training.update import (
     FusedAdamW,
     LossAndGrad,
@@ -112,6 +114,8 @@ class StepSetup:
 def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_token_ids, calculator=None,
                fast_decode: bool = True) -> StepSetup:
     """The reference, the optimizer (warmup and decay sized on total_updates), the loss and the samplers."""
+    if None in (cfg.pad_to_multiple_of, cfg.prefill_align, cfg.rollout_headroom):  # not resolved by the trainer
+        cfg = resolve_headroom(resolve_for_backend(cfg, current_backend())[0], current_backend())[0]
     compute_dtype = getattr(mx, cfg.compute_dtype)
     adapters = has_adapters(model)
     # The reference exists only with a KL term: the starting weights (quantized with the rollouts), or
@@ -129,7 +133,7 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
         model, temperature=cfg.temperature, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
         epsilon_high=cfg.effective_epsilon_high, beta=cfg.beta,
         importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.generation_limit,
-        compute_dtype=compute_dtype, use_compile=cfg.use_compile)
+        compute_dtype=compute_dtype, use_compile=cfg.use_compile, grad_checkpoint=cfg.grad_checkpoint)
     return StepSetup(cfg, world, model, reference, optimizer, schedule, loss_and_grad,
                      make_rollout_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p), set(stop_token_ids),
                      calculator, fast_decode, adapters)
@@ -152,6 +156,7 @@ class Rollouts:
     ref_logp: list | None  # per micro-batch, under the reference (beta > 0)
     quantized: bool  # sampled by a quantized copy
     seconds: dict = field(default_factory=dict)  # "rollout", "old_policy", "reference"
+    peaks: dict = field(default_factory=dict)  # the same phases and "update": measured peak bytes
 
 
 def rollout_policy(setup: StepSetup, quantized: bool):
@@ -167,30 +172,39 @@ def rollout_policy(setup: StepSetup, quantized: bool):
     return setup.model
 
 
-def _lap(seconds: dict, phase: str, start: float) -> float:
+def _lap(seconds: dict, phase: str, start: float, peaks: dict | None = None) -> float:
+    """Time a phase (and record its peak memory in `peaks`, when it ran)."""
     mx.synchronize()  # the phase's work is done, not only queued
     now = time.perf_counter()
     seconds[phase] = seconds.get(phase, 0.0) + now - start
+    if peaks is not None:
+        record_peak(peaks, phase)
     return now
 
 
-def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict) -> Rollouts:
+def generation_options(cfg: GRPOConfig) -> dict:
+    """The backend keys generate_completions takes (rollouts and evaluation)."""
+    return {"prefill_align": cfg.prefill_align, "headroom": cfg.rollout_headroom}
+
+
+def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict, peaks: dict) -> Rollouts:
     cfg = setup.cfg
     start = time.perf_counter()
     policy = rollout_policy(setup, quantized)
     completions, stats = generate_completions(
         policy, prompts, group_size=cfg.num_generations, max_new_tokens=cfg.generation_limit, sampler=setup.sampler,
-        stop_token_ids=setup.stop_token_ids, calculator=setup.calculator, fast_decode=setup.fast_decode)
+        stop_token_ids=setup.stop_token_ids, calculator=setup.calculator, fast_decode=setup.fast_decode,
+        **generation_options(cfg))
     slices, batches = pack_micro_batches(prompts, completions, cfg.effective_micro_batch_size,
                                          cfg.mask_truncated_completions, pad_multiple=cfg.pad_to_multiple_of)
-    start = _lap(seconds, "rollout", start)
+    start = _lap(seconds, "rollout", start, peaks)
     # Old-policy log-probs only where they differ from the current ones: the policy that sampled them
     # is a quantized copy, or the batch is reused for more than one update.
     old_logp = None
     if quantized or cfg.num_iterations > 1:
         old_logp = frozen_logprobs(policy, batches, cfg.temperature)
-    _lap(seconds, "old_policy", start)
-    return Rollouts(prompts, completions, stats, slices, batches, old_logp, None, quantized, seconds)
+    _lap(seconds, "old_policy", start, peaks if old_logp is not None else None)
+    return Rollouts(prompts, completions, stats, slices, batches, old_logp, None, quantized, seconds, peaks)
 
 
 def sample_rollouts(setup: StepSetup, state: TrainState, prompts) -> Rollouts:
@@ -200,17 +214,18 @@ def sample_rollouts(setup: StepSetup, state: TrainState, prompts) -> Rollouts:
     of the run (state.rollouts_quantized, counted in state.nan_events) and the rollouts are sampled
     again; every process takes the same branch.
     """
-    seconds = {}
-    rollouts = _sample(setup, prompts, state.rollouts_quantized, seconds)
+    seconds, peaks = {}, {}
+    mx.reset_peak_memory()
+    rollouts = _sample(setup, prompts, state.rollouts_quantized, seconds, peaks)
     if rollouts.quantized and not setup.world.all_true(masked_all_finite(rollouts.old_logp, rollouts.batches)):
         print("[nan] the quantized rollout copy gave non-finite log-probs: rollouts switch to full precision "
               "for the rest of the run; sampling this step again")
         state.rollouts_quantized = False
         state.nan_events += 1
-        rollouts = _sample(setup, prompts, False, seconds)
+        rollouts = _sample(setup, prompts, False, seconds, peaks)
     start = time.perf_counter()
     rollouts.ref_logp = reference_logprobs(setup, rollouts.batches)
-    _lap(seconds, "reference", start)
+    _lap(seconds, "reference", start, peaks if rollouts.ref_logp is not None else None)
     return rollouts
 
 
@@ -249,12 +264,14 @@ def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, reward
     # Loss normalizers of the whole (global) batch, so the processes' gradients add up to its gradient.
     normalizers = world.sum_values(loss_normalizers(rollouts.completions, rollouts.batches))
     updates = []
+    mx.reset_peak_memory()
     for _ in range(cfg.num_iterations):
         lr = float(setup.schedule(setup.optimizer.step))
         model.train()  # only the loss forward runs in train mode (LoRA dropout)
         result = policy_update(model, setup.optimizer, setup.loss_and_grad, rollouts.batches, rollouts.slices,
                                advantages, rollouts.old_logp, rollouts.ref_logp, normalizers, cfg.max_grad_norm,
                                all_sum=world.sum_tree)
+        record_peak(rollouts.peaks, "update")
         model.eval()
         state.update += 1
         if result.applied:

@@ -220,9 +220,14 @@ class LossAndGrad:
 
 def make_loss_and_grad(model, *, temperature, loss_type, epsilon, epsilon_high, beta,
                        importance_sampling_level, max_completion_length, compute_dtype=mx.float32,
-                       use_compile=False) -> LossAndGrad:
+                       use_compile=False, grad_checkpoint=False) -> LossAndGrad:
     """The GRPO loss and its gradient for `model`; normalizers are arrays so a compiled graph is
-    reused across steps. See LossAndGrad for the dtypes."""
+    reused across steps. See LossAndGrad for the dtypes. grad_checkpoint: the model's blocks recompute
+    their activations in the backward pass (training.memory.checkpoint_blocks)."""
+    if grad_checkpoint:
+        from mlx_grpo.training.memory import checkpoint_blocks
+
+        checkpoint_blocks(model)
 
     def loss_fn(inputs, targets, mask, advantages, old_logp, ref_logp,
                 num_sequences_total, num_tokens_total, num_micro_batches):
