@@ -480,7 +480,8 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
                  "eval_max_new_tokens", "num_iterations", "max_nan_steps"):
         at_least(name, 1)
     for name in ("pad_to_multiple_of", "prefill_align"):
-        need(getattr(cfg, name) is None or getattr(cfg, name) >= 1, f"{name} must be >= 1 or \"auto\", got {getattr(cfg, name)!r}")
+        value = getattr(cfg, name)
+        need(value is None or value >= 1, f"{name} must be >= 1 or \"auto\", got {value!r}")
     need(cfg.rollout_headroom is None or 0.0 <= cfg.rollout_headroom < 1.0,
          f"rollout_headroom must be in [0, 1) or \"auto\", got {cfg.rollout_headroom!r}")
     for name in ("max_train_samples", "save_steps", "eval_steps", "eval_samples", "seed", "top_k",

@@ -138,7 +138,8 @@ TRAIN_ELEMENTS_PER_LAYER_WIDTH = 20  # per token, layer and hidden unit (attenti
 TRAIN_ELEMENTS_PER_LAYER_MLP = 3  # per token, layer and MLP unit (c_fc's output, relu2)
 TRAIN_ELEMENTS_PER_ATTENTION = 2  # per token, layer, head and key: the scores and softmax kept for the backward
 TRAIN_FLOAT32_PER_LOGIT = 4  # per token and logit: the logits, their float32 copy, softmax and its gradient
-FORWARD_FLOAT32_PER_LOGIT = 3  # a forward without gradient (old policy, reference, prefill)
+FORWARD_FLOAT32_PER_LOGIT = 3  # a forward without gradient for log-probs (old policy, reference)
+PREFILL_FLOAT32_PER_LOGIT = 2  # a prefill's forward: the logits and the softcap's output
 CHECKPOINTED_ELEMENTS_PER_LAYER_WIDTH = 2  # grad_checkpoint: each block keeps its input and output only
 
 
@@ -212,9 +213,9 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     packed = rows * width * 12  # inputs, targets (int32) and mask (float32)
     logp = rows * width * 4  # one float32 log-prob per position, per pass kept
 
-    def forward(batch: int, length: int, act_bytes: int) -> int:
+    def forward(batch: int, length: int, act_bytes: int, per_logit: int = FORWARD_FLOAT32_PER_LOGIT) -> int:
         """A forward without gradient: the logits and a few layer activations at a time."""
-        logits = batch * length * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT
+        logits = batch * length * dims.vocab * 4 * per_logit
         return logits + batch * length * (4 * dims.hidden + dims.intermediate) * act_bytes
 
     def kv_cache(num_rows: int, length: int, act_bytes: int) -> int:
@@ -229,8 +230,12 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
         copy = 0  # the policy itself samples
     act = cd if (copy or not full) else 4
     align = cfg.prefill_align or 1
-    prefill = forward(prompts, _round_up(prompt_len, align), act) + kv_cache(prompts, _round_up(prompt_len, align), act)
-    decode = kv_cache(rows, prompt_len + new, act) + rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT
+    prefill_len = _round_up(prompt_len, align)
+    prefill = forward(prompts, prefill_len, act, PREFILL_FLOAT32_PER_LOGIT) + kv_cache(prompts, prefill_len, act)
+    # Every row's cache at full length, one layer's more while the rows are copied out of the prompts' caches.
+    full_cache = kv_cache(rows, prompt_len + new, act)
+    decode = (full_cache + full_cache // dims.layers + kv_cache(prompts, prompt_len, act)
+              + rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT)
     phases = {"rollout": base + copy + max(prefill + kv_cache(prompts, prompt_len, act), decode)}
     old_policy = cfg.quantize_for_rollouts or cfg.num_iterations > 1
     kept = packed + (logp if old_policy else 0)
@@ -247,9 +252,10 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     # Evaluation: the policy itself decodes EVAL_BATCH questions at a time.
     eval_act = 4 if full else cd
     eval_rows = min(EVAL_BATCH, max(1, -(-(cfg.eval_samples or EVAL_BATCH) // world_size)))
-    eval_prefill = forward(eval_rows, _round_up(prompt_len, align), eval_act) + kv_cache(
-        eval_rows, _round_up(prompt_len, align), eval_act)
-    eval_decode = kv_cache(eval_rows, prompt_len + cfg.eval_max_new_tokens, eval_act)
+    eval_prefill = (forward(eval_rows, prefill_len, eval_act, PREFILL_FLOAT32_PER_LOGIT)
+                    + kv_cache(eval_rows, prefill_len, eval_act))
+    eval_cache = kv_cache(eval_rows, prompt_len + cfg.eval_max_new_tokens, eval_act)
+    eval_decode = eval_cache + eval_cache // dims.layers + kv_cache(eval_rows, prompt_len, eval_act)
     phases["eval"] = base + max(eval_prefill + kv_cache(eval_rows, prompt_len, eval_act), eval_decode)
     return MemoryPlan(phases, resident, available, source, {"row": width, "micro_batch": micro})
 
@@ -353,25 +359,40 @@ def cheapest_fix(config: dict, cfg, available: int, world_size: int = 1):
     """(change, plan) of the first change that fits, alone or on top of the ones before it; None if none does."""
     from mlx_grpo.config import validate
 
+    dims = {}  # the model's sizes depend only on what is trained: built once per kind of run
+
     def plan_for(change):
         candidate = validate(dataclasses.replace(cfg, **change))
-        return plan_memory(model_dims(config, candidate), candidate, world_size, available, "")
+        kind = candidate.train_type, candidate.lora_rank, candidate.lora_layers, tuple(candidate.lora_keys)
+        if kind not in dims:
+            dims[kind] = model_dims(config, candidate)
+        return plan_memory(dims[kind], candidate, world_size, available, "")
 
     candidates = _fix_candidates(cfg)
     for change in candidates:
         plan = plan_for(change)
         if plan.fits:
             return change, plan
-    combined = {}
-    for change in candidates:  # none alone: stack them, each with the largest micro-batch that fits
-        if "micro_batch_size" in change:
-            continue
-        combined.update(change)
-        for size in [cfg.effective_micro_batch_size] + [c["micro_batch_size"] for c in candidates
-                                                        if "micro_batch_size" in c]:
-            plan = plan_for({**combined, "micro_batch_size": size})
+    sizes = [cfg.effective_micro_batch_size] + [c["micro_batch_size"] for c in candidates if "micro_batch_size" in c]
+
+    def with_micro_batch(change):  # the change with the largest micro-batch that fits, or None
+        for size in sizes:
+            plan = plan_for({**change, "micro_batch_size": size})
             if plan.fits:
-                return {**combined, "micro_batch_size": size}, plan
+                return {**change, "micro_batch_size": size} if size != cfg.effective_micro_batch_size else change, plan
+        return None
+
+    steps = [c for c in candidates if "micro_batch_size" not in c]
+    for count in range(1, len(steps) + 1):  # none alone: stack them in order until the stack fits
+        found = with_micro_batch({k: v for step in steps[:count] for k, v in step.items()})
+        if found is None:
+            continue
+        kept = list(steps[:count])
+        for step in steps[:count - 1]:  # then leave out every earlier one the fit does not need
+            trial = [s for s in kept if s is not step]
+            if with_micro_batch({k: v for s in trial for k, v in s.items()}) is not None:
+                kept = trial
+        return with_micro_batch({k: v for s in kept for k, v in s.items()})
     return None
 
 
