@@ -151,7 +151,8 @@ def evaluate(cfg, world, model, task, calculator, update, plan=None):
     result = evaluate_sharded(world, model, task.prompts, task.answers, decode=task.text, is_correct=task.is_correct,
                               stop_token_ids=task.stop_token_ids, max_new_tokens=cfg.eval_max_new_tokens,
                               calculator=calculator, pass_k=cfg.eval_pass_k, temperature=cfg.eval_temperature,
-                              top_k=cfg.top_k, top_p=cfg.top_p, questions=task.questions, **generation_options(cfg))
+                              top_k=cfg.top_k, top_p=cfg.top_p, questions=task.questions, batch_size=cfg.eval_batch_size,
+                              **generation_options(cfg))
     peaks = {}
     record_peak(peaks, "eval")
     print(f"[eval] update {update}: accuracy {result.accuracy:.2%} on {result.num_questions} questions"

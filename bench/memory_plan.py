@@ -27,7 +27,7 @@ from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.training.backend import current_backend, resolve_for_backend, resolve_headroom
 from mlx_grpo.training.distributed import init_world
 from mlx_grpo.training.lora import add_adapters
-from mlx_grpo.training.memory import EVAL_BATCH, GB, lazy_model, model_dims, plan_memory, record_peak
+from mlx_grpo.training.memory import GB, lazy_model, model_dims, plan_memory, record_peak
 from mlx_grpo.training.step import TrainState, build_step, generation_options, grpo_updates, sample_rollouts
 from mlx_grpo.training.update import ensure_float32
 
@@ -56,7 +56,7 @@ def measure(cfg, model_config: dict, steps: int = 2, seed: int = 0) -> tuple[dic
         for phase, value in rollouts.peaks.items():
             peaks[phase] = max(peaks.get(phase, 0), value)
         del rollouts
-    rows = min(EVAL_BATCH, cfg.eval_samples or EVAL_BATCH)
+    rows = min(cfg.eval_batch_size, cfg.eval_samples or cfg.eval_batch_size)
     prompts = rng.integers(1, vocab, size=(rows, cfg.max_prompt_length)).tolist()
     mx.reset_peak_memory()
     generate_completions(model, prompts, group_size=1, max_new_tokens=cfg.eval_max_new_tokens,

@@ -97,6 +97,7 @@ class GRPOConfig:
     rollout_headroom: float | None = None  # buffer cache trimmed to leave this fraction of MLX's memory limit free
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
     memory_check: bool = True  # stop before loading when the memory plan does not fit this machine
+    eval_batch_size: int = 64  # evaluation questions decoded (and prefilled) together
 
     # --- GRPO rollouts and loss ---
     num_generations: int = 64  # group size G: completions sampled per prompt
@@ -208,7 +209,8 @@ IDENTITY_KEYS = ("output_dir", "run_name")
 # Keys a resumed run may change freely: what is evaluated, logged, saved and reported, not what is trained.
 SAFE_KEYS = ("eval_split", "eval_steps", "eval_samples", "eval_max_new_tokens", "eval_pass_k", "eval_temperature",
              "save_steps", "keep_last", "logging_steps", "log_jsonl", "completions_log_steps",
-             "completions_log_count", "report_to", "plot", "memory_check", "rollout_headroom")
+             "completions_log_count", "report_to", "plot", "memory_check", "rollout_headroom",
+             "eval_batch_size")
 
 
 def default_run_name() -> str:
@@ -477,7 +479,7 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     positive("learning_rate")
     for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "logging_steps",
                  "max_prompt_length", "max_completion_length", "max_new_tokens",
-                 "eval_max_new_tokens", "num_iterations", "max_nan_steps"):
+                 "eval_max_new_tokens", "num_iterations", "max_nan_steps", "eval_batch_size"):
         at_least(name, 1)
     for name in ("pad_to_multiple_of", "prefill_align"):
         value = getattr(cfg, name)

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from mlx_grpo.training.backend import current_backend
 
 GB = 1e9
 PHASES = ("rollout", "old_policy", "reference", "update", "eval")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-EVAL_BATCH = 64  # evaluation decodes its questions 64 at a time (training.evaluation.evaluate's batch_size)
 
 
 class MemoryPlanError(ValueError):
@@ -104,17 +104,28 @@ def model_dims(config: dict, cfg=None) -> ModelDims:
     hidden = _config_value(config, "hidden_size", "n_embd", "d_model")
     heads = _config_value(config, "num_attention_heads", "n_head")
     head_dim = _config_value(config, "head_dim", default=hidden // heads)
-    adapters = 0
-    if cfg is not None and cfg.train_type != "full":
-        from mlx_grpo.training.lora import add_adapters
-
-        add_adapters(model, dataclasses.replace(cfg, base_quant_bits=0))  # lazy: the base stays unquantized here
-        adapters = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    adapters = adapter_params(model, cfg) if cfg is not None and cfg.train_type != "full" else 0
     return ModelDims(
         params=params, layers=_config_value(config, "num_hidden_layers", "n_layer"), hidden=hidden, heads=heads,
         kv_dim=_config_value(config, "num_key_value_heads", "n_kv_head", default=heads) * head_dim,
         intermediate=_config_value(config, "intermediate_size", default=4 * hidden),
         vocab=_config_value(config, "padded_vocab_size", "vocab_size"), quantizable=quantizable, adapters=adapters)
+
+
+def adapter_params(model, cfg) -> int:
+    """The parameters mlx-lm's LoRA (DoRA) layers add for cfg: rank x (in + out) per adapted linear layer (+ out, the
+    DoRA magnitude), in the top lora_layers blocks, on lora_keys or the model's default (else every linear)."""
+    from mlx_grpo.training.lora import default_lora_keys
+
+    blocks = model.layers if cfg.lora_layers == -1 else model.layers[-cfg.lora_layers:]
+    keys = set(cfg.lora_keys or default_lora_keys(model))
+    total = 0
+    for block in blocks:
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear) and (not keys or name in keys):
+                out_dim, in_dim = module.weight.shape
+                total += cfg.lora_rank * (in_dim + out_dim) + (out_dim if cfg.train_type == "dora" else 0)
+    return total
 
 
 def dense_bytes(dims: ModelDims, dtype_bytes: int) -> int:
@@ -214,9 +225,10 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     logp = rows * width * 4  # one float32 log-prob per position, per pass kept
 
     def forward(batch: int, length: int, act_bytes: int, per_logit: int = FORWARD_FLOAT32_PER_LOGIT) -> int:
-        """A forward without gradient: the logits and a few layer activations at a time."""
+        """A forward without gradient: the logits and one layer's activations and attention scores at a time."""
         logits = batch * length * dims.vocab * 4 * per_logit
-        return logits + batch * length * (4 * dims.hidden + dims.intermediate) * act_bytes
+        scores = batch * dims.heads * length * length  # MLX's CPU attention forms them; Metal's and CUDA's fused kernels not
+        return logits + max(batch * length * (4 * dims.hidden + dims.intermediate), scores) * act_bytes
 
     def kv_cache(num_rows: int, length: int, act_bytes: int) -> int:
         return num_rows * dims.layers * 2 * dims.kv_dim * length * act_bytes
@@ -249,9 +261,9 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     grads = 4 * trainable + cd * trainable + (cd * trainable if cd != 4 else 0)
     phases["update"] = base + kept + grads + train_activations(dims, micro, width, cd, cfg)
 
-    # Evaluation: the policy itself decodes EVAL_BATCH questions at a time.
+    # Evaluation: the policy itself decodes eval_batch_size questions at a time.
     eval_act = 4 if full else cd
-    eval_rows = min(EVAL_BATCH, max(1, -(-(cfg.eval_samples or EVAL_BATCH) // world_size)))
+    eval_rows = min(cfg.eval_batch_size, max(1, -(-(cfg.eval_samples or cfg.eval_batch_size) // world_size)))
     eval_prefill = (forward(eval_rows, prefill_len, eval_act, PREFILL_FLOAT32_PER_LOGIT)
                     + kv_cache(eval_rows, prefill_len, eval_act))
     eval_cache = kv_cache(eval_rows, prompt_len + cfg.eval_max_new_tokens, eval_act)
@@ -326,6 +338,10 @@ def _fix_candidates(cfg):
     then what is trained, then the batch."""
     micro = cfg.effective_micro_batch_size
     candidates = []
+    size = cfg.eval_batch_size // 2
+    while size >= 8:  # evaluation prefills its whole batch at once: smaller batches change nothing but time
+        candidates.append({"eval_batch_size": size})
+        size //= 2
     size = micro // 2
     while size >= 1:  # the largest micro-batch that fits comes first
         candidates.append({"micro_batch_size": size})
