@@ -32,8 +32,9 @@ from mlx_grpo.training.step import TrainState, build_step, generation_options, g
 from mlx_grpo.training.update import ensure_float32
 
 
-def measure(cfg, model_config: dict, steps: int = 2, seed: int = 0) -> tuple[dict, object]:
-    """(phase -> measured peak bytes, the plan) for cfg on a random-weight model of model_config."""
+def measure(cfg, model_config: dict, steps: int = 2, seed: int = 0, seconds: dict | None = None) -> tuple[dict, object]:
+    """(phase -> measured peak bytes, the plan) for cfg on a random-weight model of model_config; `seconds`
+    gets the last step's rollout and update seconds."""
     backend = current_backend()
     cfg = resolve_for_backend(cfg, backend)[0]
     plan = plan_memory(model_dims(model_config, cfg), cfg)
@@ -52,7 +53,9 @@ def measure(cfg, model_config: dict, steps: int = 2, seed: int = 0) -> tuple[dic
     for _ in range(steps):
         prompts = rng.integers(1, vocab, size=(cfg.effective_prompts_per_step, cfg.max_prompt_length)).tolist()
         rollouts = sample_rollouts(setup, state, prompts)
-        grpo_updates(setup, state, rollouts, rng.standard_normal(len(rollouts.completions)))
+        updates = grpo_updates(setup, state, rollouts, rng.standard_normal(len(rollouts.completions)))
+        if seconds is not None:
+            seconds.update(rollout=rollouts.stats.seconds, update=sum(u.result.seconds for u in updates))
         for phase, value in rollouts.peaks.items():
             peaks[phase] = max(peaks.get(phase, 0), value)
         del rollouts
@@ -82,12 +85,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
     model_config = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
-    peaks, plan = measure(cfg, model_config, args.steps)
-    print(f"{mx.default_device()}, {args.config} on {args.model_config}")
+    seconds = {}
+    peaks, plan = measure(cfg, model_config, args.steps, seconds=seconds)
+    print(f"{mx.default_device()}, {args.config} on {args.model_config}; last step: "
+          + ", ".join(f"{phase} {value:.2f} s" for phase, value in seconds.items()))
     print("\n".join(report(peaks, plan)))
     if args.json:
         Path(args.json).write_text(json.dumps({"plan_gb": {k: v / GB for k, v in plan.phases.items()},
-                                               "measured_gb": {k: v / GB for k, v in peaks.items()}}, indent=2))
+                                               "measured_gb": {k: v / GB for k, v in peaks.items()},
+                                               "seconds": seconds}, indent=2))
 
 
 if __name__ == "__main__":

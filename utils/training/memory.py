@@ -277,9 +277,9 @@ def train_activations(dims: ModelDims, batch: int, width: int, act_bytes: int, c
     tokens = batch * width
     logits = tokens * dims.vocab * 4 * TRAIN_FLOAT32_PER_LOGIT
     if getattr(cfg, "grad_checkpoint", False):
-        # Block inputs kept; one block's activations live again while its backward runs.
+        # Block inputs kept; one block's activations live again, with their gradients, while its backward runs.
         kept = tokens * dims.layers * dims.hidden * CHECKPOINTED_ELEMENTS_PER_LAYER_WIDTH * act_bytes
-        return logits + kept + train_activations_per_layer(dims, batch, width, act_bytes)
+        return logits + kept + 2 * train_activations_per_layer(dims, batch, width, act_bytes)
     return logits + dims.layers * train_activations_per_layer(dims, batch, width, act_bytes)
 
 
