@@ -13,6 +13,7 @@ summary at the end.
 """
 
 import argparse
+import dataclasses
 import errno
 import random
 import shlex
@@ -61,17 +62,34 @@ from mlx_grpo.training.distributed import (
     quiet_unless_main,
     reduce_step_metrics,
 )
+from mlx_grpo.training.backend import (
+    BACKEND_KEYS,
+    current_backend,
+    generation_options,
+    resolve_for_backend,
+    resolve_headroom,
+)
 from mlx_grpo.training.interrupt import stop_on_signals
 from mlx_grpo.training.lora import add_adapters, save_adapters, trainable_summary
+from mlx_grpo.training.memory import (
+    MemoryPlanError,
+    check_fits,
+    memory_metrics,
+    model_dims,
+    plan_memory,
+    read_model_config,
+    record_peak,
+    wired_limit,
+)
 from mlx_grpo.training.metrics import METRICS_FILE, MetricsLogger, check_loggers, format_console_line
 from mlx_grpo.training.run_lock import RunLockError, lock_run_dir
 from mlx_grpo.training.update import ensure_float32
 from mlx_grpo.vlm import VlmError, check_vlm_config, is_vlm_source, require_mlx_vlm
 
 # Errors caused by the user's input (config, data, model folder, rewards, checkpoints, settings, run folder,
-# vision-language requests).
+# vision-language requests, a memory plan that does not fit).
 USER_ERRORS = (ConfigError, DataError, ModelLoadError, NanochatCheckpointError, RewardError, CheckpointError,
-               FileNotFoundError, DistributedError, KernelSwitchError, RunLockError, VlmError)
+               FileNotFoundError, DistributedError, KernelSwitchError, RunLockError, VlmError, MemoryPlanError)
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.toml"
@@ -87,6 +105,9 @@ def parse_args(argv=None):
                              "the run run_name, else the newest run in output_dir")
     parser.add_argument("--accept-changes", action="store_true",
                         help="with --resume: continue with the keys given now where they change the run's math")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory plan (peak of each phase, what this machine can use) and exit; "
+                             "reads only config.json files")
     args = parser.parse_args(argv)
     if args.accept_changes and not args.resume:
         parser.error("--accept-changes goes with --resume")
@@ -135,21 +156,25 @@ class Task:
         return self._check([text], answer=[answer])[0] > 0
 
 
-def evaluate(cfg, world, model, task, calculator, update):
+def evaluate(cfg, world, model, task, calculator, update, plan=None):
     """Greedy accuracy (and pass@k) on the held-out questions, batched like rollouts."""
+    mx.reset_peak_memory()
     result = evaluate_sharded(world, model, task.prompts, task.answers, decode=task.text, is_correct=task.is_correct,
                               stop_token_ids=task.stop_token_ids, max_new_tokens=cfg.eval_max_new_tokens,
                               calculator=calculator, pass_k=cfg.eval_pass_k, temperature=cfg.eval_temperature,
-                              top_k=cfg.top_k, top_p=cfg.top_p, questions=task.questions)
+                              top_k=cfg.top_k, top_p=cfg.top_p, questions=task.questions, batch_size=cfg.eval_batch_size,
+                              **generation_options(cfg))
+    peaks = {}
+    record_peak(peaks, "eval")
     print(f"[eval] update {update}: accuracy {result.accuracy:.2%} on {result.num_questions} questions"
           + "".join(f", pass@{k} {v:.2%}" for k, v in result.pass_at_k.items()))
     return {"eval/accuracy": result.accuracy, "eval/seconds": result.seconds,
-            **{f"eval/pass@{k}": v for k, v in result.pass_at_k.items()}}
+            **{f"eval/pass@{k}": v for k, v in result.pass_at_k.items()}, **memory_metrics(plan, peaks)}
 
 
-def evaluate_and_log(cfg, world, model, task, calculator, state, logger):
+def evaluate_and_log(cfg, world, model, task, calculator, state, logger, plan=None):
     """evaluate() after state.update updates, kept in the run's eval history and metrics."""
-    metrics = evaluate(cfg, world, model, task, calculator, state.update)
+    metrics = evaluate(cfg, world, model, task, calculator, state.update, plan)
     state.eval_history.append({"update": state.update, **metrics})
     logger.log(state.update, metrics)
 
@@ -179,7 +204,8 @@ def user_errors():
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return train(args)
+        with wired_limit():  # Metal: the run's memory stays wired; the previous limit comes back after
+            return train(args)
     except user_errors() as error:  # bad input: one line naming the problem, no traceback
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:  # Ctrl-C outside the training loop, or a second one (the first stops after the step)
@@ -190,6 +216,34 @@ def main(argv=None):
             raise
         sys.exit(f"error: {error.strerror}: {error.filename or 'a file of the run'}: free space or fix the "
                  f"folder's permissions, then --resume continues from the last checkpoint")
+
+
+def plan_run(cfg, world, stop_if_too_large=True, vlm=False):
+    """The backend's "auto" keys chosen (each printed once) and the memory plan printed, from config.json
+    files only; stops (MemoryPlanError, one line) when the plan does not fit and memory_check is on.
+    Vision-language models have no plan yet."""
+    backend = current_backend()
+    cfg, notes = resolve_for_backend(cfg, backend)
+    config = None if vlm else read_model_config(cfg.model_name)
+    plan = plan_memory(model_dims(config, cfg), cfg, world.size) if config is not None else None
+    rollout_bytes = plan.phases["rollout"] - sum(plan.resident.values()) if plan else None
+    cfg, more = resolve_headroom(cfg, backend, rollout_bytes)
+    for line in notes + more:
+        print(line)
+    if plan is None:
+        print(f"[memory] no plan: {cfg.model_name} is a vision-language model" if vlm else
+              f"[memory] no plan: {cfg.model_name} has no config.json on this machine yet")
+        return cfg, None
+    for line in plan.lines():
+        print(line)
+    if stop_if_too_large and cfg.memory_check:
+        check_fits(config, cfg, plan, world.size)
+    elif not plan.fits:
+        try:
+            check_fits(config, cfg, plan, world.size)
+        except MemoryPlanError as error:
+            print(f"[memory] {error}")
+    return cfg, plan
 
 
 def train(args):
@@ -210,9 +264,10 @@ def train(args):
         saved = load_resolved_config(checkpoint)
     requested = config_from_values(given, base=saved)
     # What can be checked with nothing loaded is checked now, so bad input fails in a second: the data
-    # files, the model folder, then the run folder, locked while this run writes it (a default name is
-    # made unique here).
-    if is_vlm_source(requested.model_name):  # a vision-language model: mlx-vlm, the settings it supports, image rows
+    # files, the model folder, the memory plan (--plan prints it and exits), then the run folder, locked
+    # while this run writes it (a default name is made unique here).
+    vlm = is_vlm_source(requested.model_name)
+    if vlm:  # a vision-language model: mlx-vlm, the settings it supports, image rows
         from mlx_grpo.vlm.data import check_image_data_files
 
         require_mlx_vlm()
@@ -223,6 +278,12 @@ def train(args):
     check_model_folder(requested.model_name)
     check_loggers(requested.report_to)
     cuda_kernels_enabled()  # a bad MLX_GRPO_CUDA_KERNELS stops the run now, not at its first rollout
+    requested, plan = plan_run(requested, world, stop_if_too_large=not args.plan, vlm=vlm)
+    if saved is not None:  # a run saved before a backend key existed: the choice made now, not a change
+        saved = dataclasses.replace(saved, **{key: getattr(requested, key) for key in BACKEND_KEYS
+                                              if getattr(saved, key) is None})
+    if args.plan:
+        return plan
     if not args.eval_only and world.is_main:
         requested.run_name = lock_run_dir(requested.output_dir, requested.run_name,
                                           unique_name=not given.get("run_name"))
@@ -270,7 +331,7 @@ def train(args):
     # Evaluation: greedy accuracy (and pass@k) on held-out questions.
     eval_task = make_task(cfg, tokenizer, cfg.eval_split, limit=cfg.eval_samples)
     if args.eval_only:
-        return evaluate(cfg, world, model, eval_task, calculator, 0)
+        return evaluate(cfg, world, model, eval_task, calculator, 0, plan)
 
     # The training data and the rewards.
     train_task = make_task(cfg, tokenizer, cfg.train_split, limit=cfg.max_train_samples)
@@ -314,7 +375,7 @@ def train(args):
         print(f"[{cfg.train_type}] {trainable_summary(model)}")
 
     if state.step == 0:
-        evaluate_and_log(cfg, world, model, eval_task, calculator, state, logger)
+        evaluate_and_log(cfg, world, model, eval_task, calculator, state, logger, plan)
 
     from tqdm import tqdm
 
@@ -345,7 +406,8 @@ def train(args):
         for update in updates:
             metrics = {"step": state.step, "epoch": data.epoch,
                        **update_metrics(cfg, rollouts, rewards, update, accuracy),
-                       "time/step": time.perf_counter() - step_start, "memory/peak_gb": mx.get_peak_memory() / 1e9}
+                       "time/step": time.perf_counter() - step_start,
+                       "memory/peak_gb": max(rollouts.peaks.values()) / 1e9, **memory_metrics(plan, rollouts.peaks)}
             metrics = reduce_step_metrics(world, metrics, len(rollouts.completions))
             logger.log(update.update, metrics)
             progress.update(1)
@@ -358,7 +420,7 @@ def train(args):
                 {"prompt": questions[i], "completion": texts[i], "answer": answers[i],
                  "reward": float(rewards.total[i])} for i in range(min(cfg.completions_log_count, len(texts)))])
         if every(cfg.eval_steps, state.step) or state.step == total_steps:
-            evaluate_and_log(cfg, world, model, eval_task, calculator, state, logger)
+            evaluate_and_log(cfg, world, model, eval_task, calculator, state, logger, plan)
         stopping = not world.all_true(not stop.requested)  # a signal to any process stops them all here
         if every(cfg.save_steps, state.step) or state.step == total_steps or stopping:
             save_training_checkpoint(setup, state, run_dir, write_model_files, keep_last=cfg.keep_last)

@@ -258,7 +258,7 @@ def test_the_trainers_step_shares_prompts_and_takes_the_same_update(tiny_model_d
     runs = []
     for share in (False, True):
         cfg = validate(GRPOConfig(run_name="t", num_generations=3, max_new_tokens=5, max_completion_length=5,
-                                  micro_batch_size=4, use_compile=False, pad_to_multiple_of=1, beta=0.05,
+                                  micro_batch_size=6, use_compile=False, pad_to_multiple_of=1, beta=0.05,
                                   num_iterations=2, rollout_quant_bits=8, rollout_quant_group_size=32,
                                   share_prompt_forward=share))
         model, _ = load_model(tiny_model_dir)

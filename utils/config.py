@@ -94,7 +94,14 @@ class GRPOConfig:
     max_nan_steps: int = 5  # stop the run after this many non-finite (skipped) updates in a row
     prompts_per_step: int = 0  # prompts per step (one generation batch); 0 = batch_size * gradient_accumulation_steps
     micro_batch_size: int = 0  # completions per forward/backward; 0 = batch_size * num_generations
-    pad_to_multiple_of: int = 64  # micro-batch row width rounded up to this: a compiled loss is reused across steps
+
+    # --- memory and backend (utils/training/memory.py, backend.py; "auto"/None = chosen per backend, printed) ---
+    pad_to_multiple_of: int | None = None  # micro-batch row width rounded up to this; auto: CUDA 64, else 1
+    prefill_align: int | None = None  # nanochat prefill lengths rounded up to this; auto: CUDA 64, else 1
+    rollout_headroom: float | None = None  # buffer cache trimmed to leave this fraction of MLX's memory limit free
+    grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
+    memory_check: bool = True  # stop before loading when the memory plan does not fit this machine
+    eval_batch_size: int = 64  # evaluation questions decoded (and prefilled) together
 
     # --- optimizer: AdamW, or nanochat's MuonAdamW (utils/training/muon.py) ---
     optimizer: str = "adamw"  # adamw | muon (then learning_rate is the fraction of the base rates below)
@@ -232,14 +239,15 @@ class GRPOConfig:
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(GRPOConfig)
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GRPOConfig))
 # Optional fields where the string "auto" also means None.
-AUTO_MEANS_NONE = {"use_calculator"}
+AUTO_MEANS_NONE = {"use_calculator", "pad_to_multiple_of", "prefill_align", "rollout_headroom"}
 
 # Where a run lives: a resumed run takes them from its folder, so they are never compared.
 IDENTITY_KEYS = ("output_dir", "run_name")
 # Keys a resumed run may change freely: what is evaluated, logged, saved and reported, not what is trained.
 SAFE_KEYS = ("eval_split", "eval_steps", "eval_samples", "eval_max_new_tokens", "eval_pass_k", "eval_temperature",
              "save_steps", "keep_last", "logging_steps", "log_jsonl", "completions_log_steps",
-             "completions_log_count", "report_to", "plot")
+             "completions_log_count", "report_to", "plot", "memory_check", "rollout_headroom",
+             "eval_batch_size")
 
 
 def default_run_name() -> str:
@@ -316,7 +324,7 @@ def _check_value(key: str, value: Any, source: str) -> Any:
     except TypeError:
         expected = _type_name(tp)
         if key in AUTO_MEANS_NONE:
-            expected = 'bool or "auto"'
+            expected = f'{_type_name(inner)} or "auto"'
         raise ConfigError(
             f"config key {key!r} ({source}) expects {expected}, got {type(value).__name__} {value!r}"
         ) from None
@@ -369,7 +377,7 @@ def _parse_override_value(key: str, text: str) -> Any:
     except ValueError:
         expected = _type_name(tp)
         if key in AUTO_MEANS_NONE:
-            expected = "true/false/auto"
+            expected = "true/false/auto" if inner is bool else f"{_type_name(inner)} or auto"
         elif inner is bool:
             expected = "bool (true/false/1/0/yes/no)"
         raise ConfigError(f"--set {key}={text!r}: expected {expected}") from None
@@ -513,8 +521,13 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
     positive("learning_rate")
     for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "logging_steps",
                  "max_prompt_length", "max_completion_length", "max_new_tokens",
-                 "eval_max_new_tokens", "num_iterations", "max_nan_steps", "pad_to_multiple_of"):
+                 "eval_max_new_tokens", "num_iterations", "max_nan_steps", "eval_batch_size"):
         at_least(name, 1)
+    for name in ("pad_to_multiple_of", "prefill_align"):
+        value = getattr(cfg, name)
+        need(value is None or value >= 1, f"{name} must be >= 1 or \"auto\", got {value!r}")
+    need(cfg.rollout_headroom is None or 0.0 <= cfg.rollout_headroom < 1.0,
+         f"rollout_headroom must be in [0, 1) or \"auto\", got {cfg.rollout_headroom!r}")
     for name in ("max_train_samples", "save_steps", "eval_steps", "eval_samples", "seed", "top_k",
                  "prompts_per_step", "micro_batch_size", "eval_pass_k", "keep_last",
                  "completions_log_steps", "completions_log_count"):

@@ -184,15 +184,19 @@ class MlxLmDecoder:
         return [layer_cache.extract(row) for layer_cache in self.cache]
 
 
-def make_decoder(model, prompts, group_size, max_new_tokens, fast_decode=True, prefilled=None):
+def make_decoder(model, prompts, group_size, max_new_tokens, fast_decode=True, prefilled=None, prefill_align=None):
     """A model's own decoder (a vision-language policy, utils/vlm/), a fast decoder where one applies (nanochat;
-    llama, qwen2, qwen3; no adapters), else mlx-lm's model call."""
+    llama, qwen2, qwen3; no adapters), else mlx-lm's model call. prefill_align: the fast decoders' prompt
+    batches are prefilled in lengths of a multiple of it (None: nanochat_decode.PREFILL_ALIGN)."""
     if hasattr(model, "rollout_decoder"):  # first: a VLM must not reach the text-only fast decoders
         return model.rollout_decoder(prompts, group_size, prefilled)
+    align = prefill_align or nanochat_decode.PREFILL_ALIGN
     if fast_decode and nanochat_decode.supports(model):
-        return nanochat_decode.NanochatDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled)
+        return nanochat_decode.NanochatDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled,
+                                               prefill_align=align)
     if fast_decode and llama_decoder.supports(model):
-        return llama_decoder.LlamaDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled)
+        return llama_decoder.LlamaDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled,
+                                          prefill_align=align)
     return MlxLmDecoder(model, prompts, group_size, prefilled)
 
 
@@ -236,6 +240,8 @@ def generate_completions(
     logits_processors=None,
     on_token: Optional[Callable[[Completion], None]] = None,
     cache: Optional[ReusableCache] = None,
+    prefill_align: Optional[int] = None,
+    headroom: Optional[float] = None,
 ):
     """Sample `group_size` completions for every prompt (token id lists), all in one batch.
 
@@ -250,6 +256,7 @@ def generate_completions(
     - cache: a ReusableCache for one prompt and group_size 1 (a chat): only the part of the prompt it does
       not hold is prefilled, and afterwards it holds the prompt and the completion. An exception while
       generating (Ctrl-C) resets it.
+    - prefill_align, headroom: the run's prefill_align and rollout_headroom (None: the CUDA-measured defaults).
     """
     start = time.perf_counter()
     if any(len(p) == 0 for p in prompts):
@@ -259,14 +266,14 @@ def generate_completions(
                          "group_size=1 with it")
     completions = [Completion(prompt_index=i) for i in range(len(prompts)) for _ in range(group_size)]
     rows = _Rows(completions, prompts, set(stop_token_ids), calculator, logits_processors, on_token)
-    trim_buffer_cache(ROLLOUT_HEADROOM * mx.get_memory_limit())
+    trim_buffer_cache((ROLLOUT_HEADROOM if headroom is None else headroom) * mx.get_memory_limit())
     try:
         prefilled, prompt_tokens = None, sum(len(p) for p in prompts)
         if cache is not None:
             held = cache.prepare(prompts[0])
             _prefill_prompt(model, prompts[0][held:-1], cache.cache)
             prefilled, prompt_tokens = [cache.cache], len(prompts[0]) - held
-        decoder = make_decoder(model, prompts, group_size, max_new_tokens, fast_decode, prefilled)
+        decoder = make_decoder(model, prompts, group_size, max_new_tokens, fast_decode, prefilled, prefill_align)
         prefill_end = time.perf_counter()
         first_inputs = [prompts[c.prompt_index][-1] for c in completions]
         steps = _decode(decoder, first_inputs, rows, max_new_tokens, sampler, compact_fraction)

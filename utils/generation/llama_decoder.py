@@ -22,7 +22,7 @@ from mlx_lm.models.rope_utils import Llama3RoPE
 
 from mlx_grpo.cuda_kernels import decode as cuda_decode
 from mlx_grpo.generation.fused_linear import linear_arrays, linear_spec, matmul, residual_matmul
-from mlx_grpo.nanochat.decoder import NanochatDecoder
+from mlx_grpo.nanochat.decoder import PREFILL_ALIGN, NanochatDecoder
 
 MODEL_CLASSES = (llama.Model, qwen2.Model, qwen3.Model)  # exactly these: a subclass may change the forward
 # Rope modules whose call is mx.fast.rope on x alone, so per-row position offsets work (dynamic NTK reads a
@@ -195,7 +195,8 @@ class LlamaDecoder(NanochatDecoder):
     is_2026 = False
 
     def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None,
-                 alternate_buffers=None):
+                 alternate_buffers=None, prefill_align=PREFILL_ALIGN):
+        self.prefill_align = prefill_align
         blocks = _blocks(model)
         attn, mlp, _, _ = _block_parts(blocks[0])
         self.model = model

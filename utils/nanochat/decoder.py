@@ -33,7 +33,7 @@ from mlx_grpo.generation.fused_linear import residual_matmul as _residual_matmul
 # A nanochat_2026 model states both in its config (rms_norm_eps, softcap).
 RMS_NORM_EPS = 1e-5
 SOFTCAP = 15.0
-PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of this
+PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of this (the default; config prefill_align)
 # NanochatDecoder's alternate_buffers when not given (the engine's decoders): off until measured on a GPU.
 ALTERNATE_BUFFERS = False
 MODEL_TYPES = ("nanochat", "nanochat_2026")
@@ -212,7 +212,8 @@ class NanochatDecoder:
     """
 
     def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None,
-                 alternate_buffers=None):
+                 alternate_buffers=None, prefill_align=PREFILL_ALIGN):
+        self.prefill_align = prefill_align
         attn = model.transformer.h[0].attn
         self.model = model
         self.is_2026 = _is_2026(model)
@@ -301,7 +302,7 @@ class NanochatDecoder:
             return [(c.keys[..., :width, :], c.values[..., :width, :]) for c in self.prefilled[0][:n]]
         # The forward's length is rounded up so that steps with other prompts reuse its shape: on CUDA
         # MLX's fused attention plans every new shape anew, each time it meets one.
-        padded = -(-width // PREFILL_ALIGN) * PREFILL_ALIGN
+        padded = -(-width // self.prefill_align) * self.prefill_align
         tokens = mx.array([p[:n] + [0] * (padded - n) for p, n in zip(prompts, prefix_lens)], dtype=mx.int32)
         cache = make_prompt_cache(self.model)
         self.model(tokens, cache=cache)

@@ -29,8 +29,10 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 
 def evaluate(model, prompts, answers, *, decode, is_correct, stop_token_ids, max_new_tokens,
              calculator=None, pass_k=0, temperature=1.0, top_k=0, top_p=1.0, batch_size=64,
-             questions=None):
-    """Score `prompts` (token id lists) against `answers`; decode(completion) -> text for the checker."""
+             questions=None, **generation):
+    """Score `prompts` (token id lists) against `answers`; decode(completion) -> text for the checker.
+
+    generation: further keywords of generate_completions (prefill_align, headroom)."""
     start = time.perf_counter()
     greedy = make_rollout_sampler(0.0)
     correct, samples, generated = [], [], 0
@@ -38,7 +40,7 @@ def evaluate(model, prompts, answers, *, decode, is_correct, stop_token_ids, max
         part = slice(chunk, chunk + batch_size)
         completions, stats = generate_completions(
             model, prompts[part], group_size=1, max_new_tokens=max_new_tokens, sampler=greedy,
-            stop_token_ids=stop_token_ids, calculator=calculator)
+            stop_token_ids=stop_token_ids, calculator=calculator, **generation)
         generated += stats.generated_tokens
         for completion, answer, i in zip(completions, answers[part], range(chunk, len(prompts))):
             text = decode(completion)
@@ -57,7 +59,7 @@ def evaluate(model, prompts, answers, *, decode, is_correct, stop_token_ids, max
             part = slice(chunk, chunk + group_chunk)
             completions, stats = generate_completions(
                 model, prompts[part], group_size=pass_k, max_new_tokens=max_new_tokens, sampler=sampler,
-                stop_token_ids=stop_token_ids, calculator=calculator)
+                stop_token_ids=stop_token_ids, calculator=calculator, **generation)
             generated += stats.generated_tokens
             for q, answer in enumerate(answers[part]):
                 group = completions[q * pass_k:(q + 1) * pass_k]

@@ -28,6 +28,7 @@ from mlx_grpo.config import GRPOConfig, config_to_dict
 from mlx_grpo.generation.engine import RolloutStats, generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mlx_grpo.training.backend import current_backend, generation_options, resolve_for_backend, resolve_headroom
 from mlx_grpo.training.distributed import (
     World,
     group_advantages_across,
@@ -38,9 +39,10 @@ from mlx_grpo.training.distributed import (
 )
 from mlx_grpo.training.lora import base_policy, has_adapters, load_adapter_weights, rollout_copy
 from mlx_grpo.training.loss import finalize_stats, frac_reward_zero_std, group_reward_stats
-from mlx_grpo.training.shared_prompt import supports_shared_prompt
+from mlx_grpo.training.memory import record_peak
 from mlx_grpo.training.muon import MuonAdamW, muon_adamw
 from mlx_grpo.training.rollout_correction import importance_sampling_weights, sampling_metrics
+from mlx_grpo.training.shared_prompt import supports_shared_prompt
 from mlx_grpo.training.update import (
     FusedAdamW,
     LossAndGrad,
@@ -123,6 +125,8 @@ class StepSetup:
 def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_token_ids, calculator=None,
                fast_decode: bool = True) -> StepSetup:
     """The reference, the optimizer (warmup and decay sized on total_updates), the loss and the samplers."""
+    if None in (cfg.pad_to_multiple_of, cfg.prefill_align, cfg.rollout_headroom):  # not resolved by the trainer
+        cfg = resolve_headroom(resolve_for_backend(cfg, current_backend())[0], current_backend())[0]
     compute_dtype = getattr(mx, cfg.compute_dtype)
     adapters = has_adapters(model)
     # The reference exists only with a KL term: the starting weights (quantized with the rollouts), or
@@ -145,13 +149,21 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
         model, temperature=cfg.temperature, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
         epsilon_high=cfg.effective_epsilon_high, beta=cfg.beta,
         importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.generation_limit,
-        compute_dtype=compute_dtype, use_compile=cfg.use_compile, loss_options=loss_options(cfg))
+        compute_dtype=compute_dtype, use_compile=cfg.use_compile, loss_options=loss_options(cfg),
+        grad_checkpoint=cfg.grad_checkpoint)
     # A vision-language policy (utils/vlm/) is not covered: its micro-batches carry image features.
     share_prompts = cfg.share_prompt_forward and supports_shared_prompt(model) and not hasattr(model, "processor")
     if cfg.share_prompt_forward and not share_prompts:
         model_type = getattr(getattr(model, "args", None), "model_type", None)
         which = "a vision-language model" if hasattr(model, "processor") else f"model type {model_type!r}"
         print(f"[update] share_prompt_forward: {which} is not covered; each completion runs its prompt in the update")
+    # With groups split across micro-batches the shared forward measured slower than the plain one (d32,
+    # micro-batch 8 of groups of 16: BENCHMARKS.md), so it runs only where micro-batches hold whole groups.
+    elif share_prompts and cfg.effective_micro_batch_size % cfg.num_generations:
+        share_prompts = False
+        print(f"[update] share_prompt_forward: micro_batch_size {cfg.effective_micro_batch_size} splits groups of "
+              f"{cfg.num_generations}, where the plain forward is faster; set it to a multiple of num_generations "
+              "to share each prompt")
     return StepSetup(cfg, world, model, reference, optimizer, schedule, loss_and_grad,
                      make_rollout_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p), set(stop_token_ids),
                      calculator, fast_decode, adapters, share_prompts)
@@ -185,6 +197,7 @@ class Rollouts:
     rollout_logp: list | None = None  # per micro-batch, under the quantized copy that sampled them
     is_weights: list | None = None  # per micro-batch: the importance-sampling correction's weights
     sampling: dict = field(default_factory=dict)  # TRL's sampling/* metrics of the correction
+    peaks: dict = field(default_factory=dict)  # the same phases and "update": measured peak bytes
 
 
 def rollout_policy(setup: StepSetup, quantized: bool):
@@ -206,20 +219,24 @@ def rollout_policy(setup: StepSetup, quantized: bool):
     return setup.model
 
 
-def _lap(seconds: dict, phase: str, start: float) -> float:
+def _lap(seconds: dict, phase: str, start: float, peaks: dict | None = None) -> float:
+    """Time a phase (and record its peak memory in `peaks`, when it ran)."""
     mx.synchronize()  # the phase's work is done, not only queued
     now = time.perf_counter()
     seconds[phase] = seconds.get(phase, 0.0) + now - start
+    if peaks is not None:
+        record_peak(peaks, phase)
     return now
 
 
-def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict) -> Rollouts:
+def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict, peaks: dict) -> Rollouts:
     cfg = setup.cfg
     start = time.perf_counter()
     policy = rollout_policy(setup, quantized)
     completions, stats = generate_completions(
         policy, prompts, group_size=cfg.num_generations, max_new_tokens=cfg.generation_limit, sampler=setup.sampler,
-        stop_token_ids=setup.stop_token_ids, calculator=setup.calculator, fast_decode=setup.fast_decode)
+        stop_token_ids=setup.stop_token_ids, calculator=setup.calculator, fast_decode=setup.fast_decode,
+        **generation_options(cfg))
     if hasattr(setup.model, "pack_micro_batches"):  # a VLM: rows carry image features; prompts never shared
         slices, batches = setup.model.pack_micro_batches(prompts, completions, cfg.effective_micro_batch_size,
                                                          cfg.mask_truncated_completions,
@@ -228,7 +245,7 @@ def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict) -> Rollou
         slices, batches = pack_micro_batches(prompts, completions, cfg.effective_micro_batch_size,
                                              cfg.mask_truncated_completions, pad_multiple=cfg.pad_to_multiple_of,
                                              share_prompts=setup.share_prompts)
-    start = _lap(seconds, "rollout", start)
+    start = _lap(seconds, "rollout", start, peaks)
     # Old-policy log-probs only where they differ from the current ones: the policy that sampled them
     # is a quantized copy, or the batch is reused for more than one update. With the correction, a
     # quantized copy's rollouts are weighted by pi_trained / pi_rollout and "old" is the trained policy.
@@ -248,9 +265,9 @@ def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict) -> Rollou
     elif quantized or cfg.num_iterations > 1:
         old_logp = frozen_logprobs(policy, batches, cfg.temperature)
         rollout_logp = old_logp if quantized else None
-    _lap(seconds, "old_policy", start)
+    _lap(seconds, "old_policy", start, peaks if old_logp is not None else None)
     return Rollouts(prompts, completions, stats, slices, batches, old_logp, None, quantized, seconds,
-                    rollout_logp, is_weights, sampling)
+                    rollout_logp, is_weights, sampling, peaks)
 
 
 def sample_rollouts(setup: StepSetup, state: TrainState, prompts) -> Rollouts:
@@ -260,17 +277,18 @@ def sample_rollouts(setup: StepSetup, state: TrainState, prompts) -> Rollouts:
     of the run (state.rollouts_quantized, counted in state.nan_events) and the rollouts are sampled
     again; every process takes the same branch.
     """
-    seconds = {}
-    rollouts = _sample(setup, prompts, state.rollouts_quantized, seconds)
+    seconds, peaks = {}, {}
+    mx.reset_peak_memory()
+    rollouts = _sample(setup, prompts, state.rollouts_quantized, seconds, peaks)
     if rollouts.quantized and not setup.world.all_true(masked_all_finite(rollouts.rollout_logp, rollouts.batches)):
         print("[nan] the quantized rollout copy gave non-finite log-probs: rollouts switch to full precision "
               "for the rest of the run; sampling this step again")
         state.rollouts_quantized = False
         state.nan_events += 1
-        rollouts = _sample(setup, prompts, False, seconds)
+        rollouts = _sample(setup, prompts, False, seconds, peaks)
     start = time.perf_counter()
     rollouts.ref_logp = reference_logprobs(setup, rollouts.batches)
-    _lap(seconds, "reference", start)
+    _lap(seconds, "reference", start, peaks if rollouts.ref_logp is not None else None)
     return rollouts
 
 
@@ -321,6 +339,7 @@ def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, reward
     normalizers = world.sum_values(loss_normalizers(rollouts.completions, rollouts.batches))
     reward_std = reward_std_across(world, rewards)
     updates = []
+    mx.reset_peak_memory()
     for _ in range(cfg.num_iterations):
         lr = float(setup.schedule(setup.optimizer.step))
         model.train()  # only the loss forward runs in train mode (LoRA dropout)
@@ -330,6 +349,7 @@ def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, reward
                                # the off-policy mask compares with the policy that sampled (TRL's choice)
                                sampling_logp=rollouts.rollout_logp if cfg.off_policy_mask_threshold is not None
                                else None)
+        record_peak(rollouts.peaks, "update")
         model.eval()
         state.update += 1
         if result.applied:

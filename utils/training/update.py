@@ -235,10 +235,16 @@ class LossAndGrad:
 
 def make_loss_and_grad(model, *, temperature, loss_type, epsilon, epsilon_high, beta,
                        importance_sampling_level, max_completion_length, compute_dtype=mx.float32,
-                       use_compile=False, loss_options=None) -> LossAndGrad:
+                       use_compile=False, loss_options=None, grad_checkpoint=False) -> LossAndGrad:
     """The GRPO loss and its gradient for `model`; normalizers are arrays so a compiled graph is
     reused across steps. loss_options: more grpo_loss keywords (delta, sapo_*, vespo_*, masks,
-    entropy_coef). See LossAndGrad for the dtypes. inputs: a packed batch's model_inputs."""
+    entropy_coef). See LossAndGrad for the dtypes. inputs: a packed batch's model_inputs.
+    grad_checkpoint: the model's blocks recompute their activations in the backward pass
+    (training.memory.checkpoint_blocks)."""
+    if grad_checkpoint:
+        from mlx_grpo.training.memory import checkpoint_blocks
+
+        checkpoint_blocks(model)
     loss_options = dict(loss_options or {})
     entropy_gradient = loss_options.get("entropy_coef", 0.0) != 0.0
 

@@ -1,0 +1,512 @@
+"""The memory plan: the peak bytes of each phase of a GRPO step, known before anything loads.
+
+    config = read_model_config(cfg.model_name)          # config.json only; None when it is not on disk
+    plan = plan_memory(model_dims(config, cfg), cfg)    # phase -> bytes, and what this machine can use
+    print("\\n".join(plan.lines()))
+    check_fits(config, cfg, plan)                        # MemoryPlanError: the phase and the cheapest change that fits
+
+A phase's peak is what is resident through the run (the policy, its optimizer state, the reference)
+plus what the phase itself allocates, at the run's worst case: every prompt max_prompt_length tokens
+and every completion the full generation limit. The model's sizes come from a lazy instance built
+from config.json (MLX allocates nothing until an array is evaluated), so every architecture mlx-lm
+knows is counted parameter by parameter, adapters included. What activations cost per token was
+measured on MLX's CPU backend (tests/test_memory.py holds the plan within 15% of measured peaks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_grpo.training.backend import current_backend
+
+GB = 1e9
+PHASES = ("rollout", "old_policy", "reference", "update", "eval")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+class MemoryPlanError(ValueError):
+    """The run does not fit this machine: one line naming the phase and the cheapest change that fits."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The model's sizes, from config.json
+
+
+def read_model_config(model_name: str) -> dict | None:
+    """config.json of a local folder (a model, a trainer checkpoint) or of a hub model already in the HF cache."""
+    path = Path(model_name).expanduser() / "config.json"
+    if not path.is_file() and not Path(model_name).expanduser().exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model_name, "config.json", local_files_only=True))
+        except Exception:  # not cached (or not a repo id): the run will say why when it loads the model
+            return None
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def lazy_model(config: dict):
+    """The model of a config.json with nothing allocated (MLX evaluates parameters only when used)."""
+    from mlx_grpo.nanochat.folder import MODEL_TYPES, model_classes
+
+    if config.get("model_type") in MODEL_TYPES:
+        model_class, args_class = model_classes(config)
+    else:
+        from mlx_lm.utils import _get_classes  # mlx-lm's own lookup of a config's model classes
+
+        model_class, args_class = _get_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the plan needs to know of a model."""
+
+    params: int  # every parameter
+    layers: int
+    hidden: int
+    heads: int
+    kv_dim: int  # key (and value) width per token and layer: kv heads x head dim
+    intermediate: int  # MLP hidden width
+    vocab: int  # logits per position
+    quantizable: tuple = ()  # (size, input width) of each weight mlx-lm's quantizer can take
+    adapters: int = 0  # trainable adapter parameters (train_type lora/dora)
+
+
+def _config_value(config: dict, *names, default=None):
+    for name in names:
+        if config.get(name) is not None:
+            return config[name]
+    if default is None:
+        raise MemoryPlanError(f"config.json has none of {', '.join(names)}: the memory plan cannot size this model")
+    return default
+
+
+def model_dims(config: dict, cfg=None) -> ModelDims:
+    """ModelDims of a config.json; with cfg a LoRA/DoRA run's adapters are counted on the lazy model too."""
+    from mlx.utils import tree_flatten
+
+    model = lazy_model(config)
+    params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    quantizable = tuple((m.weight.size, m.weight.shape[-1]) for _, m in model.named_modules()
+                        if hasattr(m, "to_quantized") and "weight" in m)
+    hidden = _config_value(config, "hidden_size", "n_embd", "d_model")
+    heads = _config_value(config, "num_attention_heads", "n_head")
+    head_dim = _config_value(config, "head_dim", default=hidden // heads)
+    adapters = adapter_params(model, cfg) if cfg is not None and cfg.train_type != "full" else 0
+    return ModelDims(
+        params=params, layers=_config_value(config, "num_hidden_layers", "n_layer"), hidden=hidden, heads=heads,
+        kv_dim=_config_value(config, "num_key_value_heads", "n_kv_head", default=heads) * head_dim,
+        intermediate=_config_value(config, "intermediate_size", default=4 * hidden),
+        vocab=_config_value(config, "padded_vocab_size", "vocab_size"), quantizable=quantizable, adapters=adapters)
+
+
+def adapter_params(model, cfg) -> int:
+    """The parameters mlx-lm's LoRA (DoRA) layers add for cfg: rank x (in + out) per adapted linear layer (+ out, the
+    DoRA magnitude), in the top lora_layers blocks, on lora_keys or the model's default (else every linear)."""
+    from mlx_grpo.training.lora import default_lora_keys
+
+    blocks = model.layers if cfg.lora_layers == -1 else model.layers[-cfg.lora_layers:]
+    keys = set(cfg.lora_keys or default_lora_keys(model))
+    total = 0
+    for block in blocks:
+        for name, module in block.named_modules():
+            if isinstance(module, nn.Linear) and (not keys or name in keys):
+                out_dim, in_dim = module.weight.shape
+                total += cfg.lora_rank * (in_dim + out_dim) + (out_dim if cfg.train_type == "dora" else 0)
+    return total
+
+
+def dense_bytes(dims: ModelDims, dtype_bytes: int) -> int:
+    return dims.params * dtype_bytes
+
+
+def quantized_bytes(dims: ModelDims, bits: int, group_size: int, dtype_bytes: int) -> int:
+    """The model with mlx-lm's quantizer applied: bits per weight of every layer whose input width the
+    group size divides, plus a scale and a bias (in dtype_bytes) per group; the rest stays dense."""
+    taken = [size for size, width in dims.quantizable if width % group_size == 0]
+    packed = sum(size * bits // 8 + 2 * (size // group_size) * dtype_bytes for size in taken)
+    return packed + (dims.params - sum(taken)) * dtype_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token costs, measured on MLX's CPU backend (float32 and bfloat16, compiled and not) with
+# bench/memory_plan.py: bytes each micro-batch token keeps for the backward pass, per layer per
+# unit of width (in compute-dtype elements) and per logit (float32 elements).
+
+TRAIN_ELEMENTS_PER_LAYER_WIDTH = 20  # per token, layer and hidden unit (attention and MLP inputs, norms)
+TRAIN_ELEMENTS_PER_LAYER_MLP = 3  # per token, layer and MLP unit (c_fc's output, relu2)
+TRAIN_ELEMENTS_PER_ATTENTION = 2  # per token, layer, head and key: the scores and softmax kept for the backward
+SHARED_PROMPT_ELEMENTS_PER_ATTENTION = 1  # the shared forward's causal prompt pass keeps one (measured: smoke.toml)
+TRAIN_FLOAT32_PER_LOGIT = 4  # per token and logit: the logits, their float32 copy, softmax and its gradient
+FORWARD_FLOAT32_PER_LOGIT = 3  # a forward without gradient for log-probs (old policy, reference)
+PREFILL_FLOAT32_PER_LOGIT = 2  # a prefill's forward: the logits and the softcap's output
+CHECKPOINTED_ELEMENTS_PER_LAYER_WIDTH = 2  # grad_checkpoint: each block keeps its input and output only
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class MemoryPlan:
+    """Peak bytes per phase, what makes them up, and the memory this machine can use."""
+
+    phases: dict  # phase -> peak bytes (phases that do not run are left out)
+    resident: dict  # what stays through the run: name -> bytes
+    available: int  # bytes this machine can use (0: unknown)
+    source: str  # where `available` comes from
+    widths: dict = field(default_factory=dict)  # "row": the padded row width the update trains on
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def peak(self) -> int:
+        return self.phases[self.peak_phase]
+
+    @property
+    def fits(self) -> bool:
+        return not self.available or self.peak <= self.available
+
+    def lines(self) -> list[str]:
+        resident = ", ".join(f"{name} {value / GB:.2f}" for name, value in self.resident.items() if value)
+        phases = ", ".join(f"{name} {value / GB:.2f}" for name, value in self.phases.items())
+        where = f"{self.available / GB:.1f} GB ({self.source})" if self.available else f"unknown ({self.source})"
+        verdict = "fits" if self.fits else "does NOT fit"
+        return [f"[memory] resident GB: {resident}",
+                f"[memory] peak GB per phase: {phases}",
+                f"[memory] largest: {self.peak_phase} {self.peak / GB:.2f} GB; this machine can use {where}: {verdict}"]
+
+
+def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None = None,
+                source: str = "") -> MemoryPlan:
+    """Every phase's peak bytes for a run of `cfg` on a model of `dims` (one process of world_size)."""
+    if available is None:
+        available, source = machine_memory()
+    cd = DTYPE_BYTES[cfg.compute_dtype]
+    full = cfg.train_type == "full"
+    trainable = dims.params if full else dims.adapters
+
+    # What stays through the run.
+    if full:
+        policy = 4 * dims.params
+    elif cfg.base_quant_bits:
+        policy = quantized_bytes(dims, cfg.base_quant_bits, cfg.base_quant_group_size, cd) + 4 * dims.adapters
+    else:
+        policy = dense_bytes(dims, cd) + 4 * dims.adapters
+    copy_dtype = cd
+    quantized_copy = quantized_bytes(dims, cfg.rollout_quant_bits, cfg.rollout_quant_group_size, copy_dtype)
+    reference = 0
+    if cfg.beta > 0 and full:  # with adapters the reference is the base itself
+        reference = quantized_copy if cfg.quantize_for_rollouts else dense_bytes(dims, cd)
+    resident = {"policy": policy, "optimizer": 8 * trainable, "reference": reference}
+    base = sum(resident.values())
+
+    # The generation batch: rows of prompt + completion, right-padded for the update.
+    prompts = -(-cfg.effective_prompts_per_step // world_size)
+    rows = prompts * cfg.num_generations
+    prompt_len, new = cfg.max_prompt_length, cfg.generation_limit
+    pad = cfg.pad_to_multiple_of or 1
+    width = _round_up(prompt_len + new - 1, pad)
+    micro = min(cfg.effective_micro_batch_size, rows)
+    packed = rows * width * 12  # inputs, targets (int32) and mask (float32)
+    logp = rows * width * 4  # one float32 log-prob per position, per pass kept
+
+    def forward(batch: int, length: int, act_bytes: int, per_logit: int = FORWARD_FLOAT32_PER_LOGIT) -> int:
+        """A forward without gradient: the logits and one layer's activations and attention scores at a time."""
+        logits = batch * length * dims.vocab * 4 * per_logit
+        scores = batch * dims.heads * length * length  # MLX's CPU attention forms them; Metal's and CUDA's fused kernels not
+        return logits + max(batch * length * (4 * dims.hidden + dims.intermediate), scores) * act_bytes
+
+    def kv_cache(num_rows: int, length: int, act_bytes: int) -> int:
+        return num_rows * dims.layers * 2 * dims.kv_dim * length * act_bytes
+
+    # Rollouts: the copy that samples, each prompt prefilled once, every row's KV cache at full length.
+    if cfg.quantize_for_rollouts:
+        copy = quantized_copy
+    elif cd != 4 and full:
+        copy = dense_bytes(dims, cd)
+    else:
+        copy = 0  # the policy itself samples
+    act = cd if (copy or not full) else 4
+    align = cfg.prefill_align or 1
+    prefill_len = _round_up(prompt_len, align)
+    prefill = forward(prompts, prefill_len, act, PREFILL_FLOAT32_PER_LOGIT) + kv_cache(prompts, prefill_len, act)
+    # Every row's cache at full length, one layer's more while the rows are copied out of the prompts' caches.
+    full_cache = kv_cache(rows, prompt_len + new, act)
+    decode = (full_cache + full_cache // dims.layers + kv_cache(prompts, prompt_len, act)
+              + rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT)
+    phases = {"rollout": base + copy + max(prefill + kv_cache(prompts, prompt_len, act), decode)}
+    old_policy = cfg.quantize_for_rollouts or cfg.num_iterations > 1
+    kept = packed + (logp if old_policy else 0)
+    if old_policy:
+        phases["old_policy"] = base + copy + kept + forward(micro, width, act)
+    if cfg.beta > 0:
+        phases["reference"] = base + kept + logp + forward(micro, width, cd)
+        kept += logp
+
+    # The update: float32 gradient sum, one micro-batch's gradient and activations, compute-dtype weights.
+    grads = 4 * trainable + cd * trainable + (cd * trainable if cd != 4 else 0)
+    if micro % cfg.num_generations == 0 and cfg.share_prompt_forward:  # training.step's rule for sharing
+        activations = shared_prompt_activations(dims, micro, cfg.num_generations, prompt_len, new, cd, cfg)
+    else:
+        activations = train_activations(dims, micro, width, cd, cfg)
+    phases["update"] = base + kept + grads + activations
+
+    # Evaluation: the policy itself decodes eval_batch_size questions at a time.
+    eval_act = 4 if full else cd
+    eval_rows = min(cfg.eval_batch_size, max(1, -(-(cfg.eval_samples or cfg.eval_batch_size) // world_size)))
+    eval_prefill = (forward(eval_rows, prefill_len, eval_act, PREFILL_FLOAT32_PER_LOGIT)
+                    + kv_cache(eval_rows, prefill_len, eval_act))
+    eval_cache = kv_cache(eval_rows, prompt_len + cfg.eval_max_new_tokens, eval_act)
+    eval_decode = eval_cache + eval_cache // dims.layers + kv_cache(eval_rows, prompt_len, eval_act)
+    phases["eval"] = base + max(eval_prefill + kv_cache(eval_rows, prompt_len, eval_act), eval_decode)
+    return MemoryPlan(phases, resident, available, source, {"row": width, "micro_batch": micro})
+
+
+def train_activations(dims: ModelDims, batch: int, width: int, act_bytes: int, cfg) -> int:
+    """What one micro-batch's forward keeps for its backward pass."""
+    tokens = batch * width
+    logits = tokens * dims.vocab * 4 * TRAIN_FLOAT32_PER_LOGIT
+    if getattr(cfg, "grad_checkpoint", False):
+        # Block inputs kept; one block's activations live again, with their gradients, while its backward runs.
+        kept = tokens * dims.layers * dims.hidden * CHECKPOINTED_ELEMENTS_PER_LAYER_WIDTH * act_bytes
+        return logits + kept + 2 * train_activations_per_layer(dims, batch, width, act_bytes)
+    return logits + dims.layers * train_activations_per_layer(dims, batch, width, act_bytes)
+
+
+def train_activations_per_layer(dims: ModelDims, batch: int, width: int, act_bytes: int, keys: int = 0,
+                                per_score: int = TRAIN_ELEMENTS_PER_ATTENTION) -> int:
+    """One layer's kept activations for `batch` rows of `width` queries attending to `keys` keys (0: width)."""
+    tokens = batch * width
+    dense = tokens * (TRAIN_ELEMENTS_PER_LAYER_WIDTH * dims.hidden + TRAIN_ELEMENTS_PER_LAYER_MLP * dims.intermediate)
+    attention = tokens * dims.heads * (keys or width) * per_score
+    return (dense + attention) * act_bytes
+
+
+def shared_prompt_activations(dims: ModelDims, batch: int, group: int, prompt_len: int, new: int, act_bytes: int,
+                              cfg) -> int:
+    """train_activations for the shared-prompt forward (training/shared_prompt.py) of whole groups: each prompt
+    once, its keys and values broadcast to its group's rows, logits on the completions only."""
+    prompts = batch // group
+    logits = batch * new * dims.vocab * 4 * TRAIN_FLOAT32_PER_LOGIT
+    per_layer = (train_activations_per_layer(dims, prompts, prompt_len, act_bytes,
+                                             per_score=SHARED_PROMPT_ELEMENTS_PER_ATTENTION)
+                 + train_activations_per_layer(dims, batch, new, act_bytes, keys=prompt_len + new))
+    if getattr(cfg, "grad_checkpoint", False):
+        kept = (prompts * prompt_len + batch * new) * dims.layers * dims.hidden * CHECKPOINTED_ELEMENTS_PER_LAYER_WIDTH
+        return logits + kept * act_bytes + 2 * per_layer
+    return logits + dims.layers * per_layer
+
+
+# ----------------------------------------------------------------------------------------------
+# The machine
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): unknown
+        return 0
+
+
+def machine_memory() -> tuple[int, str]:
+    """(bytes a run may use, where that figure comes from)."""
+    kind = current_backend()
+    if kind == "metal":
+        working_set = mx.device_info().get("max_recommended_working_set_size")
+        if working_set:
+            return int(working_set), "Metal's recommended working set"
+    if kind == "cuda":
+        return int(mx.get_memory_limit()), "MLX's CUDA memory limit"
+    return physical_memory(), "physical memory"
+
+
+@contextmanager
+def wired_limit():
+    """On Metal, wire up to the recommended working set for the run (as mlx-lm's train and generate do),
+    so the model's memory is not paged out between steps; the previous limit is restored after."""
+    previous = None
+    if current_backend() == "metal":
+        from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+        previous = maybe_set_recommended_wired_limit()
+    try:
+        yield
+    finally:
+        if previous is not None:
+            mx.set_wired_limit(previous)
+
+
+# ----------------------------------------------------------------------------------------------
+# When it does not fit: the cheapest change that does
+
+
+def _fix_candidates(cfg):
+    """(change, --set text) in the order of what they cost: the math unchanged first, then precision,
+    then what is trained, then the batch."""
+    micro = cfg.effective_micro_batch_size
+    candidates = []
+    size = cfg.eval_batch_size // 2
+    while size >= 8:  # evaluation prefills its whole batch at once: smaller batches change nothing but time
+        candidates.append({"eval_batch_size": size})
+        size //= 2
+    size = micro // 2
+    while size >= 1:  # the largest micro-batch that fits comes first
+        candidates.append({"micro_batch_size": size})
+        size //= 2
+    if not getattr(cfg, "grad_checkpoint", True):
+        candidates.append({"grad_checkpoint": True})
+    if cfg.compute_dtype != "bfloat16":
+        candidates.append({"compute_dtype": "bfloat16"})
+    if not cfg.quantize_for_rollouts:
+        candidates.append({"quantize_for_rollouts": True, "rollout_quant_bits": 8})
+    if cfg.train_type == "full":
+        candidates.append({"train_type": "lora", "compute_dtype": "bfloat16"})
+    if not cfg.base_quant_bits:
+        candidates.append({"train_type": cfg.train_type if cfg.train_type != "full" else "lora",
+                           "base_quant_bits": 4, "compute_dtype": "bfloat16"})
+    generations = cfg.num_generations // 2
+    while generations >= 2:
+        candidates.append({"num_generations": generations})
+        generations //= 2
+    return candidates
+
+
+def _set_text(change: dict) -> str:
+    def value(v):
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return " ".join(f"--set {k}={value(v)}" for k, v in change.items())
+
+
+def cheapest_fix(config: dict, cfg, available: int, world_size: int = 1):
+    """(change, plan) of the first change that fits, alone or on top of the ones before it; None if none does."""
+    from mlx_grpo.config import validate
+
+    dims = {}  # the model's sizes depend only on what is trained: built once per kind of run
+
+    def plan_for(change):
+        candidate = validate(dataclasses.replace(cfg, **change))
+        kind = candidate.train_type, candidate.lora_rank, candidate.lora_layers, tuple(candidate.lora_keys)
+        if kind not in dims:
+            dims[kind] = model_dims(config, candidate)
+        return plan_memory(dims[kind], candidate, world_size, available, "")
+
+    candidates = _fix_candidates(cfg)
+    for change in candidates:
+        plan = plan_for(change)
+        if plan.fits:
+            return change, plan
+    sizes = [cfg.effective_micro_batch_size] + [c["micro_batch_size"] for c in candidates if "micro_batch_size" in c]
+
+    def with_micro_batch(change):  # the change with the largest micro-batch that fits, or None
+        for size in sizes:
+            plan = plan_for({**change, "micro_batch_size": size})
+            if plan.fits:
+                return {**change, "micro_batch_size": size} if size != cfg.effective_micro_batch_size else change, plan
+        return None
+
+    steps = [c for c in candidates if "micro_batch_size" not in c]
+    for count in range(1, len(steps) + 1):  # none alone: stack them in order until the stack fits
+        found = with_micro_batch({k: v for step in steps[:count] for k, v in step.items()})
+        if found is None:
+            continue
+        kept = list(steps[:count])
+        for step in steps[:count - 1]:  # then leave out every earlier one the fit does not need
+            trial = [s for s in kept if s is not step]
+            if with_micro_batch({k: v for s in trial for k, v in s.items()}) is not None:
+                kept = trial
+        return with_micro_batch({k: v for s in kept for k, v in s.items()})
+    return None
+
+
+def check_fits(config: dict, cfg, plan: MemoryPlan, world_size: int = 1) -> None:
+    """Raise MemoryPlanError (one line: the phase, the cheapest change that fits) when the plan does not fit."""
+    if plan.fits:
+        return
+    head = (f"memory plan: the {plan.peak_phase} phase needs {plan.peak / GB:.1f} GB but this machine can use "
+            f"{plan.available / GB:.1f} GB ({plan.source})")
+    fix = cheapest_fix(config, cfg, plan.available, world_size)
+    if fix is None:
+        raise MemoryPlanError(f"{head}; no single change fits: use a smaller model or a larger machine")
+    change, fixed = fix
+    raise MemoryPlanError(f"{head}; the cheapest change that fits: {_set_text(change)} "
+                          f"(plan {fixed.peak / GB:.1f} GB, largest phase {fixed.peak_phase})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Measured peaks, phase by phase
+
+
+def record_peak(peaks: dict, phase: str) -> None:
+    """peaks[phase] = the largest MLX memory in use since the last record (or reset); then reset."""
+    mx.synchronize()
+    peak = max(mx.get_peak_memory(), mx.get_active_memory())
+    peaks[phase] = max(peaks.get(phase, 0), peak)
+    mx.reset_peak_memory()
+
+
+def memory_metrics(plan: MemoryPlan | None, peaks: dict) -> dict:
+    """memory/<phase>_gb (measured) beside memory/<phase>_plan_gb for the phases this step ran."""
+    out = {}
+    for phase, value in peaks.items():
+        out[f"memory/{phase}_gb"] = value / GB
+        if plan is not None and phase in plan.phases:
+            out[f"memory/{phase}_plan_gb"] = plan.phases[phase] / GB
+    return out
+
+
+def planned_gb(plan: MemoryPlan) -> dict:
+    return {phase: round(value / GB, 3) for phase, value in plan.phases.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient checkpointing
+
+
+_CHECKPOINTED_CLASSES: dict = {}
+
+
+def _checkpointed_class(block_class):
+    """A subclass of a block class whose training forward is mx.checkpoint-ed (mlx-lm's grad_checkpoint
+    mechanism); a call with a KV cache (decoding) runs the plain forward."""
+    if block_class not in _CHECKPOINTED_CLASSES:
+        def __call__(self, x, *args, **kwargs):
+            if kwargs.get("cache") is not None or any(not isinstance(a, (mx.array, str, type(None))) for a in args):
+                return block_class.__call__(self, x, *args, **kwargs)
+
+            def forward(params, x):
+                self.update(params)
+                return block_class.__call__(self, x, *args, **kwargs)
+
+            return mx.checkpoint(forward)(self.trainable_parameters(), x)
+
+        _CHECKPOINTED_CLASSES[block_class] = type(f"Checkpointed{block_class.__name__}", (block_class,),
+                                                  {"__call__": __call__})
+    return _CHECKPOINTED_CLASSES[block_class]
+
+
+def checkpoint_blocks(model) -> int:
+    """Gradient checkpointing on this model's blocks only: each block instance becomes an instance of a
+    checkpointed subclass of its class. mlx_lm.tuner.trainer.grad_checkpoint patches the class itself,
+    which would change every other model of that class in the process (the rollout copies, the reference)."""
+    count = 0
+    for block in model.layers:
+        if type(block) not in _CHECKPOINTED_CLASSES.values():
+            block.__class__ = _checkpointed_class(type(block))
+            count += 1
+    return count
