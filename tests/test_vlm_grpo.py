@@ -191,7 +191,7 @@ def test_training_the_vision_tower(folder):
     live = policy(rollouts.batches[0].inputs)
     policy.train_vision = False
     _, constant_batches = policy.pack_micro_batches(prompts, rollouts.completions, cfg.effective_micro_batch_size,
-                                                    pad_multiple=cfg.pad_to_multiple_of)
+                                                    pad_multiple=setup.cfg.pad_to_multiple_of)  # "auto" resolved
     np.testing.assert_allclose(np.array(live), np.array(policy(constant_batches[0].inputs)), atol=1e-5)
     policy.train_vision = True
     before = {k: np.array(v) for k, v in tree_flatten(policy.vlm.vision_tower.parameters())}
