@@ -52,6 +52,13 @@ from mlx_grpo.generation.calculator import CalculatorTool
 from mlx_grpo.models import ModelLoadError, check_model_folder, load_model, save_model_folder
 from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError
 from mlx_grpo.nanochat.tokenizer import nanochat_tokenizer
+from mlx_grpo.training.backend import (
+    BACKEND_KEYS,
+    current_backend,
+    generation_options,
+    resolve_for_backend,
+    resolve_headroom,
+)
 from mlx_grpo.training.checkpoint import CheckpointError, resume_point
 from mlx_grpo.training.distributed import (
     DistributedError,
@@ -61,13 +68,6 @@ from mlx_grpo.training.distributed import (
     init_world,
     quiet_unless_main,
     reduce_step_metrics,
-)
-from mlx_grpo.training.backend import (
-    BACKEND_KEYS,
-    current_backend,
-    generation_options,
-    resolve_for_backend,
-    resolve_headroom,
 )
 from mlx_grpo.training.interrupt import stop_on_signals
 from mlx_grpo.training.lora import add_adapters, save_adapters, trainable_summary

@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import model_families as families
 import numpy as np
 
 import mlx_grpo.cuda_kernels as cuda_kernels
-import model_families as families
 from mlx_grpo.config import GRPOConfig, validate
 from mlx_grpo.nanochat import decoder as nanochat_decode
 from mlx_grpo.nanochat import eras

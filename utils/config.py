@@ -153,6 +153,11 @@ class GRPOConfig:
     entropy_coef: float = 0.0  # entropy bonus: the loss minus entropy_coef * mean token entropy; 0 = off
     use_bias_correction_kl: bool = False  # the KL term weighted by the ratio (DeepSeek-V3.2's unbiased estimator)
     multi_objective_aggregation: str = "sum_then_normalize"  # sum_then_normalize | normalize_then_sum (GDPO)
+    # TRL's sync_ref_model (TR-DPO): every ref_model_sync_steps steps the reference moves toward the policy,
+    # reference = alpha * policy + (1 - alpha) * reference; the reference is then a dense compute_dtype copy.
+    sync_ref_model: bool = False
+    ref_model_sync_steps: int = 512  # steps between syncs (TRL counts optimizer steps: the same at num_iterations 1)
+    ref_model_mixup_alpha: float = 0.6  # alpha above
 
     # --- LoRA / DoRA / QLoRA (utils/training/lora.py: mlx-lm's adapter layers) ---
     train_type: str = "full"  # full | lora | dora; lora/dora train only adapters on a frozen base
@@ -552,6 +557,14 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
          "eval_pass_k > 0 samples k answers per question and needs eval_temperature > 0")
 
     errors.extend(trl_loss_errors(cfg))
+    if cfg.sync_ref_model:  # TRL refuses it with PEFT adapters, and without a reference there is nothing to sync
+        need(cfg.beta > 0, "sync_ref_model moves the KL reference, which beta = 0 switches off: set beta > 0 "
+             "(e.g. 0.04) or sync_ref_model = false")
+        need(cfg.train_type == "full", f"sync_ref_model needs train_type = \"full\" (with {cfg.train_type} the "
+             "reference is the frozen base itself, as TRL's PEFT runs, which refuse it too)")
+        need(cfg.ref_model_sync_steps >= 1, f"ref_model_sync_steps must be >= 1, got {cfg.ref_model_sync_steps}")
+        need(0.0 <= cfg.ref_model_mixup_alpha <= 1.0,
+             f"ref_model_mixup_alpha must be in [0, 1], got {cfg.ref_model_mixup_alpha}")
 
     if cfg.reward_funcs and cfg.reward_weights:
         need(len(cfg.reward_weights) == len(cfg.reward_funcs),

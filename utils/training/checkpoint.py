@@ -3,6 +3,7 @@
 Layout of one checkpoint, run_dir/checkpoints/step_{step:06d}/:
     <model files>             written by the caller (weights safetensors, config.json, tokenizer)
     optimizer.safetensors     the whole optimizer state tree (step, learning_rate, m/v, ...)
+    reference.safetensors     with sync_ref_model only: the moving KL reference (training/step.py writes it)
     trainer_state.json        {"step", "trainer_state": <caller dict>, "rng_state": <capture_rng_state()>}
     config.resolved.json      the run config (loads with config.load_resolved_config(folder))
     checkpoint.json           manifest, written last: the completion marker (file names, sizes, sha256s)
@@ -33,6 +34,7 @@ FORMAT_VERSION = 1
 CHECKPOINTS_DIRNAME = "checkpoints"
 MANIFEST_FILE = "checkpoint.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+REFERENCE_FILE = "reference.safetensors"  # sync_ref_model: the moving KL reference
 TRAINER_STATE_FILE = "trainer_state.json"
 HASHES_KEY = "sha256"  # manifest: file name -> sha256 of its content (manifests written before it have none)
 _RESERVED_FILES = (MANIFEST_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, RESOLVED_CONFIG_NAME)

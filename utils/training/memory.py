@@ -211,7 +211,7 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     quantized_copy = quantized_bytes(dims, cfg.rollout_quant_bits, cfg.rollout_quant_group_size, copy_dtype)
     reference = 0
     if cfg.beta > 0 and full:  # with adapters the reference is the base itself
-        reference = quantized_copy if cfg.quantize_for_rollouts else dense_bytes(dims, cd)
+        reference = quantized_copy if cfg.quantize_for_rollouts and not cfg.sync_ref_model else dense_bytes(dims, cd)
     resident = {"policy": policy, "optimizer": 8 * trainable, "reference": reference}
     base = sum(resident.values())
 

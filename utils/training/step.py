@@ -23,12 +23,13 @@ from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_grpo.config import GRPOConfig, config_to_dict
 from mlx_grpo.generation.engine import RolloutStats, generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
-from mlx_grpo.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mlx_grpo.training.backend import current_backend, generation_options, resolve_for_backend, resolve_headroom
+from mlx_grpo.training.checkpoint import REFERENCE_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from mlx_grpo.training.distributed import (
     World,
     group_advantages_across,
@@ -134,8 +135,9 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
     reference = None
     if cfg.beta > 0 and adapters:
         reference = base_policy(model)
-    elif cfg.beta > 0:
-        reference = frozen_copy(model, cfg.rollout_quant_bits if cfg.quantize_for_rollouts else None,
+    elif cfg.beta > 0:  # sync_ref_model mixes the policy into it: a dense copy, quantization would not mix
+        quantized_reference = cfg.quantize_for_rollouts and not cfg.sync_ref_model
+        reference = frozen_copy(model, cfg.rollout_quant_bits if quantized_reference else None,
                                 cfg.rollout_quant_group_size, dtype=compute_dtype)
     schedule = make_lr_schedule(cfg.learning_rate, total_updates, cfg.warmup_ratio, cfg.lr_scheduler_type)
     if cfg.optimizer == "muon":  # nanochat's groups, each at its base rate x schedule
@@ -363,7 +365,21 @@ def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, reward
                                     "gradients; lower learning_rate or use compute_dtype = \"float32\"")
         updates.append(StepUpdate(state.update, lr, state.nan_events, result, reward_std))
     state.step += 1
+    if cfg.sync_ref_model and every(cfg.ref_model_sync_steps, state.step):
+        sync_reference(setup.reference, setup.model, cfg.ref_model_mixup_alpha)
     return updates
+
+
+def sync_reference(reference, policy, alpha: float) -> None:
+    """TRL's sync_ref_model: reference = alpha * policy + (1 - alpha) * reference, in float32, stored in the
+    reference's dtype (every process holds the same policy, so every reference stays the same)."""
+    ref = dict(tree_flatten(reference.parameters()))
+    mixed = []
+    for name, p in tree_flatten(policy.parameters()):
+        mix = alpha * p.astype(mx.float32) + (1.0 - alpha) * ref[name].astype(mx.float32)
+        mixed.append((name, mix.astype(ref[name].dtype)))
+    reference.load_weights(mixed)
+    mx.eval(reference.parameters())
 
 
 def update_metrics(cfg: GRPOConfig, rollouts: Rollouts, rewards, update: StepUpdate, accuracy: float) -> dict:
@@ -410,8 +426,15 @@ def save_training_checkpoint(setup: StepSetup, state: TrainState, run_dir, write
     processes = process_states(setup.world, setup.model)
     if not setup.world.is_main:
         return None
+    write = write_model_files
+    if setup.cfg.sync_ref_model:  # the moving reference is part of the run's state
+
+        def write(folder):
+            write_model_files(folder)
+            mx.save_safetensors(str(Path(folder) / REFERENCE_FILE), dict(tree_flatten(setup.reference.parameters())))
+
     return save_checkpoint(run_dir, state.step, optimizer=setup.optimizer, config=config_to_dict(setup.cfg),
-                           trainer_state={**state.to_dict(), **processes}, write_model_files=write_model_files,
+                           trainer_state={**state.to_dict(), **processes}, write_model_files=write,
                            keep_last=keep_last)
 
 
@@ -428,5 +451,10 @@ def load_training_checkpoint(setup: StepSetup, path) -> TrainState:
     ensure_float32(model, adapters_only=setup.adapters)
     setup.optimizer.init(model.trainable_parameters())
     saved = load_checkpoint(path, optimizer=setup.optimizer)
+    if setup.cfg.sync_ref_model:
+        if not (path / REFERENCE_FILE).exists():
+            raise CheckpointError(f"{path} has no {REFERENCE_FILE}: it was saved without sync_ref_model; resume "
+                                  "with sync_ref_model = false or start a new run")
+        setup.reference.load_weights(str(path / REFERENCE_FILE))
     restore_process_state(setup.world, saved, path)  # same world size; each process's own RNG state
     return TrainState.from_dict(saved, source=str(path))
