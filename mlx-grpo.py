@@ -147,10 +147,7 @@ class Task:
 
     def text(self, completion):
         """The completion's text without its stop token."""
-        tokens = completion.tokens
-        if completion.stopped and tokens[-1] in self.stop_token_ids:
-            tokens = tokens[:-1]
-        return self.tokenizer.decode(tokens)
+        return self.tokenizer.decode(completion.content_tokens)
 
     def is_correct(self, text, answer):
         return self._check([text], answer=[answer])[0] > 0

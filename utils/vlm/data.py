@@ -108,10 +108,8 @@ class VlmTask:
         self._check = BUILTIN_REWARDS["correctness"]
 
     def text(self, completion):
-        tokens = completion.tokens
-        if completion.stopped and tokens[-1] in self.stop_token_ids:
-            tokens = tokens[:-1]
-        return self.tokenizer.decode(tokens)
+        """The completion's text without its stop token."""
+        return self.tokenizer.decode(completion.content_tokens)
 
     def is_correct(self, text, answer):
         return self._check([text], answer=[answer])[0] > 0
