@@ -123,12 +123,14 @@ def test_resume_with_another_world_size_is_refused():
 # The update of 2 ranks equals the update of one process
 
 
-# name: (prompts, group size, micro_batch_size, loss_type, scale_rewards, beta, mask_truncated)
+# name: (prompts, group size, micro_batch_size, loss_type, scale_rewards, beta, mask_truncated, entropy_coef);
+# entropy_coef: use_adaptive_entropy's runtime coefficient, None = no entropy bonus
 SETTINGS = {
-    "dapo-batch-std": (4, 3, 2, "dapo", "batch", 0.0, False),
-    "grpo-uneven-kl": (3, 2, 4, "grpo", "group", 0.04, True),  # ranks hold 2 and 1 prompts
-    "bnpo-aligned": (4, 2, 2, "bnpo", "none", 0.0, False),  # same micro-batches in both layouts
-    "dr_grpo": (4, 2, 3, "dr_grpo", "group", 0.0, False),
+    "dapo-batch-std": (4, 3, 2, "dapo", "batch", 0.0, False, None),
+    "grpo-uneven-kl": (3, 2, 4, "grpo", "group", 0.04, True, None),  # ranks hold 2 and 1 prompts
+    "bnpo-aligned": (4, 2, 2, "bnpo", "none", 0.0, False, None),  # same micro-batches in both layouts
+    "dr_grpo": (4, 2, 3, "dr_grpo", "group", 0.0, False, None),
+    "grpo-adaptive-entropy": (3, 2, 2, "grpo", "group", 0.0, False, 0.05),
 }
 
 
@@ -151,7 +153,7 @@ def global_batch(num_prompts, group_size):
 
 def fixed_update(model, world, setting):
     """Two updates (the second one clipped against the first's old log-probs) on this rank's share."""
-    num_prompts, group_size, micro_batch_size, loss_type, scale_rewards, beta, mask_truncated = setting
+    num_prompts, group_size, micro_batch_size, loss_type, scale_rewards, beta, mask_truncated, entropy_coef = setting
     prompts, completions, rewards = global_batch(num_prompts, group_size)
     start, stop = world.shard_bounds(num_prompts)
     local = [i for i, c in enumerate(completions) if start <= c.prompt_index < stop]
@@ -165,7 +167,7 @@ def fixed_update(model, world, setting):
                                     "num_micro_batches": len(batches)})
     loss_and_grad = make_loss_and_grad(
         model, temperature=1.0, loss_type=loss_type, epsilon=0.2, epsilon_high=0.28, beta=beta,
-        importance_sampling_level="token", max_completion_length=8)
+        importance_sampling_level="token", max_completion_length=8, adaptive_entropy=entropy_coef is not None)
     old_logp = frozen_logprobs(model, batches, 1.0)
     ref_logp = old_logp if beta > 0 else None  # the reference is the starting weights
     optimizer = optim.AdamW(learning_rate=LEARNING_RATE, weight_decay=0.01)
@@ -177,7 +179,8 @@ def fixed_update(model, world, setting):
         return tree
 
     results = [policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, old_logp, ref_logp,
-                             normalizers, max_grad_norm=1.0, all_sum=all_sum) for _ in range(2)]
+                             normalizers, max_grad_norm=1.0, all_sum=all_sum, entropy_coef=entropy_coef)
+               for _ in range(2)]
     return [{"loss": r.loss, "grad_norm": r.grad_norm, **r.stats} for r in results], summed_grads[0]
 
 
@@ -269,6 +272,12 @@ def test_two_ranks_compute_the_one_process_update(two_rank_worker, tiny_model_di
                 if key.startswith("mean/") or key == "micro_batches":
                     continue  # per-micro-batch means (TRL's metrics) depend on how the batch is split
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (name, key)
+        if setting[-1] is not None:  # the adaptive controller's entropy: the whole batch's, the same on every rank
+            other_rank = json.loads((tmp_path / f"{name}-rank1.json").read_text())
+            for ours, theirs in zip(rank_results, other_rank):
+                assert ours["entropy_bonus_tokens"] > 0
+                assert [ours[k] for k in ("entropy_bonus_sum", "entropy_bonus_tokens")] == \
+                       [theirs[k] for k in ("entropy_bonus_sum", "entropy_bonus_tokens")]
 
 
 def test_the_step_benchmark_runs_the_data_parallel_step_under_mlx_launch(two_rank_worker):

@@ -151,6 +151,14 @@ class GRPOConfig:
     off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2: drop A < 0 sequences this far off-policy; None = off
     top_entropy_quantile: float = 1.0  # keep only the top-q tokens by entropy in the loss (0.2 in its paper); 1 = all
     entropy_coef: float = 0.0  # entropy bonus: the loss minus entropy_coef * mean token entropy; 0 = off
+    # TRL's adaptive entropy control (Skywork-OR1): entropy_coef is the starting coefficient; after each update
+    # it moves up by entropy_coef_delta if that update's mean token entropy was <= entropy_target, else down,
+    # within [entropy_coef_min, entropy_coef_max], and applies only while the last entropy was <= entropy_target.
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0  # lower bound of the adaptive coefficient
+    entropy_coef_max: float = 1.0  # upper bound of the adaptive coefficient
+    entropy_coef_delta: float = 0.005  # the adaptive coefficient's step per update
+    entropy_target: float = 0.2  # nats; a language model starts at 2-10, so TRL's 0.2 only engages near collapse
     use_bias_correction_kl: bool = False  # the KL term weighted by the ratio (DeepSeek-V3.2's unbiased estimator)
     multi_objective_aggregation: str = "sum_then_normalize"  # sum_then_normalize | normalize_then_sum (GDPO)
     # TRL's sync_ref_model (TR-DPO): every ref_model_sync_steps steps the reference moves toward the policy,
@@ -627,6 +635,13 @@ def trl_loss_errors(cfg: GRPOConfig) -> list[str]:
     for name in ("vespo_k_pos", "vespo_k_neg"):
         if getattr(cfg, name) < 0:
             errors.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.use_adaptive_entropy:  # ours: TRL takes these, then steps the wrong way or jumps from bound to bound
+        if cfg.entropy_coef_min > cfg.entropy_coef_max:
+            errors.append(f"entropy_coef_min ({cfg.entropy_coef_min}) must be <= entropy_coef_max "
+                          f"({cfg.entropy_coef_max})")
+        if cfg.entropy_coef_delta < 0:
+            errors.append(f"entropy_coef_delta must be >= 0 (the coefficient's step per update), got "
+                          f"{cfg.entropy_coef_delta}")
     return errors
 
 

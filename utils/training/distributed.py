@@ -258,7 +258,8 @@ def reward_std_across(world: World, rewards) -> float:
 
 # How each logged metric combines over processes; the rest are means weighted by completions.
 SAME_ON_EVERY_PROCESS = ("step", "epoch", "lr", "nan_events", "loss", "grad_norm", "kl", "entropy",
-                         "clip_ratio/", "importance_ratio/", "cispo_clip_ratio", "vespo/",
+                         "clip_ratio/", "importance_ratio/", "cispo_clip_ratio", "vespo/", "policy_loss",
+                         "entropy_coef",  # adapted from the all-summed entropy
                          "reward_std")  # computed after the all-sum (reward_std: over every process's rewards)
 SUMMED = ("reward_failures", "tools/calls", "tools/failures", "tokens_per_sec/rollout")
 SMALLEST = ("completions/min_length", "tokens_per_sec/train",  # train: global tokens / slowest process

@@ -297,7 +297,7 @@ def grpo_loss(
     off_policy_mask_threshold: Optional[float] = None,
     top_entropy_quantile: float = 1.0,
     use_bias_correction_kl: bool = False,
-    entropy_coef: float = 0.0,
+    entropy_coef: float | mx.array = 0.0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """The GRPO policy loss of ONE micro-batch, scaled so that the SUM over the micro-batches of a
     generation batch equals TRL's loss for that batch (TRL's _compute_loss, loss type by loss type).
@@ -326,7 +326,9 @@ def grpo_loss(
     Then l + beta * k3, k3 = exp(ref - logp) - (ref - logp) - 1, times r with use_bias_correction_kl.
     entropy_coef c > 0 subtracts c * H, H the mean entropy of the kept tokens (entropy must then
     carry its gradient): sum H / num_tokens_total for dapo/cispo/vespo, else each micro-batch's
-    token mean / num_micro_batches (TRL's), so that H sums to the batch's mean entropy.
+    token mean / num_micro_batches (TRL's), so that H sums to the batch's mean entropy. An mx.array
+    entropy_coef (use_adaptive_entropy: it changes every update, and a compiled loss takes it as an
+    input instead of retracing) keeps the term, and the entropy's gradient, even while it is 0.
 
     Normalisation (TRL's loss_type), with |o_i| = sum_t mask[i, t]:
       grpo, sapo: sum_i (sum_t l*mask / max(|o_i|, 1)) / num_sequences_total
@@ -366,9 +368,10 @@ def grpo_loss(
         _check_count("max_completion_length", max_completion_length, loss_type)
     if loss_type == "bnpo":
         _check_count("num_micro_batches", num_micro_batches, loss_type)
-    if (top_entropy_quantile < 1.0 or entropy_coef != 0.0) and entropy is None:
+    entropy_bonus = isinstance(entropy_coef, mx.array) or entropy_coef != 0.0
+    if (top_entropy_quantile < 1.0 or entropy_bonus) and entropy is None:
         raise ValueError("top_entropy_quantile < 1 and entropy_coef need the per-token entropy; pass entropy")
-    if entropy_coef != 0.0 and loss_type not in ("dapo", "cispo", "vespo"):
+    if entropy_bonus and loss_type not in ("dapo", "cispo", "vespo"):
         _check_count("num_micro_batches", num_micro_batches, loss_type)
     if loss_type in ("dapo", "cispo", "vespo"):
         # 0 is legitimate (every completion truncated and masked): the loss is then 0
@@ -443,7 +446,7 @@ def grpo_loss(
     else:  # dapo, cispo, vespo
         loss = masked_loss.sum() / mx.maximum(mx.array(num_tokens_total, dtype=mx.float32), 1.0)
     policy_loss = loss
-    if entropy_coef != 0.0:
+    if entropy_bonus:
         kept = mask if entropy_keep is None else mask * entropy_keep
         entropy_total = mx.where(kept > 0, entropy.astype(mx.float32) * kept, 0.0).sum()
         if loss_type in ("dapo", "cispo", "vespo"):
@@ -499,8 +502,11 @@ def grpo_loss(
     if entropy is not None:
         stats["entropy_sum"] = mx.where(live, mx.stop_gradient(entropy).astype(mx.float32) * mask, 0.0).sum()
         stats["mean/entropy"] = stats["entropy_sum"] / tokens
-    if entropy_coef != 0.0:
+    if entropy_bonus:
         stats["policy_loss"] = mx.stop_gradient(policy_loss)  # TRL's policy_loss: the loss without the bonus
+        # The bonus's own tokens, summed: the adaptive controller's global mean entropy (step.adapt_entropy_coef)
+        stats["entropy_bonus_sum"] = mx.stop_gradient(entropy_total)
+        stats["entropy_bonus_tokens"] = kept.sum()
     if off_policy_keep is not None:  # ours: the share of sequences the off-policy mask keeps
         stats["mean/off_policy_mask/kept"] = off_policy_keep.sum() / max(float(logp.shape[0]), 1.0)
     return loss, stats

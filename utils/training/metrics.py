@@ -33,6 +33,7 @@ CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
     ("loss", "loss"),
     ("kl", "kl"),
     ("entropy", "ent"),
+    ("entropy_coef", "ent_coef"),
     ("clip_ratio/region_mean", "clip"),
     ("completions/mean_length", "len"),
     ("completions/clipped_ratio", "cut"),

@@ -64,6 +64,10 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite numbers a setting avoids); the message names the setting."""
 
 
+# TrainState fields an older checkpoint lacks; their defaults resume it as a fresh run would start them.
+LATER_FIELDS = ("entropy_coef", "last_world_entropy")
+
+
 @dataclass
 class TrainState:
     """Every counter of a run that a checkpoint restores (with the weights, the optimizer and the RNGs)."""
@@ -76,19 +80,25 @@ class TrainState:
     data: dict = field(default_factory=dict)  # the data order's position (PromptSampler.state_dict())
     eval_history: list = field(default_factory=list)  # {"update", "eval/accuracy", ...} per evaluation
     config_changes: list = field(default_factory=list)  # keys a resume changed: {"key", "old", "new", "update"}
+    # use_adaptive_entropy's controller (TRL's entropy_coef and _last_world_entropy). None: not adapted yet, so
+    # cfg.entropy_coef; no finite entropy measured yet (TRL's inf, or its NaN after a non-finite update): no bonus.
+    entropy_coef: float | None = None
+    last_world_entropy: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, saved: dict, source="the checkpoint") -> "TrainState":
-        """The state saved by to_dict (other keys, such as the processes' RNG states, are left alone)."""
+        """The state saved by to_dict (other keys, such as the processes' RNG states, are left alone).
+
+        Fields added since checkpoints were first written (LATER_FIELDS) take their defaults when absent."""
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in saved]
+        missing = [name for name in names if name not in saved and name not in LATER_FIELDS]
         if missing:
             raise CheckpointError(f"{source} has no {', '.join(missing)} in its trainer state: it was written by "
                                   "another version of MLX-GRPO; resume it with that version, or start a new run")
-        return cls(**{name: saved[name] for name in names})
+        return cls(**{name: saved[name] for name in names if name in saved})
 
 
 def every(interval: int, step: int) -> bool:
@@ -152,7 +162,7 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
         epsilon_high=cfg.effective_epsilon_high, beta=cfg.beta,
         importance_sampling_level=cfg.importance_sampling_level, max_completion_length=cfg.generation_limit,
         compute_dtype=compute_dtype, use_compile=cfg.use_compile, loss_options=loss_options(cfg),
-        grad_checkpoint=cfg.grad_checkpoint)
+        grad_checkpoint=cfg.grad_checkpoint, adaptive_entropy=cfg.use_adaptive_entropy)
     # A vision-language policy (utils/vlm/) is not covered: its micro-batches carry image features.
     share_prompts = cfg.share_prompt_forward and supports_shared_prompt(model) and not hasattr(model, "processor")
     if cfg.share_prompt_forward and not share_prompts:
@@ -316,6 +326,7 @@ class StepUpdate:
     nan_events: int  # state.nan_events after it
     result: UpdateResult
     reward_std: float = 0.0  # std of the step's rewards over every process (TRL's reward_std)
+    entropy_coef: float | None = None  # with an entropy bonus: the coefficient after the update (TRL's log)
 
 
 def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, rewards,
@@ -350,8 +361,11 @@ def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, reward
                                all_sum=world.sum_tree, is_weights=rollouts.is_weights,
                                # the off-policy mask compares with the policy that sampled (TRL's choice)
                                sampling_logp=rollouts.rollout_logp if cfg.off_policy_mask_threshold is not None
-                               else None)
+                               else None,
+                               entropy_coef=applied_entropy_coef(cfg, state) if cfg.use_adaptive_entropy else None)
         record_peak(rollouts.peaks, "update")
+        if cfg.use_adaptive_entropy:  # after every update, skipped ones too (TRL's, at each optimizer step)
+            state.entropy_coef, state.last_world_entropy = adapt_entropy_coef(cfg, state, result.stats)
         model.eval()
         state.update += 1
         if result.applied:
@@ -363,11 +377,40 @@ def grpo_updates(setup: StepSetup, state: TrainState, rollouts: Rollouts, reward
             if state.nan_streak >= cfg.max_nan_steps:
                 raise TrainingError(f"stopping: {state.nan_streak} updates in a row had non-finite loss or "
                                     "gradients; lower learning_rate or use compute_dtype = \"float32\"")
-        updates.append(StepUpdate(state.update, lr, state.nan_events, result, reward_std))
+        coef = current_entropy_coef(cfg, state) if cfg.use_adaptive_entropy or cfg.entropy_coef != 0.0 else None
+        updates.append(StepUpdate(state.update, lr, state.nan_events, result, reward_std, coef))
     state.step += 1
     if cfg.sync_ref_model and every(cfg.ref_model_sync_steps, state.step):
         sync_reference(setup.reference, setup.model, cfg.ref_model_mixup_alpha)
     return updates
+
+
+def current_entropy_coef(cfg: GRPOConfig, state: TrainState) -> float:
+    """The entropy coefficient now: the adaptive one, or cfg.entropy_coef (static, or not adapted yet)."""
+    return cfg.entropy_coef if state.entropy_coef is None else state.entropy_coef
+
+
+def applied_entropy_coef(cfg: GRPOConfig, state: TrainState) -> float:
+    """The coefficient an adaptive update's loss uses: TRL applies it only while the last update's entropy was at or
+    below entropy_target, so not before a first measurement; the entropy term stays in the loss either way."""
+    last = state.last_world_entropy
+    return current_entropy_coef(cfg, state) if last is not None and last <= cfg.entropy_target else 0.0
+
+
+def adapt_entropy_coef(cfg: GRPOConfig, state: TrainState, stats: dict) -> tuple[float, float | None]:
+    """TRL's adaptive entropy control (Skywork-OR1) after an update: (the next coefficient, the update's entropy).
+
+    The entropy H is the update's mean over the bonus's tokens (mask tokens; the kept ones with
+    top_entropy_quantile < 1) of every micro-batch and process: stats are summed over both, so it is the same
+    on every process. H <= entropy_target: coef + delta, at most entropy_coef_max; else coef - delta, at least
+    entropy_coef_min. A non-finite H steps down (TRL's NaN comparison is false) and is kept as None."""
+    entropy = stats["entropy_bonus_sum"] / max(stats["entropy_bonus_tokens"], 1.0)  # TRL's clamp(min=1)
+    coef = current_entropy_coef(cfg, state)
+    if entropy <= cfg.entropy_target:
+        coef = min(coef + cfg.entropy_coef_delta, cfg.entropy_coef_max)
+    else:
+        coef = max(coef - cfg.entropy_coef_delta, cfg.entropy_coef_min)
+    return coef, entropy if np.isfinite(entropy) else None
 
 
 def sync_reference(reference, policy, alpha: float) -> None:
@@ -408,6 +451,7 @@ def update_metrics(cfg: GRPOConfig, rollouts: Rollouts, rewards, update: StepUpd
         "completions/clipped_ratio": float(np.mean([c.truncated for c in completions])),
         "tools/calls": sum(c.tool_calls for c in completions),
         "tools/failures": sum(c.tool_failures for c in completions),
+        **({} if update.entropy_coef is None else {"entropy_coef": update.entropy_coef}),
         "grad_norm": result.grad_norm,
         "tokens_per_sec/rollout": rollouts.stats.tokens_per_sec,
         "tokens_per_sec/train": result.stats.get("num_tokens", 0.0) / max(result.seconds, 1e-9),
@@ -457,4 +501,7 @@ def load_training_checkpoint(setup: StepSetup, path) -> TrainState:
                                   "with sync_ref_model = false or start a new run")
         setup.reference.load_weights(str(path / REFERENCE_FILE))
     restore_process_state(setup.world, saved, path)  # same world size; each process's own RNG state
-    return TrainState.from_dict(saved, source=str(path))
+    state = TrainState.from_dict(saved, source=str(path))
+    if not setup.cfg.use_adaptive_entropy:  # TRL restores the controller only when it runs: a later one starts anew
+        state.entropy_coef = state.last_world_entropy = None
+    return state

@@ -235,29 +235,33 @@ class LossAndGrad:
 
 def make_loss_and_grad(model, *, temperature, loss_type, epsilon, epsilon_high, beta,
                        importance_sampling_level, max_completion_length, compute_dtype=mx.float32,
-                       use_compile=False, loss_options=None, grad_checkpoint=False) -> LossAndGrad:
+                       use_compile=False, loss_options=None, grad_checkpoint=False,
+                       adaptive_entropy=False) -> LossAndGrad:
     """The GRPO loss and its gradient for `model`; normalizers are arrays so a compiled graph is
     reused across steps. loss_options: more grpo_loss keywords (delta, sapo_*, vespo_*, masks,
     entropy_coef). See LossAndGrad for the dtypes. inputs: a packed batch's model_inputs.
     grad_checkpoint: the model's blocks recompute their activations in the backward pass
-    (training.memory.checkpoint_blocks)."""
+    (training.memory.checkpoint_blocks). adaptive_entropy: the entropy coefficient is the last
+    argument of every call, an mx.array (it changes each update; as an input it never retraces)."""
     if grad_checkpoint:
         from mlx_grpo.training.memory import checkpoint_blocks
 
         checkpoint_blocks(model)
     loss_options = dict(loss_options or {})
-    entropy_gradient = loss_options.get("entropy_coef", 0.0) != 0.0
+    # Adaptive: the entropy keeps its gradient even while the coefficient is 0 (it may come back)
+    entropy_gradient = adaptive_entropy or loss_options.get("entropy_coef", 0.0) != 0.0
 
-    def loss_fn(inputs, targets, mask, advantages, old_logp, ref_logp,
-                num_sequences_total, num_tokens_total, num_micro_batches, is_weights=None, sampling_logp=None):
+    def loss_fn(inputs, targets, mask, advantages, old_logp, ref_logp, num_sequences_total, num_tokens_total,
+                num_micro_batches, is_weights=None, sampling_logp=None, entropy_coef=None):
         logp, entropy = token_logprobs_and_entropy(batch_logits(model, inputs), targets, temperature,
                                                    entropy_gradient)
+        options = {**loss_options, "entropy_coef": entropy_coef} if adaptive_entropy else loss_options
         loss, stats = grpo_loss(
             logp, old_logp, ref_logp, advantages, mask, loss_type=loss_type, epsilon=epsilon,
             epsilon_high=epsilon_high, beta=beta, importance_sampling_level=importance_sampling_level,
             max_completion_length=max_completion_length, num_sequences_total=num_sequences_total,
             num_tokens_total=num_tokens_total, num_micro_batches=num_micro_batches, entropy=entropy,
-            is_weights=is_weights, sampling_logp=sampling_logp, **loss_options)
+            is_weights=is_weights, sampling_logp=sampling_logp, **options)
         stat_names[:] = list(stats)
         # One stacked output: mlx 0.32's compile breaks when two outputs are the same expression.
         return loss, mx.stack([stats[name] for name in stat_names])
@@ -309,11 +313,12 @@ def loss_normalizers(completions, batches) -> dict:
 
 
 def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, old_logp, ref_logp,
-                  normalizers, max_grad_norm, all_sum=None, is_weights=None, sampling_logp=None):
+                  normalizers, max_grad_norm, all_sum=None, is_weights=None, sampling_logp=None, entropy_coef=None):
     """One optimizer step over all micro-batches of a generation batch (gradients summed).
 
     is_weights: the rollout importance-sampling weights per micro-batch (training/rollout_correction.py), or None;
-    sampling_logp: per micro-batch, the log-probs of the policy that sampled when they are not old_logp (or None).
+    sampling_logp: per micro-batch, the log-probs of the policy that sampled when they are not old_logp (or None);
+    entropy_coef: this update's entropy coefficient for a loss made with adaptive_entropy (a float), else None.
 
     all_sum(tree) -> tree summed over the data-parallel processes (distributed.World.sum_tree;
     the normalizers must then be global): every process then takes the same step.
@@ -321,13 +326,15 @@ def policy_update(model, optimizer, loss_and_grad, batches, slices, advantages, 
     start = time.perf_counter()
     norm_args = [mx.array(normalizers[k], dtype=mx.float32)
                  for k in ("num_sequences_total", "num_tokens_total", "num_micro_batches")]
+    coef = None if entropy_coef is None else mx.array(entropy_coef, dtype=mx.float32)
     grads, loss, stats = None, mx.array(0.0), {}
     with loss_and_grad.compute_weights():
         for i, (rows, batch) in enumerate(zip(slices, batches)):
             (mb_loss, mb_stats), mb_grads = loss_and_grad(
                 batch.model_inputs, batch.targets, batch.mask, advantages[rows],
                 None if old_logp is None else old_logp[i], None if ref_logp is None else ref_logp[i], *norm_args,
-                None if is_weights is None else is_weights[i], None if sampling_logp is None else sampling_logp[i])
+                None if is_weights is None else is_weights[i], None if sampling_logp is None else sampling_logp[i],
+                coef)
             grads = add_grads(grads, mb_grads)
             del mb_grads  # now only the sum's graph holds them: each leaf is freed once it is added
             loss = loss + mb_loss
