@@ -184,12 +184,13 @@ def run(args, world):
         mx.reset_peak_memory()
         t0 = time.perf_counter()
         rollouts = sample_rollouts(setup, state, prompts)
-        rollout_peak = mx.get_peak_memory()  # rollout, old policy and reference
-        mx.reset_peak_memory()
         t1 = time.perf_counter()
         grpo_updates(setup, state, rollouts, reward_rng.random(len(rollouts.completions)))
         mx.synchronize()
         t2 = time.perf_counter()
+        # The step records each phase's peak (and resets MLX's counter after each): rollouts.peaks
+        rollout_peak = max(v for phase, v in rollouts.peaks.items() if phase != "update")
+        update_peak = rollouts.peaks["update"]
 
         # Model FLOPs count the real tokens of each row (prompt + completion), not the padding.
         totals = world.sum_values({
@@ -216,8 +217,8 @@ def run(args, world):
             "train_tok_s": totals["trained"] / train_s,
             "train_tflops": flops_per_token * totals["trained"] / train_s / 1e12,
             "train_frac_of_peak": flops_per_token * totals["trained"] / train_s / 1e12 / args.peak_tflops / world.size,
-            "peak_memory_gb": max(rollout_peak, mx.get_peak_memory()) / 1e9,
-            "rollout_ref_peak_gb": rollout_peak / 1e9, "update_peak_gb": mx.get_peak_memory() / 1e9,
+            "peak_memory_gb": max(rollout_peak, update_peak) / 1e9,
+            "rollout_ref_peak_gb": rollout_peak / 1e9, "update_peak_gb": update_peak / 1e9,
         }
         label = "warm-up" if step == 0 else f"step {step}"
         print(f"[{label}] " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),

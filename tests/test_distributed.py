@@ -286,6 +286,7 @@ def test_the_step_benchmark_runs_the_data_parallel_step_under_mlx_launch(two_ran
     summary, (row,) = result["summary"], result["steps"]
     assert summary["processes"] == 2 and summary["identical_weights"]  # gradients summed: one update everywhere
     assert row["shape"] == "3x2x3" and row["update_s"] > 0 and row["old_policy_s"] > 0  # num_iterations 2
+    assert 0 < row["rollout_ref_peak_gb"] <= row["peak_memory_gb"] and 0 < row["update_peak_gb"] <= row["peak_memory_gb"]
     assert output.count("[mean]") == 1  # rank 0 alone prints
 
 
