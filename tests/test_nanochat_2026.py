@@ -235,6 +235,10 @@ def test_the_engines_batched_decode_merges_filters_and_equals_the_full_forward(c
         assert len(got[r]) == len(want) and np.abs(np.array(got[r]) - want).max() <= 1e-4
 
 
+# MLX's CUDA matmuls and attention run float32 at TF32-like precision; the CPU's are exact float32
+FLOAT32_TOL = 1e-2 if cuda_kernels.runs_on_cuda_gpu() else 1e-4
+
+
 def full_forward_greedy(model, prompt, steps):
     ids = list(prompt)
     for _ in range(steps):
@@ -275,7 +279,7 @@ def test_the_fast_decoder_runs_the_2026_architecture_like_its_full_forward(conve
     steps(keep, 6)
     for r, row in enumerate(rows):
         want = np.array(model(mx.array([row[:-1]]))[0])[len(prompts[r // 2]) - 1:]
-        assert len(got[r]) == len(want) and np.abs(np.array(got[r]) - want).max() <= 1e-4, r
+        assert len(got[r]) == len(want) and np.abs(np.array(got[r]) - want).max() <= FLOAT32_TOL, r
 
     completions, _ = generate_completions(model, prompts, group_size=2, max_new_tokens=12,
                                           sampler=make_rollout_sampler(0.0), stop_token_ids=set())
@@ -304,10 +308,17 @@ def test_a_quantized_rollout_copy_decodes_fast_with_the_model_calls_tokens(conve
 @pytest.mark.skipif(not cuda_kernels.runs_on_cuda_gpu(), reason="needs MLX's CUDA backend")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_the_decode_kernel_runs_the_2026_architecture_like_the_portable_decoder(converted, dtype):
-    """utils/cuda_kernels/decode.py with windows, GQA and the QK scale, against the portable decoder."""
+    """utils/cuda_kernels/decode.py with windows, GQA, value embeddings, smear and the QK scale, against the
+    portable decoder, on a model of the newest era with heads the kernel takes (the fixture's 16 are too narrow)."""
+    from mlx_grpo.nanochat import model as nanochat_2026
     from mlx_grpo.nanochat.decoder import NanochatDecoder
 
-    model, _ = load_model(converted("a825e63")[1])
+    era = eras.ERAS[-1]
+    cfg = {**TINY_2026_CONFIG, "n_embd": 128}  # 4 heads of 32, 2 KV heads; S = 64 of sequence_len 256
+    model = nanochat_2026.Model(nanochat_2026.ModelArgs.from_dict(
+        eras.model_config(cfg, eras.Architecture(era, "SSSL", era.softcap))))
+    model.x0_lambdas = mx.full((cfg["n_layer"],), 0.1)  # as a trained model has them, not the init's zeros
+    model.smear_lambda, model.backout_lambda = mx.array([0.5]), mx.array([0.2])
     model.set_dtype(dtype)
     prompts, group, steps = [token_ids(140, seed=1), token_ids(40, seed=2), [4]], 2, 10
     decoders = [NanochatDecoder(model, prompts, group, steps, use_kernel=k) for k in (True, False)]
