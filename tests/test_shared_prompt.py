@@ -277,3 +277,32 @@ def test_the_trainers_step_shares_prompts_and_takes_the_same_update(tiny_model_d
         assert b.result.loss == pytest.approx(a.result.loss, abs=1e-6)  # a sum of +-O(1) terms that nearly cancel
         assert b.result.grad_norm == pytest.approx(a.result.grad_norm, rel=1e-5)
         assert b.result.stats == pytest.approx(a.result.stats, rel=1e-5, abs=1e-6)
+
+
+
+def test_grad_checkpoint_takes_the_plain_forward_and_says_so(tiny_model_dir, capsys):
+    """Checkpointed blocks cannot take the shared forward's caches (they would keep every activation), so
+    grad_checkpoint turns sharing off with one line, and the memory plan counts the plain forward."""
+    import json
+    from pathlib import Path
+
+    from mlx_grpo.config import GRPOConfig, validate
+    from mlx_grpo.models import load_model
+    from mlx_grpo.training.distributed import World
+    from mlx_grpo.training.memory import model_dims, plan_memory
+    from mlx_grpo.training.step import build_step
+
+    plans = []
+    for checkpoint in (False, True):
+        cfg = validate(GRPOConfig(run_name="t", num_generations=3, max_new_tokens=5, max_completion_length=5,
+                                  micro_batch_size=6, use_compile=False, pad_to_multiple_of=1,
+                                  grad_checkpoint=checkpoint))
+        model, _ = load_model(tiny_model_dir)
+        assert build_step(cfg, World(), model, total_updates=1, stop_token_ids=set()).share_prompts == (not checkpoint)
+        dims = model_dims(json.loads((Path(tiny_model_dir) / "config.json").read_text()), cfg)
+        plans.append(plan_memory(dims, cfg, available=0, source="test").phases["update"])
+    assert "grad_checkpoint needs the plain forward" in capsys.readouterr().out
+    plain = validate(GRPOConfig(run_name="t", num_generations=3, max_new_tokens=5, max_completion_length=5,
+                                micro_batch_size=6, pad_to_multiple_of=1, share_prompt_forward=False,
+                                grad_checkpoint=True))
+    assert plans[1] == plan_memory(dims, plain, available=0, source="test").phases["update"]

@@ -260,7 +260,7 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
 
     # The update: float32 gradient sum, one micro-batch's gradient and activations, compute-dtype weights.
     grads = 4 * trainable + cd * trainable + (cd * trainable if cd != 4 else 0)
-    if micro % cfg.num_generations == 0 and cfg.share_prompt_forward:  # training.step's rule for sharing
+    if micro % cfg.num_generations == 0 and cfg.share_prompt_forward and not cfg.grad_checkpoint:  # step's rule
         activations = shared_prompt_activations(dims, micro, cfg.num_generations, prompt_len, new, cd, cfg)
     else:
         activations = train_activations(dims, micro, width, cd, cfg)

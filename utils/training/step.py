@@ -171,6 +171,12 @@ def build_step(cfg: GRPOConfig, world: World, model, total_updates: int, stop_to
         print(f"[update] share_prompt_forward: {which} is not covered; each completion runs its prompt in the update")
     # With groups split across micro-batches the shared forward measured slower than the plain one (d32,
     # micro-batch 8 of groups of 16: BENCHMARKS.md), so it runs only where micro-batches hold whole groups.
+    # Checkpointing recomputes a block from its input alone; the shared forward's completion pass also reads the
+    # prompt's keys and values through its caches, which mx.checkpoint cannot take, so it would keep everything.
+    elif share_prompts and cfg.grad_checkpoint:
+        share_prompts = False
+        print("[update] share_prompt_forward: grad_checkpoint needs the plain forward; each completion runs its "
+              "prompt in the update")
     elif share_prompts and cfg.effective_micro_batch_size % cfg.num_generations:
         share_prompts = False
         print(f"[update] share_prompt_forward: micro_batch_size {cfg.effective_micro_batch_size} splits groups of "
@@ -277,7 +283,7 @@ def _sample(setup: StepSetup, prompts, quantized: bool, seconds: dict, peaks: di
     elif quantized or cfg.num_iterations > 1:
         old_logp = frozen_logprobs(policy, batches, cfg.temperature)
         rollout_logp = old_logp if quantized else None
-    _lap(seconds, "old_policy", start, peaks if old_logp is not None else None)
+    _lap(seconds, "old_policy", start, peaks if rollout_logp is not None or old_logp is not None else None)
     return Rollouts(prompts, completions, stats, slices, batches, old_logp, None, quantized, seconds,
                     rollout_logp, is_weights, sampling, peaks)
 
