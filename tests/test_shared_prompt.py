@@ -123,6 +123,32 @@ def test_packing_by_hand():
         pack_shared_prompt_rows([[]], [Completion(0, [1], [1])])
 
 
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_keys_padded_to_a_multiple_give_the_same_logprobs_and_gradients(kind):
+    """key_multiple (128 on CUDA, whose attention backward needs it) only adds masked prompt columns."""
+    prompts, completions = rollouts(seed=1)
+    by_hand = pack_shared_prompt_rows([[5, 6, 7], [8]], [Completion(0, [1, 2], [1, 1])], pad_multiple=4,
+                                      key_multiple=16)
+    assert by_hand.prompt_inputs.shape[1] + by_hand.inputs.shape[1] == 16 and by_hand.inputs.shape[1] == 4
+    model = build(kind)
+    rows = slice(0, 2 * GROUP)
+    advantages = mx.array(np.random.default_rng(2).normal(size=2 * GROUP), dtype=mx.float32)
+    results = []
+    for key_multiple in (1, 128):
+        batch = pack_shared_prompt_rows(prompts, completions[rows], pad_multiple=4, key_multiple=key_multiple)
+        assert (batch.prompt_inputs.shape[1] + batch.inputs.shape[1]) % key_multiple == 0
+        normalizers = loss_normalizers(completions[rows], [batch])
+        logp = frozen_logprobs(model, [batch], 0.7)[0]
+        results.append((np.array(logp), summed_loss_and_grads(model, [batch], [slice(0, 2 * GROUP)], advantages,
+                                                              None, None, normalizers, False, loss_type="dapo",
+                                                              beta=0.0, importance_sampling_level="token")))
+    (logp_a, (loss_a, grads_a, _)), (logp_b, (loss_b, grads_b, _)) = results
+    np.testing.assert_allclose(logp_b, logp_a, rtol=1e-5, atol=1e-5)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)
+    for name, value in grads_a.items():
+        np.testing.assert_allclose(np.array(grads_b[name]), np.array(value), rtol=1e-4, atol=1e-6, err_msg=name)
+
 def test_covered_model_types():
     assert all(supports_shared_prompt(build(kind)) for kind in MODELS)
     sliding = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2,

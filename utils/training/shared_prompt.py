@@ -52,11 +52,26 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def pack_shared_prompt_rows(prompts, completions, pad_id=0, drop_rows=(), pad_multiple=1) -> SharedPromptBatch:
+# MLX's CUDA attention backward (cuDNN) checks only the queries' length against its 128-wide tiles, and with a
+# mask array and a key length off that multiple it reads out of bounds (an illegal memory access), so on CUDA
+# the completion pass's keys (prompt width + completion width) are padded to a multiple of 128.
+CUDA_KEY_MULTIPLE = 128
+
+
+def default_key_multiple() -> int:
+    from mlx_grpo.cuda_kernels import runs_on_cuda_gpu
+
+    return CUDA_KEY_MULTIPLE if runs_on_cuda_gpu() else 1
+
+
+def pack_shared_prompt_rows(prompts, completions, pad_id=0, drop_rows=(), pad_multiple=1,
+                            key_multiple=None) -> SharedPromptBatch:
     """completions[i] a rollout.Completion of prompts[completions[i].prompt_index]; rows in drop_rows get an
-    all-zero mask. Both widths (prompt and completion) are rounded up to pad_multiple (see pack_rows)."""
+    all-zero mask. Both widths (prompt and completion) are rounded up to pad_multiple (see pack_rows), then the
+    prompt width so that the two make a multiple of key_multiple (None: default_key_multiple())."""
     if pad_multiple < 1:
         raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+    key_multiple = default_key_multiple() if key_multiple is None else key_multiple
     segments = list(dict.fromkeys(c.prompt_index for c in completions))  # distinct prompts, first-seen order
     segment_of = {index: s for s, index in enumerate(segments)}
     segment_prompts = [list(prompts[index]) for index in segments]
@@ -64,6 +79,7 @@ def pack_shared_prompt_rows(prompts, completions, pad_id=0, drop_rows=(), pad_mu
         raise ValueError("a prompt has no tokens: every prompt starts with at least one token (BOS)")
     prompt_width = _round_up(max(max(len(p) - 1 for p in segment_prompts), 1), pad_multiple)  # >= 1: 1-token prompts
     width = _round_up(max(max(len(c.tokens) for c in completions), 1), pad_multiple)
+    prompt_width = _round_up(prompt_width + width, key_multiple) - width  # the extra prompt columns are masked
     inputs, targets, mask = [], [], []
     for i, c in enumerate(completions):
         tokens = list(c.tokens)
