@@ -70,7 +70,7 @@ from mlx_grpo.training.distributed import (
     reduce_step_metrics,
 )
 from mlx_grpo.training.interrupt import stop_on_signals
-from mlx_grpo.training.lora import add_adapters, save_adapters, trainable_summary
+from mlx_grpo.training.lora import add_adapters, eval_policy, save_adapters, trainable_summary
 from mlx_grpo.training.memory import (
     MemoryPlanError,
     check_fits,
@@ -156,7 +156,8 @@ class Task:
 def evaluate(cfg, world, model, task, calculator, update, plan=None):
     """Greedy accuracy (and pass@k) on the held-out questions, batched like rollouts."""
     mx.reset_peak_memory()
-    result = evaluate_sharded(world, model, task.prompts, task.answers, decode=task.text, is_correct=task.is_correct,
+    policy = eval_policy(model, getattr(mx, cfg.compute_dtype), cfg.merge_adapters_for_decoding)  # freed after
+    result = evaluate_sharded(world, policy, task.prompts, task.answers, decode=task.text, is_correct=task.is_correct,
                               stop_token_ids=task.stop_token_ids, max_new_tokens=cfg.eval_max_new_tokens,
                               calculator=calculator, pass_k=cfg.eval_pass_k, temperature=cfg.eval_temperature,
                               top_k=cfg.top_k, top_p=cfg.top_p, questions=task.questions, batch_size=cfg.eval_batch_size,

@@ -26,7 +26,7 @@ from mlx_grpo.generation.engine import generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.training.backend import current_backend, resolve_for_backend, resolve_headroom
 from mlx_grpo.training.distributed import init_world
-from mlx_grpo.training.lora import add_adapters
+from mlx_grpo.training.lora import add_adapters, eval_policy
 from mlx_grpo.training.memory import GB, lazy_model, model_dims, plan_memory, record_peak
 from mlx_grpo.training.backend import generation_options
 from mlx_grpo.training.step import TrainState, build_step, grpo_updates, sample_rollouts
@@ -63,7 +63,9 @@ def measure(cfg, model_config: dict, steps: int = 2, seed: int = 0, seconds: dic
     rows = min(cfg.eval_batch_size, cfg.eval_samples or cfg.eval_batch_size)
     prompts = rng.integers(1, vocab, size=(rows, cfg.max_prompt_length)).tolist()
     mx.reset_peak_memory()
-    generate_completions(model, prompts, group_size=1, max_new_tokens=cfg.eval_max_new_tokens,
+    generate_completions(eval_policy(model, getattr(mx, cfg.compute_dtype), cfg.merge_adapters_for_decoding),
+                         prompts, group_size=1,
+                         max_new_tokens=cfg.eval_max_new_tokens,
                          sampler=make_rollout_sampler(0.0), stop_token_ids=[], **generation_options(cfg))
     record_peak(peaks, "eval")
     return peaks, plan

@@ -1,6 +1,7 @@
 """LoRA / DoRA / QLoRA on the tiny fixture: what trains, the reference, fuse, resume, inference."""
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -249,7 +250,7 @@ def test_rollouts_come_from_a_merged_copy_with_the_adapted_policys_tokens(tiny_m
     from mlx_grpo.generation.sampling import make_rollout_sampler
     from mlx_grpo.nanochat import decoder as nanochat_decode
     from mlx_grpo.training.distributed import World
-    from mlx_grpo.training.lora import adapter_modules, has_adapters
+    from mlx_grpo.training.lora import adapter_modules, eval_policy, has_adapters
     from mlx_grpo.training.step import build_step, rollout_policy
 
     settings = dict(train_type=train_type, base_quant_bits=base_quant_bits, base_quant_group_size=32,
@@ -269,3 +270,26 @@ def test_rollouts_come_from_a_merged_copy_with_the_adapted_policys_tokens(tiny_m
     assert [c.tokens for c in merged] == [c.tokens for c in unmerged]
     assert [c.tokens for c in merged] != [c.tokens for c in base], "the adapters should change the tokens"
     assert has_adapters(model)  # the policy keeps its adapters
+    evaluated = eval_policy(model, mx.float32)  # evaluation decodes the same merged copy
+    assert evaluated is not model and not has_adapters(evaluated) and nanochat_decode.supports(evaluated)
+    assert [c.tokens for c in generate_completions(evaluated, prompts, **kwargs)[0]] == [c.tokens for c in merged]
+    # merge_adapters_for_decoding = false: both decode through the adapters in place, no copy
+    in_place = build_step(GRPOConfig(model_name=str(tiny_model_dir), merge_adapters_for_decoding=False, **settings),
+                          World(), model, total_updates=1, stop_token_ids=set())
+    assert rollout_policy(in_place, quantized=False) is model and eval_policy(model, mx.float32, False) is model
+
+
+def test_the_plan_counts_the_merged_decoding_copy(tiny_model_dir):
+    """With adapters, rollouts and evaluation hold one dense compute_dtype copy more, unless decoding in place."""
+    from mlx_grpo.training.memory import dense_bytes, model_dims, plan_memory
+
+    config = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+    plans = []
+    for merge in (True, False):
+        cfg = GRPOConfig(model_name=str(tiny_model_dir), train_type="lora", quantize_for_rollouts=False,
+                         compute_dtype="bfloat16", merge_adapters_for_decoding=merge)
+        dims = model_dims(config, cfg)
+        plans.append(plan_memory(dims, cfg, available=0, source="test").phases)
+    copy = dense_bytes(dims, 2)
+    assert plans[0]["rollout"] - plans[1]["rollout"] == copy and plans[0]["eval"] - plans[1]["eval"] == copy
+    assert plans[0]["update"] == plans[1]["update"]

@@ -176,6 +176,9 @@ class GRPOConfig:
     lora_keys: list[str] = field(default_factory=list)  # layers relative to a block, e.g. ["attn.c_q"]; [] = all linears
     base_quant_bits: int = 0  # QLoRA: quantize the frozen base to 2|3|4|5|6|8 bits; 0 = no
     base_quant_group_size: int = 64  # 32 | 64 | 128
+    # Rollouts and evaluation decode from a copy with the adapters merged into a dense compute_dtype base (the
+    # fast decoder; one more model's worth of memory); false: through the adapters in place (mlx-lm's model call).
+    merge_adapters_for_decoding: bool = True
 
     # --- rewards and prompt format ---
     reward_funcs: list[str] = field(default_factory=list)  # [] = the prompt format's defaults

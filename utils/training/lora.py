@@ -239,6 +239,14 @@ def rollout_copy(model: nn.Module, quant_bits, quant_group_size: int = 64, dtype
         return frozen_copy(model, quant_bits, quant_group_size, dtype)
 
 
+def eval_policy(model: nn.Module, dtype, merge_adapters: bool = True) -> nn.Module:
+    """What evaluation decodes: the model itself, or with adapters (not a VLM's) and merge_adapters a merged
+    `dtype` copy, as the rollouts do, since the fast decoders take no adapter layers."""
+    if merge_adapters and has_adapters(model) and not hasattr(model, "rollout_decoder"):
+        return rollout_copy(model, None, dtype=dtype)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving and loading adapters
 

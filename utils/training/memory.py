@@ -235,9 +235,10 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
         return num_rows * dims.layers * 2 * dims.kv_dim * length * act_bytes
 
     # Rollouts: the copy that samples, each prompt prefilled once, every row's KV cache at full length.
+    merged = not full and cfg.merge_adapters_for_decoding  # adapters merged into a dense copy (step.rollout_policy)
     if cfg.quantize_for_rollouts:
         copy = quantized_copy
-    elif cd != 4 and full:
+    elif (cd != 4 and full) or merged:
         copy = dense_bytes(dims, cd)
     else:
         copy = 0  # the policy itself samples
@@ -266,14 +267,16 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
         activations = train_activations(dims, micro, width, cd, cfg)
     phases["update"] = base + kept + grads + activations
 
-    # Evaluation: the policy itself decodes eval_batch_size questions at a time.
+    # Evaluation: eval_batch_size questions at a time, decoded by the policy itself (float32) or, with adapters,
+    # by a merged compute_dtype copy (lora.eval_policy).
     eval_act = 4 if full else cd
+    eval_copy = dense_bytes(dims, cd) if merged else 0
     eval_rows = min(cfg.eval_batch_size, max(1, -(-(cfg.eval_samples or cfg.eval_batch_size) // world_size)))
     eval_prefill = (forward(eval_rows, prefill_len, eval_act, PREFILL_FLOAT32_PER_LOGIT)
                     + kv_cache(eval_rows, prefill_len, eval_act))
     eval_cache = kv_cache(eval_rows, prompt_len + cfg.eval_max_new_tokens, eval_act)
     eval_decode = eval_cache + eval_cache // dims.layers + kv_cache(eval_rows, prompt_len, eval_act)
-    phases["eval"] = base + max(eval_prefill + kv_cache(eval_rows, prompt_len, eval_act), eval_decode)
+    phases["eval"] = base + eval_copy + max(eval_prefill + kv_cache(eval_rows, prompt_len, eval_act), eval_decode)
     return MemoryPlan(phases, resident, available, source, {"row": width, "micro_batch": micro})
 
 

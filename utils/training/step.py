@@ -231,6 +231,8 @@ def rollout_policy(setup: StepSetup, quantized: bool):
         # A vision-language policy (utils/vlm/) has no frozen copy (check_vlm_config refuses the settings that
         # need one): its adapters sample in place, on a base already in compute_dtype.
         return setup.model
+    if setup.adapters and not quantized and not cfg.merge_adapters_for_decoding:
+        return setup.model  # adapters in place: no copy, through mlx-lm's model call
     if quantized or setup.adapters or setup.compute_dtype != mx.float32:
         return rollout_copy(setup.model, cfg.rollout_quant_bits if quantized else None, cfg.rollout_quant_group_size,
                             setup.compute_dtype)
