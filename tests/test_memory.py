@@ -190,6 +190,26 @@ def test_grad_checkpoint_gives_the_same_gradients_with_less_memory_and_only_on_i
     assert mx.array_equal(model(inputs[:, :8]), other(inputs[:, :8])).item()  # decoding path unchanged too
 
 
+
+def test_on_cuda_the_plan_keeps_each_prompts_keys_once_as_the_decode_kernel_does(monkeypatch):
+    """With CUDA's decode kernel the rollout holds each prompt's keys once (prompts x prompt length) and every
+    row's generated ones (rows x new tokens), not every row's prompt and completion; elsewhere the per-row cache."""
+    from mlx_grpo import cuda_kernels
+
+    cfg = validate(GRPOConfig(model_name="x", batch_size=2, num_generations=16, max_prompt_length=100,
+                              max_new_tokens=256, max_completion_length=256, quantize_for_rollouts=False,
+                              compute_dtype="bfloat16", beta=0.0, eval_samples=0))
+    dims = model_dims(D20, cfg)
+    assert dims.decode_kernel  # nanochat d20: the fast decoder and 128-wide heads
+    per_row = plan_memory(dims, cfg, available=0, source="test")
+    monkeypatch.setattr(cuda_kernels, "available", lambda: True)
+    once = plan_memory(dims, cfg, available=0, source="test")
+    prompts, rows = cfg.effective_prompts_per_step, cfg.effective_prompts_per_step * 16
+    kv = lambda n, length: n * dims.layers * 2 * dims.kv_dim * length * 2  # bf16 keys and values
+    per_row_decode = kv(rows, 356) + kv(rows, 356) // dims.layers + kv(prompts, 100)  # the decode outweighs the prefill
+    assert per_row.phases["rollout"] - once.phases["rollout"] == per_row_decode - (kv(prompts, 100) + kv(rows, 256))
+    assert per_row.phases["update"] == once.phases["update"]
+
 MAC_CLASSES = {16: 10.7, 24: 16.0, 36: 27.0, 64: 48.0, 128: 96.0}  # GB: RAM -> Metal's recommended working set
 
 

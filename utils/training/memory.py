@@ -25,6 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_grpo import cuda_kernels
 from mlx_grpo.training.backend import current_backend
 
 GB = 1e9
@@ -82,6 +83,7 @@ class ModelDims:
     vocab: int  # logits per position
     quantizable: tuple = ()  # (size, input width) of each weight mlx-lm's quantizer can take
     adapters: int = 0  # trainable adapter parameters (train_type lora/dora)
+    decode_kernel: bool = False  # a fast decoder runs it and its heads take the CUDA decode kernel
 
 
 def _config_value(config: dict, *names, default=None):
@@ -105,11 +107,22 @@ def model_dims(config: dict, cfg=None) -> ModelDims:
     heads = _config_value(config, "num_attention_heads", "n_head")
     head_dim = _config_value(config, "head_dim", default=hidden // heads)
     adapters = adapter_params(model, cfg) if cfg is not None and cfg.train_type != "full" else 0
+    kv_heads = _config_value(config, "num_key_value_heads", "n_kv_head", default=heads)
     return ModelDims(
         params=params, layers=_config_value(config, "num_hidden_layers", "n_layer"), hidden=hidden, heads=heads,
         kv_dim=_config_value(config, "num_key_value_heads", "n_kv_head", default=heads) * head_dim,
         intermediate=_config_value(config, "intermediate_size", default=4 * hidden),
-        vocab=_config_value(config, "padded_vocab_size", "vocab_size"), quantizable=quantizable, adapters=adapters)
+        vocab=_config_value(config, "padded_vocab_size", "vocab_size"), quantizable=quantizable, adapters=adapters,
+        decode_kernel=_takes_decode_kernel(model, heads, kv_heads, head_dim))
+
+
+def _takes_decode_kernel(model, heads: int, kv_heads: int, head_dim: int) -> bool:
+    from mlx_grpo.cuda_kernels.decode import supports_shape
+    from mlx_grpo.generation import llama_decoder
+    from mlx_grpo.nanochat import decoder as nanochat_decode
+
+    return (nanochat_decode.supports(model) or llama_decoder.supports(model)) and supports_shape(heads, kv_heads,
+                                                                                                 head_dim)
 
 
 def adapter_params(model, cfg) -> int:
@@ -246,10 +259,14 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     align = cfg.prefill_align or 1
     prefill_len = _round_up(prompt_len, align)
     prefill = forward(prompts, prefill_len, act, PREFILL_FLOAT32_PER_LOGIT) + kv_cache(prompts, prefill_len, act)
-    # Every row's cache at full length, one layer's more while the rows are copied out of the prompts' caches.
-    full_cache = kv_cache(rows, prompt_len + new, act)
-    decode = (full_cache + full_cache // dims.layers + kv_cache(prompts, prompt_len, act)
-              + rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT)
+    decode_logits = rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT
+    if dims.decode_kernel and (full or merged or cfg.quantize_for_rollouts) and cuda_kernels.available():
+        # CUDA's decode kernel: each prompt's keys once per group, each row's own for its generated tokens
+        decode = kv_cache(prompts, prompt_len, act) + kv_cache(rows, new, act) + decode_logits
+    else:
+        # Every row's cache at full length, one layer's more while the rows are copied out of the prompts' caches.
+        full_cache = kv_cache(rows, prompt_len + new, act)
+        decode = full_cache + full_cache // dims.layers + kv_cache(prompts, prompt_len, act) + decode_logits
     phases = {"rollout": base + copy + max(prefill + kv_cache(prompts, prompt_len, act), decode)}
     old_policy = cfg.quantize_for_rollouts or cfg.num_iterations > 1
     kept = packed + (logp if old_policy else 0)
