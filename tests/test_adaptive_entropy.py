@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_trainer import TOY_REWARD, comparable, interrupted_copy, read_records, run
+from test_trainer import comparable, interrupted_copy, read_records, run, toy_reward_file
 from test_trl_losses import ENTROPY, LOGP, close, loss_of
 
 from mlx_grpo.config import ConfigError, GRPOConfig, validate
@@ -129,8 +129,7 @@ ADAPTIVE = ("use_adaptive_entropy=true", "entropy_coef=0.01", "entropy_coef_delt
 @pytest.fixture(scope="module")
 def adaptive_run(tmp_path_factory, tiny_model_dir):
     tmp_path = tmp_path_factory.mktemp("adaptive")
-    reward_file = tmp_path / "toy_reward.py"
-    reward_file.write_text(TOY_REWARD)
+    reward_file = toy_reward_file(tmp_path)
     run(tmp_path, tiny_model_dir, *ADAPTIVE, f"reward_file={reward_file}", run_name="full")
     return tmp_path, reward_file
 

@@ -124,13 +124,19 @@ def test_kernel_matches_emulation_and_writes_its_column(dtype, window, scale):
 def test_decoder_with_kernel_matches_portable_decoder(tiny_model_dir, dtype):
     model = load_model(tiny_model_dir)[0]
     model.set_dtype(dtype)
-    prompts, group, steps = [[1, 5, 9, 11, 3], [2, 7], [4]], 2, 8
+    assert_kernel_decodes_as_portable(model, [[1, 5, 9, 11, 3], [2, 7], [4]], dtype, steps=8, filter_at=4)
+
+
+def assert_kernel_decodes_as_portable(model, prompts, dtype, steps, filter_at, group=2):
+    """NanochatDecoder with the kernel and without (model in `dtype`), stepped on the portable one's greedy
+    tokens; rows 0, 3, 5 leave the batch at step filter_at."""
     decoders = [nanochat_decode.NanochatDecoder(model, prompts, group, steps, use_kernel=k) for k in (True, False)]
     assert decoders[0].use_kernel and not decoders[1].use_kernel
     tokens = mx.array([p[-1] for p in prompts for _ in range(group)], dtype=mx.int32)
-    tol = 1e-2 if dtype == mx.float32 else 0.15  # MLX's CUDA attention and matmuls run float32 at TF32-like precision
+    # MLX's CUDA attention and matmuls run float32 at TF32-like precision
+    tol = 1e-2 if dtype == mx.float32 else 0.15
     for t in range(steps):
-        if t == 4:  # rows leave the batch
+        if t == filter_at:
             keep = mx.array([0, 3, 5])
             tokens = tokens[keep]
             for d in decoders:

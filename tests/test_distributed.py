@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from conftest import bench_main, subprocess_env
 from mlx.utils import tree_flatten
+from test_trainer import comparable, interrupted_copy, read_records, same_weights, saved_weights, toy_reward_file
 
 from mlx_grpo.config import ConfigError
 from mlx_grpo.generation.engine import Completion
@@ -294,11 +295,6 @@ def test_the_step_benchmark_runs_the_data_parallel_step_under_mlx_launch(two_ran
 # A real 2-rank training run
 
 
-TOY_REWARD = '''
-def digit_reward(completions, **kwargs):
-    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
-'''
-VOLATILE = ("time/", "tokens_per_sec/", "memory/", "eval/seconds")
 
 
 def trainer_args(tmp_path, model_dir, run_name, *extra):
@@ -311,12 +307,9 @@ def trainer_args(tmp_path, model_dir, run_name, *extra):
             "--set", "learning_rate=1e-3", "--set", "save_steps=1", *extra]
 
 
-def records(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-
 
 def test_two_rank_run_keeps_ranks_identical_writes_on_rank_0_only_and_resumes_exactly(tmp_path, tiny_model_dir):
-    (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
+    toy_reward_file(tmp_path)
     code, output = launch(trainer_args(tmp_path, tiny_model_dir, "full"), tmp_path / "full.log")
     assert code == 0, output[-3000:]
     full = tmp_path / "out" / "full"
@@ -328,7 +321,7 @@ def test_two_rank_run_keeps_ranks_identical_writes_on_rank_0_only_and_resumes_ex
     assert digests[-1] == weights_digest(load_model(full / "checkpoints" / "step_000002")[0])
 
     # Only rank 0 wrote: one record per update, one set of files, one "[done]" on the console.
-    assert [r["update"] for r in records(full)] == [0, 1, 2, 2]
+    assert [r["update"] for r in read_records(full)] == [0, 1, 2, 2]
     assert len(open(full / "completions.jsonl").readlines()) == 2 * 2  # completions_log_count x steps
     assert sorted(p.name for p in full.iterdir()) == ["checkpoints", "completions.jsonl", "config.resolved.json",
                                                        "metrics.jsonl"]
@@ -340,16 +333,12 @@ def test_two_rank_run_keeps_ranks_identical_writes_on_rank_0_only_and_resumes_ex
     assert state["process_rng_states"][0] != state["process_rng_states"][1]  # seed + rank
 
     # Resume after step 1 on 2 ranks: the same metrics and weights as the uninterrupted run.
-    from test_trainer import interrupted_copy
 
     part = interrupted_copy(full, tmp_path / "out" / "part", step=1, update=1)
     code, output = launch(trainer_args(tmp_path, tiny_model_dir, "part", "--resume"), tmp_path / "part.log")
     assert code == 0, output[-3000:]
-    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rs]
-    assert strip(records(part)) == strip(records(full))
-    weights = lambda d: mx.load(str(d / "checkpoints" / "step_000002" / "model.safetensors"))
-    a, b = weights(full), weights(part)
-    assert all(mx.array_equal(a[k], b[k]) for k in a)
+    assert comparable(read_records(part)) == comparable(read_records(full))
+    assert same_weights(saved_weights(full, 2), saved_weights(part, 2))
 
 
 if __name__ == "__main__":

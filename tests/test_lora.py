@@ -8,7 +8,8 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_trainer import TOY_REWARD, comparable, interrupted_copy, read_records, run, train_records
+from test_trainer import (comparable, interrupted_copy, read_records, run, same_weights, saved_weights,
+                         toy_reward_file, train_records)
 
 from mlx_grpo import fuse, inference
 from mlx_grpo.config import ConfigError, GRPOConfig
@@ -143,8 +144,7 @@ LORA_SETTINGS = ("train_type=lora", "max_train_samples=8", "save_steps=2", "temp
 def lora_run(tmp_path_factory, tiny_model_dir):
     """A 4-step LoRA run (checkpoints after steps 2 and 4), KL to the base, rollouts from a merged 4-bit copy."""
     tmp = tmp_path_factory.mktemp("lora_run")
-    reward_file = tmp / "toy_reward.py"
-    reward_file.write_text(TOY_REWARD)
+    reward_file = toy_reward_file(tmp)
     settings = (*LORA_SETTINGS, f"reward_file={reward_file}", "reward_funcs=digit_reward")
     run(tmp, tiny_model_dir, *settings, run_name="full")
     return tmp, settings
@@ -175,9 +175,8 @@ def test_resume_of_a_lora_run_continues_exactly(lora_run, tiny_model_dir):
     run(tmp, tiny_model_dir, *settings, run_name="part", extra_args=["--resume"])
 
     assert comparable(read_records(part)) == comparable(read_records(full))
-    final = lambda d: mx.load(str(d / "checkpoints" / "step_000004" / ADAPTER_FILE))
-    a, b = final(full), final(part)
-    assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]) for k in a)
+    a, b = saved_weights(full, 4, ADAPTER_FILE), saved_weights(part, 4, ADAPTER_FILE)
+    assert set(a) == set(b) and same_weights(a, b)
 
 
 def test_fused_model_reproduces_the_adapted_model_and_inference_loads_checkpoints(lora_run, tiny_model_dir, capsys):
@@ -204,8 +203,7 @@ def test_fused_model_reproduces_the_adapted_model_and_inference_loads_checkpoint
 
 
 def test_a_qlora_run_trains_its_adapters_and_fuses_dequantized(tmp_path, tiny_model_dir, capsys):
-    reward_file = tmp_path / "toy_reward.py"
-    reward_file.write_text(TOY_REWARD)
+    reward_file = toy_reward_file(tmp_path)
     run(tmp_path, tiny_model_dir, "train_type=lora", "base_quant_bits=4", "base_quant_group_size=32",
         f"reward_file={reward_file}", "reward_funcs=digit_reward", "temperature=1.0",
         "max_train_samples=4", "learning_rate=1e-2", "beta=0.05", "quantize_for_rollouts=true",

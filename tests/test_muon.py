@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fixture_checkpoint import build_tiny_2026_checkpoint
 from mlx.utils import tree_flatten, tree_unflatten
-from test_trainer import TOY_REWARD, comparable, interrupted_copy, read_records, run
+from test_trainer import comparable, interrupted_copy, read_records, run, same_weights, saved_weights, toy_reward_file
 
 from mlx_grpo.config import ConfigError, GRPOConfig, validate
 from mlx_grpo.models import load_model
@@ -154,8 +154,7 @@ def test_muon_settings_that_cannot_work_are_one_line_errors(change, words):
 
 def test_a_muon_run_resumes_exactly(tmp_path, tiny_model_dir):
     """Stopped after step 1 of 2 and resumed: the same metrics and bit-identical weights (Muon and AdamW state)."""
-    reward_file = tmp_path / "toy_reward.py"
-    reward_file.write_text(TOY_REWARD)
+    reward_file = toy_reward_file(tmp_path)
     settings = ("optimizer=muon", "learning_rate=0.05", "lr_scheduler_type=linear", "max_grad_norm=0",
                 "max_train_samples=4", "save_steps=1", "eval_samples=1", "temperature=1.0",
                 f"reward_file={reward_file}", "reward_funcs=digit_reward", "scale_rewards=none", "loss_type=bnpo")
@@ -165,9 +164,8 @@ def test_a_muon_run_resumes_exactly(tmp_path, tiny_model_dir):
     part = interrupted_copy(full, tmp_path / "out" / "part", step=1, update=1)
     run(tmp_path, tiny_model_dir, *settings, run_name="part", extra_args=["--resume"])
     assert comparable(read_records(part)) == comparable(read_records(full))
-    final = lambda d: dict(tree_flatten(mx.load(str(d / "checkpoints" / "step_000002" / "model.safetensors"))))
-    a, b = final(full), final(part)
-    assert all(mx.array_equal(a[k], b[k]) for k in a)
+    a = saved_weights(full, 2)
+    assert same_weights(a, saved_weights(part, 2))
     start = dict(tree_flatten(load_model(tiny_model_dir)[0].parameters()))
     assert not mx.array_equal(start["transformer.h.0.attn.c_q.weight"], a["transformer.h.0.attn.c_q.weight"])
     saved = mx.load(str(full / "checkpoints" / "step_000001" / "optimizer.safetensors"))

@@ -307,33 +307,22 @@ def test_a_quantized_rollout_copy_decodes_fast_with_the_model_calls_tokens(conve
 
 @pytest.mark.skipif(not cuda_kernels.runs_on_cuda_gpu(), reason="needs MLX's CUDA backend")
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_the_decode_kernel_runs_the_2026_architecture_like_the_portable_decoder(converted, dtype):
+def test_the_decode_kernel_runs_the_2026_architecture_like_the_portable_decoder(dtype):
     """utils/cuda_kernels/decode.py with windows, GQA, value embeddings, smear and the QK scale, against the
     portable decoder, on a model of the newest era with heads the kernel takes (the fixture's 16 are too narrow)."""
+    from test_cuda_decode import assert_kernel_decodes_as_portable
+
     from mlx_grpo.nanochat import model as nanochat_2026
-    from mlx_grpo.nanochat.decoder import NanochatDecoder
 
     era = eras.ERAS[-1]
-    cfg = {**TINY_2026_CONFIG, "n_embd": 128}  # 4 heads of 32, 2 KV heads; S = 64 of sequence_len 256
+    cfg = {**TINY_2026_CONFIG, "n_embd": 128}  # 4 heads of 32, 2 KV heads; S = 128 of sequence_len 256
     model = nanochat_2026.Model(nanochat_2026.ModelArgs.from_dict(
         eras.model_config(cfg, eras.Architecture(era, "SSSL", era.softcap))))
     model.x0_lambdas = mx.full((cfg["n_layer"],), 0.1)  # as a trained model has them, not the init's zeros
     model.smear_lambda, model.backout_lambda = mx.array([0.5]), mx.array([0.2])
     model.set_dtype(dtype)
-    prompts, group, steps = [token_ids(140, seed=1), token_ids(40, seed=2), [4]], 2, 10
-    decoders = [NanochatDecoder(model, prompts, group, steps, use_kernel=k) for k in (True, False)]
-    assert decoders[0].use_kernel and not decoders[1].use_kernel
-    tokens = mx.array([p[-1] for p in prompts for _ in range(group)], dtype=mx.int32)
-    tol = 1e-2 if dtype == mx.float32 else 0.15  # MLX's CUDA attention and matmuls run float32 at TF32-like precision
-    for t in range(steps):
-        if t == 5:  # rows leave the batch
-            keep = mx.array([0, 3, 5])
-            tokens = tokens[keep]
-            for d in decoders:
-                d.filter(keep)
-        fast, slow = (d.step(tokens) for d in decoders)
-        np.testing.assert_allclose(np.array(fast.astype(mx.float32)), np.array(slow.astype(mx.float32)), atol=tol)
-        tokens = mx.argmax(slow, axis=-1).astype(mx.int32)
+    assert_kernel_decodes_as_portable(model, [token_ids(140, seed=1), token_ids(40, seed=2), [4]], dtype, steps=10,
+                                      filter_at=5)
 
 
 def test_a_chat_on_the_fast_decoder_keeps_the_smear_state_across_turns(converted):
@@ -630,12 +619,13 @@ def test_every_new_parameter_trains_in_float32_and_a_saved_folder_loads_back_exa
 def test_a_trainer_run_resumes_exactly_and_its_checkpoint_answers_in_inference(converted, tmp_path, capsys):
     """mlx-grpo.py on the 2026 model: rollouts from a 4-bit copy (mlx-lm's model call, calculator on),
     full-precision updates, a checkpoint per step; resumed after step 1 it logs and ends as the whole run."""
-    from test_trainer import TOY_REWARD, comparable, interrupted_copy, read_records, run
+    from test_trainer import (comparable, interrupted_copy, read_records, run, same_weights, saved_weights,
+                             toy_reward_file)
 
     from mlx_grpo import inference
 
     folder = converted("a825e63")[1]
-    (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
+    toy_reward_file(tmp_path)
     settings = ("max_train_samples=4", "save_steps=1", "temperature=1.0", "learning_rate=1e-3",
                 f"reward_file={tmp_path / 'toy_reward.py'}", "reward_funcs=digit_reward",
                 "quantize_for_rollouts=true", "rollout_quant_group_size=32", "eval_samples=1")
@@ -644,10 +634,9 @@ def test_a_trainer_run_resumes_exactly_and_its_checkpoint_answers_in_inference(c
     part = interrupted_copy(full, tmp_path / "out" / "part", step=1, update=1)
     run(tmp_path, folder, *settings, run_name="part", extra_args=["--resume"])
     assert comparable(read_records(part)) == comparable(read_records(full))
-    final = lambda d: mx.load(str(d / "checkpoints" / "step_000002" / "model.safetensors"))  # noqa: E731
-    a, b = final(full), final(part)
+    a, b = saved_weights(full, 2), saved_weights(part, 2)
     assert set(a) == set(dict(tree_flatten(load_model(folder)[0].parameters())))
-    assert all(mx.array_equal(a[k], b[k]) for k in a)
+    assert same_weights(a, b)
     checkpoint = full / "checkpoints" / "step_000002"
     assert json.loads((checkpoint / "config.json").read_text())["model_type"] == "nanochat_2026"
     capsys.readouterr()

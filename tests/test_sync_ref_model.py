@@ -6,7 +6,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_trainer import TOY_REWARD, comparable, interrupted_copy, read_records, run
+from test_trainer import comparable, interrupted_copy, read_records, run, toy_reward_file
 
 from mlx_grpo.config import ConfigError, GRPOConfig, validate
 from mlx_grpo.training.step import sync_reference
@@ -38,8 +38,7 @@ def test_settings_where_it_cannot_work_are_one_line_errors(change, words):
 def test_a_run_that_syncs_its_reference_resumes_exactly(tmp_path, tiny_model_dir):
     """Synced after every step, stopped after step 1 of 2 and resumed: the same metrics (kl included) and
     weights, and the checkpoint's reference is the mixed one."""
-    reward_file = tmp_path / "toy_reward.py"
-    reward_file.write_text(TOY_REWARD)
+    reward_file = toy_reward_file(tmp_path)
     settings = ("beta=0.04", "sync_ref_model=true", "ref_model_sync_steps=1", "ref_model_mixup_alpha=0.5",
                 "learning_rate=1e-3", "max_train_samples=4", "save_steps=1", "eval_samples=1", "temperature=1.0",
                 f"reward_file={reward_file}", "reward_funcs=digit_reward", "quantize_for_rollouts=false")

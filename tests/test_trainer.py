@@ -41,6 +41,13 @@ def digit_reward(completions, **kwargs):
 '''
 
 
+def toy_reward_file(folder: Path) -> Path:
+    """folder/toy_reward.py with TOY_REWARD's digit_reward, for reward_file."""
+    path = folder / "toy_reward.py"
+    path.write_text(TOY_REWARD)
+    return path
+
+
 def run(tmp_path, model_dir, *overrides, run_name="run", extra_args=()):
     """The smoke config on model_dir, its runs in tmp_path/out; run_name=None gives none (--resume: the newest)."""
     args = ["--config", str(REPO / "configs" / "smoke.toml"),
@@ -84,8 +91,7 @@ def test_smoke_run_writes_a_finite_loss_a_config_and_a_checkpoint(tmp_path, tiny
 
 def test_training_raises_the_reward_on_a_toy_task(tmp_path, tiny_model_dir):
     """The proof that the gradient has the right sign end to end: reward rises from ~0.1 to > 0.5."""
-    reward_file = tmp_path / "toy_reward.py"
-    reward_file.write_text(TOY_REWARD)
+    reward_file = toy_reward_file(tmp_path)
     run(tmp_path, tiny_model_dir, f"reward_file={reward_file}", "reward_funcs=digit_reward",
         "learning_rate=3e-3", "max_train_samples=24", "prompts_per_step=4", "num_generations=8",
         "micro_batch_size=32", "temperature=1.0", "top_p=1.0", "max_grad_norm=1.0", "eval_samples=1")
@@ -109,6 +115,15 @@ def comparable(records):
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in records]
 
 
+def saved_weights(run_dir, step, file="model.safetensors") -> dict:
+    """The weights (or adapters: file) of a run's checkpoint after `step`."""
+    return mx.load(str(run_dir / "checkpoints" / f"step_{step:06d}" / file))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return all(mx.array_equal(a[k], b[k]) for k in a)
+
+
 def interrupted_copy(full, part, step, update):
     """The run folder `full` as it was right after its checkpoint of `step` (update `update`)."""
     (part / "checkpoints").mkdir(parents=True)
@@ -126,8 +141,7 @@ def test_resume_continues_exactly_and_every_steps_key_counts_steps(tmp_path, tin
     With num_iterations = 2 a step is 2 updates: eval, save, logging and completions every 2 steps
     happen after updates 4 and 8.
     """
-    reward_file = tmp_path / "toy_reward.py"
-    reward_file.write_text(TOY_REWARD)
+    reward_file = toy_reward_file(tmp_path)
     settings = ("max_train_samples=8", "save_steps=2", "temperature=1.0", "learning_rate=1e-3",
                 f"reward_file={reward_file}", "reward_funcs=digit_reward", "num_iterations=2", "beta=0.05",
                 "eval_steps=2", "logging_steps=2", "completions_log_steps=2")
@@ -143,9 +157,7 @@ def test_resume_continues_exactly_and_every_steps_key_counts_steps(tmp_path, tin
     run(tmp_path, tiny_model_dir, *settings, run_name="part", extra_args=["--resume"])
 
     assert comparable(read_records(part)) == comparable(read_records(full))
-    final = lambda d: dict(tree_flatten(mx.load(str(d / "checkpoints" / "step_000004" / "model.safetensors"))))
-    a, b = final(full), final(part)
-    assert all(mx.array_equal(a[k], b[k]) for k in a)
+    assert same_weights(saved_weights(full, 4), saved_weights(part, 4))
 
 
 # ---------------------------------------------------------------------------------------------

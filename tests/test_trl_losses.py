@@ -6,6 +6,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_grpo_loss import ADV, LOGP, MASK, OLD, TOTALS, close
 
 from mlx_grpo.config import ConfigError, GRPOConfig, config_warnings, validate
 from mlx_grpo.training.loss import finalize_stats, grpo_loss
@@ -16,16 +17,6 @@ from mlx_grpo.training.rollout_correction import importance_sampling_weights, sa
 #   ratios r = [[1.0, 1.5, 0.5], [1.1, 0.7, (pad)]], logp = old + log r:
 #   logp seq 1 = (-1, -2 + ln 1.5, -0.5 + ln 0.5) = (-1, -1.5945349, -1.1931472)
 #   logp seq 2 = (-0.3 + ln 1.1, -1.2 + ln 0.7) = (-0.2046898, -1.5566749)
-MASK = mx.array([[1, 1, 1], [1, 1, 0]])
-ADV = mx.array([1.0, -1.0])
-OLD = mx.array([[-1.0, -2.0, -0.5], [-0.3, -1.2, -0.7]])
-RATIOS = [[1.0, 1.5, 0.5], [1.1, 0.7, 1.0]]
-LOGP = OLD + mx.log(mx.array(RATIOS))
-TOTALS = dict(max_completion_length=4, num_sequences_total=2, num_tokens_total=5, num_micro_batches=1)
-
-
-def close(a, b, atol=1e-5):
-    np.testing.assert_allclose(np.array(a, dtype=np.float64), np.array(b, dtype=np.float64), atol=atol, rtol=0)
 
 
 def loss_of(logp, old=OLD, adv=ADV, mask=MASK, **kw):
