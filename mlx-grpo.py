@@ -47,7 +47,8 @@ from mlx_grpo.config import (
 from mlx_grpo.cuda_kernels import KernelSwitchError
 from mlx_grpo.cuda_kernels import enabled as cuda_kernels_enabled
 from mlx_grpo.data.gsm8k import DataError, PromptSampler, build_messages, check_data_files, encode_prompt, load_gsm8k
-from mlx_grpo.data.rewards import BUILTIN_REWARDS, RewardError, compute_rewards, resolve_reward_functions
+from mlx_grpo.data.rewards import RewardError, compute_rewards, resolve_reward_functions
+from mlx_grpo.data.task import PromptTask
 from mlx_grpo.generation.calculator import CalculatorTool
 from mlx_grpo.models import ModelLoadError, check_model_folder, load_model, save_model_folder
 from mlx_grpo.nanochat.checkpoint import NanochatCheckpointError
@@ -117,40 +118,17 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # The task: prompts, answers, rewards, and what counts as correct
 
-class Task:
+class Task(PromptTask):
     """GSM8K in the chosen prompt format, tokenized once."""
 
     def __init__(self, cfg, tokenizer, split, limit=0):
-        self.tokenizer = tokenizer
-        self.stop_token_ids = set(tokenizer.eos_token_ids)
         examples = load_gsm8k(cfg.dataset, cfg.dataset_config, cfg.dataset_path, split)
-        if limit:
-            examples = examples[:limit]
-        self.prompt_format = cfg.prompt_format
-        prompts, kept, skipped = [], [], 0
-        for example in examples:
-            ids = encode_prompt(tokenizer, build_messages(example.question, self.prompt_format, cfg.system_prompt))
-            if len(ids) > cfg.max_prompt_length:
-                skipped += 1
-                continue
-            prompts.append(ids)
-            kept.append(example)
-        if skipped:
-            print(f"[data] {split}: skipped {skipped} prompts longer than max_prompt_length={cfg.max_prompt_length}")
-        if not kept:
-            raise DataError(f"no {split} examples left (max_prompt_length={cfg.max_prompt_length}?)")
-        self.examples, self.prompts = kept, prompts
-        self.answers = [e.answer for e in kept]
-        self.questions = [e.question for e in kept]
-        check = "gsm8k" if self.prompt_format == "nanochat" else "correctness"
-        self._check = BUILTIN_REWARDS[check]
-
-    def text(self, completion):
-        """The completion's text without its stop token."""
-        return self.tokenizer.decode(completion.content_tokens)
-
-    def is_correct(self, text, answer):
-        return self._check([text], answer=[answer])[0] > 0
+        messages = lambda e: build_messages(e.question, cfg.prompt_format, cfg.system_prompt)  # noqa: E731
+        super().__init__(
+            cfg, tokenizer, split, examples[:limit] if limit else examples,
+            encode=lambda e: encode_prompt(tokenizer, messages(e)),
+            question_answer=lambda e: (e.question, e.answer),
+            check="gsm8k" if cfg.prompt_format == "nanochat" else "correctness")
 
 
 def evaluate(cfg, world, model, task, calculator, update, plan=None):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlx_grpo.data.gsm8k import XML_SYSTEM_PROMPT, DataError, _local_data_file, gsm8k_reference_answer
-from mlx_grpo.data.rewards import BUILTIN_REWARDS
+from mlx_grpo.data.task import PromptTask
 from mlx_grpo.vlm.model import VlmError, build_vlm_prompt
 
 
@@ -72,44 +72,22 @@ def check_image_data_files(cfg, eval_only: bool = False) -> None:
                        [repr((r["question"], r["images"])) for r in eval_rows])
 
 
-class VlmTask:
+class VlmTask(PromptTask):
     """The trainer's Task (mlx-grpo.py) for image questions: prompts are VlmPrompts, built once."""
 
     def __init__(self, cfg, policy, tokenizer, split, limit=0):
-        self.tokenizer = tokenizer
-        self.stop_token_ids = set(tokenizer.eos_token_ids)
-        self.prompt_format = cfg.prompt_format
-        if self.prompt_format == "nanochat":
+        if cfg.prompt_format == "nanochat":
             raise DataError('prompt_format = "nanochat" is for nanochat models; a vision-language model uses its '
                             'own chat template: set prompt_format = "xml" (or "auto")')
         system = cfg.system_prompt or XML_SYSTEM_PROMPT  # as build_messages' xml format
         rows = load_image_rows(cfg.dataset_path, split)
-        if limit:
-            rows = rows[:limit]
-        prompts, kept, skipped = [], [], 0
-        for row in rows:
+
+        def encode(row):
             try:
-                prompt = build_vlm_prompt(policy, row["question"], row["images"], system=system)
+                return build_vlm_prompt(policy, row["question"], row["images"], system=system)
             except VlmError as e:
                 raise DataError(f"{split}: {e}") from e
-            if len(prompt) > cfg.max_prompt_length:
-                skipped += 1
-                continue
-            prompts.append(prompt)
-            kept.append(row)
-        if skipped:
-            print(f"[data] {split}: skipped {skipped} prompts longer than max_prompt_length={cfg.max_prompt_length} "
-                  "(image tokens included)")
-        if not kept:
-            raise DataError(f"no {split} examples left (max_prompt_length={cfg.max_prompt_length}?)")
-        self.examples, self.prompts = kept, prompts
-        self.answers = [row["answer"] for row in kept]
-        self.questions = [row["question"] for row in kept]
-        self._check = BUILTIN_REWARDS["correctness"]
 
-    def text(self, completion):
-        """The completion's text without its stop token."""
-        return self.tokenizer.decode(completion.content_tokens)
-
-    def is_correct(self, text, answer):
-        return self._check([text], answer=[answer])[0] > 0
+        super().__init__(cfg, tokenizer, split, rows[:limit] if limit else rows, encode,
+                         question_answer=lambda row: (row["question"], row["answer"]), check="correctness",
+                         length_note=" (image tokens included)")
