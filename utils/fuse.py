@@ -34,16 +34,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     from mlx_grpo.models import ADAPTER_CONFIG_FILE, is_adapter_folder
-    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME, CheckpointError, find_latest_checkpoint
+    from mlx_grpo.training.checkpoint import CheckpointError, run_checkpoint
 
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
-    if (path / CHECKPOINTS_DIRNAME).is_dir():
-        newest = find_latest_checkpoint(path)
-        if newest is None:
-            raise CheckpointError(f"run folder {path} has no complete checkpoint yet")
-        path = newest
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    path = run_checkpoint(folder)
+    if path is None:
+        raise CheckpointError(f"run folder {folder} has no complete checkpoint yet")
     if not is_adapter_folder(path):
         raise CheckpointError(f"{path} has no {ADAPTER_CONFIG_FILE}: not a LoRA checkpoint (a full-training "
                               "checkpoint is already a model folder: load it directly)")

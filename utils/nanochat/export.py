@@ -51,16 +51,14 @@ class ExportSummary:
 
 def resolve_source(source: str | Path) -> Path:
     """A run folder -> its newest checkpoint; any other folder as it is."""
-    from mlx_grpo.training.checkpoint import CHECKPOINTS_DIRNAME, find_latest_checkpoint
+    from mlx_grpo.training.checkpoint import run_checkpoint
 
-    path = Path(source).expanduser()
-    if not path.is_dir():
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
         raise NanochatCheckpointError(f"--to-nanochat {source}: no such folder")
-    if (path / CHECKPOINTS_DIRNAME).is_dir():
-        newest = find_latest_checkpoint(path)
-        if newest is None:
-            raise NanochatCheckpointError(f"run folder {path} has no complete checkpoint yet")
-        return newest
+    path = run_checkpoint(folder)
+    if path is None:
+        raise NanochatCheckpointError(f"run folder {folder} has no complete checkpoint yet")
     return path
 
 

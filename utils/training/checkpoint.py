@@ -346,6 +346,13 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def run_checkpoint(folder: str | Path) -> Path | None:
+    """A run folder (holding checkpoints/) -> its newest complete checkpoint, None if it has none yet; any other
+    folder -> itself."""
+    folder = Path(folder)
+    return find_latest_checkpoint(folder) if (folder / CHECKPOINTS_DIRNAME).is_dir() else folder
+
+
 def newest_checkpoint(root: str | Path) -> Path | None:
     """The most recently saved complete checkpoint of any run under `root`, at any depth
     (outputs/<run>/checkpoints/step_*, outputs/demo/<run>/checkpoints/step_*), or None. Hidden folders
