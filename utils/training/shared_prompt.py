@@ -52,9 +52,9 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-# MLX's CUDA attention backward (cuDNN) checks only the queries' length against its 128-wide tiles, and with a
-# mask array and a key length off that multiple it reads out of bounds (an illegal memory access), so on CUDA
-# the completion pass's keys (prompt width + completion width) are padded to a multiple of 128.
+# MLX's CUDA attention backward (cuDNN) checks only the queries' length against its 128-wide tiles; with a mask
+# array and a key length off that multiple d20's update died of an illegal memory access, so on CUDA the
+# completion pass's keys (prompt width + completion width) are padded to a multiple of 128.
 CUDA_KEY_MULTIPLE = 128
 
 
