@@ -201,9 +201,11 @@ def test_on_cuda_the_plan_keeps_each_prompts_keys_once_as_the_decode_kernel_does
                               compute_dtype="bfloat16", beta=0.0, eval_samples=0))
     dims = model_dims(D20, cfg)
     assert dims.decode_kernel  # nanochat d20: the fast decoder and 128-wide heads
-    per_row = plan_memory(dims, cfg, available=0, source="test")
-    monkeypatch.setattr(cuda_kernels, "available", lambda: True)
-    once = plan_memory(dims, cfg, available=0, source="test")
+    monkeypatch.setattr(cuda_kernels, "enabled", lambda: False)  # MLX_GRPO_CUDA_KERNELS=0: MLX's own attention
+    per_row = plan_memory(dims, cfg, available=0, source="test", backend="cuda")
+    monkeypatch.setattr(cuda_kernels, "enabled", lambda: True)
+    once = plan_memory(dims, cfg, available=0, source="test", backend="cuda")
+    assert plan_memory(dims, cfg, available=0, source="test", backend="cpu").phases["rollout"] == per_row.phases["rollout"]
     prompts, rows = cfg.effective_prompts_per_step, cfg.effective_prompts_per_step * 16
     kv = lambda n, length: n * dims.layers * 2 * dims.kv_dim * length * 2  # bf16 keys and values
     per_row_decode = kv(rows, 356) + kv(rows, 356) // dims.layers + kv(prompts, 100)  # the decode outweighs the prefill
@@ -227,3 +229,26 @@ def test_mac_configs_fit_their_class_by_the_plan(path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_on_cuda_the_shared_log_prob_passes_take_the_completions_logits_only():
+    """CUDA's costs by hand: the reference pass of the shared forward holds micro x new logits at the dtype's
+    bytes (the plain forward: micro x row width at 24 bytes), and the importance-sampling correction's old-policy
+    pass also holds the policy's compute_dtype copy."""
+    cfg = validate(GRPOConfig(model_name="x", batch_size=2, num_generations=8, micro_batch_size=8,
+                              max_prompt_length=100, max_new_tokens=256, max_completion_length=256,
+                              compute_dtype="bfloat16", quantize_for_rollouts=True, beta=0.02, eval_samples=0,
+                              pad_to_multiple_of=1, prefill_align=1))
+    dims = model_dims(D20, cfg)
+    costs = memory.CUDA_COSTS
+    shared = plan_memory(dims, cfg, available=0, source="test", backend="cuda")
+    plain = plan_memory(dims, dataclasses.replace(cfg, share_prompt_forward=False), available=0, source="test",
+                        backend="cuda")
+    width = 100 + 256 - 1
+    pass_rest = 8 * width * (4 * dims.hidden + dims.intermediate) * 2  # one layer's activations, bf16
+    assert plain.phases["reference"] - shared.phases["reference"] == (
+        8 * width * dims.vocab * costs.forward_logit_bytes - 8 * 256 * dims.vocab * costs.shared_forward_logit_bytes[
+            "bfloat16"] + pass_rest - 8 * 256 * (4 * dims.hidden + dims.intermediate) * 2)
+    no_correction = plan_memory(dims, dataclasses.replace(cfg, vllm_importance_sampling_correction=False),
+                                available=0, source="test", backend="cuda")
+    assert shared.phases["old_policy"] - no_correction.phases["old_policy"] == dims.params * 2

@@ -10,7 +10,8 @@ plus what the phase itself allocates, at the run's worst case: every prompt max_
 and every completion the full generation limit. The model's sizes come from a lazy instance built
 from config.json (MLX allocates nothing until an array is evaluated), so every architecture mlx-lm
 knows is counted parameter by parameter, adapters included. What activations cost per token was
-measured on MLX's CPU backend (tests/test_memory.py holds the plan within 15% of measured peaks).
+measured per backend: on MLX's CPU (tests/test_memory.py holds the plan within 15% of measured peaks)
+and on an H200 with MLX's CUDA backend (BENCHMARKS.md); Metal takes the CPU's figures until measured.
 """
 
 from __future__ import annotations
@@ -168,6 +169,39 @@ PREFILL_FLOAT32_PER_LOGIT = 2  # a prefill's forward: the logits and the softcap
 CHECKPOINTED_ELEMENTS_PER_LAYER_WIDTH = 2  # grad_checkpoint: each block keeps its input and output only
 
 
+@dataclass(frozen=True)
+class ActivationCosts:
+    """What activations cost on one backend: elements (of the compute dtype) per token, layer and unit of width,
+    per attention score, and bytes per logit. Defaults: the CPU's, above."""
+
+    layer_width: float = TRAIN_ELEMENTS_PER_LAYER_WIDTH
+    layer_mlp: float = TRAIN_ELEMENTS_PER_LAYER_MLP
+    score: float = TRAIN_ELEMENTS_PER_ATTENTION
+    shared_prompt_score: float = SHARED_PROMPT_ELEMENTS_PER_ATTENTION
+    checkpointed_layer_width: float = CHECKPOINTED_ELEMENTS_PER_LAYER_WIDTH
+    train_logit_bytes: float = 4 * TRAIN_FLOAT32_PER_LOGIT
+    forward_logit_bytes: float = 4 * FORWARD_FLOAT32_PER_LOGIT  # a forward without gradient, per row-width logit
+    # The shared-prompt forward without gradient, per completion logit by compute dtype (None: as the plain one)
+    shared_forward_logit_bytes: dict | None = None
+    prefill_logit_bytes: float = 4 * PREFILL_FLOAT32_PER_LOGIT
+    adapter_layer_width: float = 0  # LoRA/DoRA: more per token, layer and hidden unit (the adapters' own temporaries)
+
+
+CPU_COSTS = ActivationCosts()
+# Fitted to the phase peaks of d20, d24 and d32 runs on an H200 (MLX 0.32.4's CUDA backend; BENCHMARKS.md, "The
+# memory plan on the GPU"): the fused loss head (utils/cuda_kernels/logprobs.py) keeps no float32 copies in the
+# update, attention keeps one element per score, and a pass without gradient frees less as it goes.
+CUDA_COSTS = ActivationCosts(layer_width=12, layer_mlp=2, score=1, shared_prompt_score=1,
+                             train_logit_bytes=6, forward_logit_bytes=24,
+                             shared_forward_logit_bytes={"float32": 10, "bfloat16": 17}, prefill_logit_bytes=2,
+                             adapter_layer_width=8)
+# Metal is not measured yet: it takes the CPU's figures.
+
+
+def activation_costs(backend: str | None = None) -> ActivationCosts:
+    return CUDA_COSTS if (backend or current_backend()) == "cuda" else CPU_COSTS
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -205,12 +239,17 @@ class MemoryPlan:
 
 
 def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None = None,
-                source: str = "") -> MemoryPlan:
-    """Every phase's peak bytes for a run of `cfg` on a model of `dims` (one process of world_size)."""
+                source: str = "", backend: str | None = None) -> MemoryPlan:
+    """Every phase's peak bytes for a run of `cfg` on a model of `dims` (one process of world_size), on `backend`
+    (default: this machine's)."""
     if available is None:
         available, source = machine_memory()
+    backend = backend or current_backend()
     cd = DTYPE_BYTES[cfg.compute_dtype]
     full = cfg.train_type == "full"
+    costs = activation_costs(backend)
+    if not full:
+        costs = dataclasses.replace(costs, layer_width=costs.layer_width + costs.adapter_layer_width)
     trainable = dims.params if full else dims.adapters
 
     # What stays through the run.
@@ -238,9 +277,9 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     packed = rows * width * 12  # inputs, targets (int32) and mask (float32)
     logp = rows * width * 4  # one float32 log-prob per position, per pass kept
 
-    def forward(batch: int, length: int, act_bytes: int, per_logit: int = FORWARD_FLOAT32_PER_LOGIT) -> int:
+    def forward(batch: int, length: int, act_bytes: int, logit_bytes: float = costs.forward_logit_bytes) -> int:
         """A forward without gradient: the logits and one layer's activations and attention scores at a time."""
-        logits = batch * length * dims.vocab * 4 * per_logit
+        logits = int(batch * length * dims.vocab * logit_bytes)
         scores = batch * dims.heads * length * length  # MLX's CPU attention forms them; Metal's and CUDA's fused kernels not
         return logits + max(batch * length * (4 * dims.hidden + dims.intermediate), scores) * act_bytes
 
@@ -258,9 +297,10 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     act = cd if (copy or not full) else 4
     align = cfg.prefill_align or 1
     prefill_len = _round_up(prompt_len, align)
-    prefill = forward(prompts, prefill_len, act, PREFILL_FLOAT32_PER_LOGIT) + kv_cache(prompts, prefill_len, act)
+    prefill = forward(prompts, prefill_len, act, costs.prefill_logit_bytes) + kv_cache(prompts, prefill_len, act)
     decode_logits = rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT
-    if dims.decode_kernel and (full or merged or cfg.quantize_for_rollouts) and cuda_kernels.available():
+    kernel_layout = dims.decode_kernel and backend == "cuda" and cuda_kernels.enabled()
+    if kernel_layout and (full or merged or cfg.quantize_for_rollouts):
         # CUDA's decode kernel: each prompt's keys once per group, each row's own for its generated tokens
         decode = kv_cache(prompts, prompt_len, act) + kv_cache(rows, new, act) + decode_logits
     else:
@@ -270,18 +310,29 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     phases = {"rollout": base + copy + max(prefill + kv_cache(prompts, prompt_len, act), decode)}
     old_policy = cfg.quantize_for_rollouts or cfg.num_iterations > 1
     kept = packed + (logp if old_policy else 0)
+    shared = micro % cfg.num_generations == 0 and cfg.share_prompt_forward and not cfg.grad_checkpoint  # step's rule
+
+    def logprob_pass(act_bytes: int, dtype: str) -> int:
+        """A forward for log-probs (old policy, reference): the shared forward's logits are the completions' only."""
+        if shared and costs.shared_forward_logit_bytes:
+            return forward(micro, new, act_bytes, costs.shared_forward_logit_bytes[dtype])
+        return forward(micro, width, act_bytes)
+
     if old_policy:
-        phases["old_policy"] = base + copy + kept + forward(micro, width, act)
+        # The importance-sampling correction also runs the trained policy, at compute_dtype (one cast copy).
+        trained_copy = dense_bytes(dims, cd) if (cfg.quantize_for_rollouts and cfg.vllm_importance_sampling_correction
+                                                 and full and cd != 4) else 0
+        phases["old_policy"] = base + copy + trained_copy + kept + logprob_pass(act, cfg.compute_dtype)
     if cfg.beta > 0:
-        phases["reference"] = base + kept + logp + forward(micro, width, cd)
+        phases["reference"] = base + kept + logp + logprob_pass(cd, cfg.compute_dtype)
         kept += logp
 
     # The update: float32 gradient sum, one micro-batch's gradient and activations, compute-dtype weights.
     grads = 4 * trainable + cd * trainable + (cd * trainable if cd != 4 else 0)
-    if micro % cfg.num_generations == 0 and cfg.share_prompt_forward and not cfg.grad_checkpoint:  # step's rule
-        activations = shared_prompt_activations(dims, micro, cfg.num_generations, prompt_len, new, cd, cfg)
+    if shared:
+        activations = shared_prompt_activations(dims, micro, cfg.num_generations, prompt_len, new, cd, cfg, costs)
     else:
-        activations = train_activations(dims, micro, width, cd, cfg)
+        activations = train_activations(dims, micro, width, cd, cfg, costs)
     phases["update"] = base + kept + grads + activations
 
     # Evaluation: eval_batch_size questions at a time, decoded by the policy itself (float32) or, with adapters,
@@ -289,7 +340,7 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     eval_act = 4 if full else cd
     eval_copy = dense_bytes(dims, cd) if merged else 0
     eval_rows = min(cfg.eval_batch_size, max(1, -(-(cfg.eval_samples or cfg.eval_batch_size) // world_size)))
-    eval_prefill = (forward(eval_rows, prefill_len, eval_act, PREFILL_FLOAT32_PER_LOGIT)
+    eval_prefill = (forward(eval_rows, prefill_len, eval_act, costs.prefill_logit_bytes)
                     + kv_cache(eval_rows, prefill_len, eval_act))
     eval_cache = kv_cache(eval_rows, prompt_len + cfg.eval_max_new_tokens, eval_act)
     eval_decode = eval_cache + eval_cache // dims.layers + kv_cache(eval_rows, prompt_len, eval_act)
@@ -297,38 +348,37 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     return MemoryPlan(phases, resident, available, source, {"row": width, "micro_batch": micro})
 
 
-def train_activations(dims: ModelDims, batch: int, width: int, act_bytes: int, cfg) -> int:
+def train_activations(dims: ModelDims, batch: int, width: int, act_bytes: int, cfg,
+                      costs: ActivationCosts = CPU_COSTS) -> int:
     """What one micro-batch's forward keeps for its backward pass."""
     tokens = batch * width
-    logits = tokens * dims.vocab * 4 * TRAIN_FLOAT32_PER_LOGIT
+    logits = int(tokens * dims.vocab * costs.train_logit_bytes)
     if getattr(cfg, "grad_checkpoint", False):
         # Block inputs kept; one block's activations live again, with their gradients, while its backward runs.
-        kept = tokens * dims.layers * dims.hidden * CHECKPOINTED_ELEMENTS_PER_LAYER_WIDTH * act_bytes
-        return logits + kept + 2 * train_activations_per_layer(dims, batch, width, act_bytes)
-    return logits + dims.layers * train_activations_per_layer(dims, batch, width, act_bytes)
+        kept = int(tokens * dims.layers * dims.hidden * costs.checkpointed_layer_width * act_bytes)
+        return logits + kept + 2 * train_activations_per_layer(dims, batch, width, act_bytes, costs=costs)
+    return logits + dims.layers * train_activations_per_layer(dims, batch, width, act_bytes, costs=costs)
 
 
 def train_activations_per_layer(dims: ModelDims, batch: int, width: int, act_bytes: int, keys: int = 0,
-                                per_score: int = TRAIN_ELEMENTS_PER_ATTENTION) -> int:
+                                per_score: float | None = None, costs: ActivationCosts = CPU_COSTS) -> int:
     """One layer's kept activations for `batch` rows of `width` queries attending to `keys` keys (0: width)."""
     tokens = batch * width
-    dense = tokens * (TRAIN_ELEMENTS_PER_LAYER_WIDTH * dims.hidden + TRAIN_ELEMENTS_PER_LAYER_MLP * dims.intermediate)
-    attention = tokens * dims.heads * (keys or width) * per_score
-    return (dense + attention) * act_bytes
+    dense = tokens * (costs.layer_width * dims.hidden + costs.layer_mlp * dims.intermediate)
+    attention = tokens * dims.heads * (keys or width) * (costs.score if per_score is None else per_score)
+    return int((dense + attention) * act_bytes)
 
 
 def shared_prompt_activations(dims: ModelDims, batch: int, group: int, prompt_len: int, new: int, act_bytes: int,
-                              cfg) -> int:
+                              cfg, costs: ActivationCosts = CPU_COSTS) -> int:
     """train_activations for the shared-prompt forward (training/shared_prompt.py) of whole groups: each prompt
-    once, its keys and values broadcast to its group's rows, logits on the completions only."""
+    once, its keys and values broadcast to its group's rows, logits on the completions only. (grad_checkpoint
+    takes the plain forward.)"""
     prompts = batch // group
-    logits = batch * new * dims.vocab * 4 * TRAIN_FLOAT32_PER_LOGIT
+    logits = int(batch * new * dims.vocab * costs.train_logit_bytes)
     per_layer = (train_activations_per_layer(dims, prompts, prompt_len, act_bytes,
-                                             per_score=SHARED_PROMPT_ELEMENTS_PER_ATTENTION)
-                 + train_activations_per_layer(dims, batch, new, act_bytes, keys=prompt_len + new))
-    if getattr(cfg, "grad_checkpoint", False):
-        kept = (prompts * prompt_len + batch * new) * dims.layers * dims.hidden * CHECKPOINTED_ELEMENTS_PER_LAYER_WIDTH
-        return logits + kept * act_bytes + 2 * per_layer
+                                             per_score=costs.shared_prompt_score, costs=costs)
+                 + train_activations_per_layer(dims, batch, new, act_bytes, keys=prompt_len + new, costs=costs))
     return logits + dims.layers * per_layer
 
 
