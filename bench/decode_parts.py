@@ -38,6 +38,7 @@ def main():
                    choices=["steps", "attention", "context", "sampling", "decoder", "ops", "loop", "capacity", "write"])
     p.add_argument("--vocab", type=int, default=65536, help="vocabulary of --part capacity's model")
     p.add_argument("--capacities", default="256,1024", help="--part capacity: decoder capacities (max_new_tokens)")
+    p.add_argument("--buffers", default="1,2,3", help="--part capacity: KV buffers per layer to time (alternate_buffers)")
     p.add_argument("--no-cuda-kernels", action="store_true",
                    help="MLX ops instead of the custom CUDA kernels (all three; as MLX_GRPO_CUDA_KERNELS=0)")
     args = p.parse_args()
@@ -47,7 +48,8 @@ def main():
         return cache_write(rows=args.rows, steps=args.steps, capacities=[int(c) for c in args.capacities.split(",")])
     if args.part == "capacity":
         return step_by_capacity(depth=args.depth, rows=args.rows, context=args.context, steps=args.steps,
-                                vocab=args.vocab, capacities=[int(c) for c in args.capacities.split(",")])
+                                vocab=args.vocab, capacities=[int(c) for c in args.capacities.split(",")],
+                                buffer_counts=[int(n) for n in args.buffers.split(",")])
     if args.part == "loop":
         return rollout_loop(depth=args.depth, rows=args.rows, steps=args.steps)
     if args.part == "ops":
@@ -279,18 +281,20 @@ def cache_write(rows, steps, capacities, head_dim=128):
             buffers = buffer = None
 
 
-def step_by_capacity(depth, rows, context, steps, vocab, capacities, prompts=4):
+def step_by_capacity(depth, rows, context, steps, vocab, capacities, buffer_counts=(1, 2, 3), prompts=4):
     """utils/nanochat/decoder.py's decode step at the same context for several cache capacities, run as the
     engine runs it (step t queued before step t-1 is read back): a per-step cost that grows with the
-    capacity is a cache write copying the whole buffer. Each capacity with one cache buffer per layer, then
-    with two written in turn (NanochatDecoder's alternate_buffers)."""
+    capacity is a cache write copying the whole buffer. Each capacity with each count of cache buffers per layer
+    written in turn (NanochatDecoder's alternate_buffers; 1: one buffer), then with one buffer and the host
+    waiting for every step (nothing in flight holds the buffer, so a write never copies it)."""
     from mlx_grpo.nanochat.decoder import NanochatDecoder
 
     model = build_model(depth, vocab)
     prompt_ids = [[1 + i] * (context - i % 3) for i in range(prompts)]
     sampler = make_rollout_sampler(0.0)
-    for capacity, alternate in [(c, a) for a in (False, True) for c in capacities]:
-        decoder = NanochatDecoder(model, prompt_ids, rows // prompts, capacity, alternate_buffers=alternate)
+    runs = [(c, n, False) for n in buffer_counts for c in capacities] + [(c, 1, True) for c in capacities]
+    for capacity, buffers, host_waits in runs:
+        decoder = NanochatDecoder(model, prompt_ids, rows // prompts, capacity, alternate_buffers=buffers)
         tokens = mx.zeros((rows,), dtype=mx.int32)
         timings = []
         for phase in range(3):  # warm-up, then two timed runs of `steps` steps
@@ -299,12 +303,15 @@ def step_by_capacity(depth, rows, context, steps, vocab, capacities, prompts=4):
             for _ in range(steps):
                 tokens = sampler(decoder.step(tokens))
                 mx.async_eval(tokens)
+                if host_waits:
+                    mx.synchronize()
                 if pending is not None:
                     pending.tolist()
                 pending = tokens
             mx.eval(tokens)
             timings.append((time.perf_counter() - start) / steps * 1e3)
-        print(f"capacity {capacity:>5}, context {context}-{context + 3 * steps}, alternate_buffers {alternate}: "
+        how = "host waits each step" if host_waits else "host one step ahead"
+        print(f"capacity {capacity:>5}, context {context}-{context + 3 * steps}, {buffers} buffer(s), {how}: "
               f"{min(timings[1:]):8.3f} ms per decode step (kernel: {decoder.use_kernel})", flush=True)
         decoder = None
 

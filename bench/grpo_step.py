@@ -81,8 +81,9 @@ def parse_args(argv=None):
                    help="the update runs each prompt once per completion (share_prompt_forward = false)")
     p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast decoder")
     p.add_argument("--no-cuda-kernels", action="store_true", help="all three custom CUDA kernels off (decode attention, sampling, log-probs)")
-    p.add_argument("--alternate-buffers", action="store_true", help="the portable decode path with two KV buffers "
-                   "per layer written in turn (nanochat decoder's alternate_buffers: no copy per write, 2x KV memory)")
+    p.add_argument("--alternate-buffers", type=int, nargs="?", const=2, default=0, metavar="N",
+                   help="the portable decode path with N KV buffers per layer (default 2) written in turn (nanochat "
+                   "decoder's alternate_buffers: no copy per write, N x the KV memory)")
     p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
     p.add_argument("--base-quant-bits", type=int, default=0, help="QLoRA: quantize the frozen base (0 = no)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
@@ -108,7 +109,7 @@ def parse_args(argv=None):
 PATHS = {
     "fast decoder + CUDA kernels": {},
     "fast decoder, --no-cuda-kernels": {"no_cuda_kernels": True},
-    "fast decoder, --no-cuda-kernels --alternate-buffers": {"no_cuda_kernels": True, "alternate_buffers": True},
+    "fast decoder, --no-cuda-kernels --alternate-buffers": {"no_cuda_kernels": True, "alternate_buffers": 2},
     "mlx-lm model call": {"mlx_lm_decode": True},
     "LoRA (fast decoder on the merged copy)": {"train_type": "lora"},
 }

@@ -57,12 +57,15 @@ def test_constants_are_mlx_lms():
     assert np.allclose(np.array(nanochat.softcap(logits)), np.array(cap * mx.tanh(logits / cap)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("alternate_buffers", [False, True])
+@pytest.mark.parametrize("alternate_buffers", [False, True, 3])
 def test_fast_decode_logits_equal_mlx_lm(model, alternate_buffers):
+    """One buffer per layer, two or three written in turn: the same logits, rows filtered mid-way included."""
     assert nanochat_decode.supports(model)
     decoder = assert_same_logits(model, PROMPTS, 2, 8, keep_after=4, keep=[0, 3, 5],
                                  alternate_buffers=alternate_buffers)
-    assert (decoder.spare is not None) == (alternate_buffers and not decoder.use_kernel)
+    assert (decoder.spare is not None) == (bool(alternate_buffers) and not decoder.use_kernel)
+    if decoder.spare is not None:
+        assert decoder.kv_buffers == (2 if alternate_buffers is True else alternate_buffers)
 
 
 @pytest.mark.parametrize("prompts", [[[3], [5, 6]], [[3], [4]]])

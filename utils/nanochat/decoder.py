@@ -34,7 +34,7 @@ from mlx_grpo.generation.fused_linear import residual_matmul as _residual_matmul
 RMS_NORM_EPS = 1e-5
 SOFTCAP = 15.0
 PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of this (the default; config prefill_align)
-# NanochatDecoder's alternate_buffers when not given (the engine's decoders): off until measured on a GPU.
+# NanochatDecoder's alternate_buffers when not given (the engine's decoders): off (one buffer per layer).
 ALTERNATE_BUFFERS = False
 MODEL_TYPES = ("nanochat", "nanochat_2026")
 _EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
@@ -205,10 +205,11 @@ class NanochatDecoder:
 
     `alternate_buffers` (per-row layout): MLX writes a slice in place only when no other array holds the
     buffer, and with the host a step ahead the step in flight still reads it, so each step's write copies
-    the layer's whole cache (bench/decode_parts.py --part write). With two buffers per layer, written in
-    turn (each step writes the step before's column and its own), the buffer written is the one read two
-    steps ago, which the engine has read back by then: no copy, for twice the KV memory. None: the module's
-    ALTERNATE_BUFFERS (off until measured on a GPU, BENCHMARKS.md).
+    the layer's whole cache (bench/decode_parts.py --part write). With n buffers per layer written in turn
+    (each write adds the columns the buffer missed since its last turn, and its own), the buffer written is
+    the one read n steps ago, which the engine has read back (and MLX released) by then: no copy, for n
+    times the KV memory. True means 2, False or 1 one buffer; None: the module's ALTERNATE_BUFFERS (off,
+    BENCHMARKS.md).
     """
 
     def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None,
@@ -256,7 +257,8 @@ class NanochatDecoder:
         self.use_kernel = use_kernel
         if alternate_buffers is None:
             alternate_buffers = ALTERNATE_BUFFERS
-        self.alternate_buffers = alternate_buffers and not use_kernel
+        self.kv_buffers = 1 if use_kernel else 2 if alternate_buffers is True else max(1, int(alternate_buffers))
+        self.alternate_buffers = self.kv_buffers > 1
         self.t = 0
         self.prompts = [list(p) for p in prompts]
         self.row_prompts = [p for p in range(len(prompts)) for _ in range(group_size)]
@@ -329,8 +331,8 @@ class NanochatDecoder:
         dtype = self.cache_dtype
         prefix = self._rolled_prefill(prompts, prefix_lens) if width > 0 else None
         self.keys, self.values = [], []
-        self.spare = [] if self.alternate_buffers else None  # per layer: the other (keys, values) buffers
-        self.last_kv = [None] * len(self.layers)  # alternate_buffers: the step before's new key and value
+        self.spare = [] if self.alternate_buffers else None  # per layer: the other (keys, values) buffers, next first
+        self.last_kv = [[] for _ in self.layers]  # alternate_buffers: the latest steps' new keys and values
         for layer in range(len(self.layers)):
             if prefix is None:  # only one-token prompts: nothing to prefill
                 keys = values = mx.zeros((len(prompts), self.n_kv_heads, 0, self.head_dim), dtype)
@@ -341,8 +343,9 @@ class NanochatDecoder:
             self.keys.append(mx.concatenate([keys, free], axis=2))
             self.values.append(mx.concatenate([values, free], axis=2))
             mx.eval(self.keys[-1], self.values[-1])
-            if self.spare is not None:  # a second buffer of its own (concatenate allocates it)
-                self.spare.append((mx.concatenate([keys, free], axis=2), mx.concatenate([values, free], axis=2)))
+            if self.spare is not None:  # buffers of their own (concatenate allocates each)
+                self.spare.append([(mx.concatenate([keys, free], axis=2), mx.concatenate([values, free], axis=2))
+                                   for _ in range(self.kv_buffers - 1)])
                 mx.eval(self.spare[-1])
         lens = [n for n in prefix_lens for _ in range(group_size)]
         self.start_positions = mx.array(lens, dtype=mx.int32)  # RoPE position of each row's first decoded token
@@ -430,15 +433,15 @@ class NanochatDecoder:
             keys[..., column:column + 1, :] = k
             values[..., column:column + 1, :] = v
             return keys, values
-        keys, values = self.spare[i]  # read two steps ago, not by the step still in flight
-        if self.last_kv[i] is None:
-            keys[..., column:column + 1, :] = k
-            values[..., column:column + 1, :] = v
-        else:  # this buffer lacks the step before's column, written to the other one
-            keys[..., column - 1:column + 1, :] = mx.concatenate([self.last_kv[i][0], k], axis=2)
-            values[..., column - 1:column + 1, :] = mx.concatenate([self.last_kv[i][1], v], axis=2)
-        self.spare[i] = (self.keys[i], self.values[i])
-        self.keys[i], self.values[i], self.last_kv[i] = keys, values, (k, v)
+        keys, values = self.spare[i].pop(0)  # read kv_buffers steps ago, not by a step still in flight
+        missed = self.last_kv[i]  # the columns written since this buffer's last turn (none on its first)
+        missed = missed[len(missed) - min(self.t, self.kv_buffers - 1):]
+        first = column - len(missed)
+        keys[..., first:column + 1, :] = mx.concatenate([kv[0] for kv in missed] + [k], axis=2)
+        values[..., first:column + 1, :] = mx.concatenate([kv[1] for kv in missed] + [v], axis=2)
+        self.spare[i].append((self.keys[i], self.values[i]))
+        self.last_kv[i] = (missed + [(k, v)])[-(self.kv_buffers - 1):]
+        self.keys[i], self.values[i] = keys, values
         return keys, values
 
     def row_cache(self, row):
@@ -475,7 +478,7 @@ class NanochatDecoder:
         self.keys = [k[keep] for k in self.keys]
         self.values = [v[keep] for v in self.values]
         if self.spare is not None:
-            self.spare = [(k[keep], v[keep]) for k, v in self.spare]
-            self.last_kv = [None if kv is None else (kv[0][keep], kv[1][keep]) for kv in self.last_kv]
+            self.spare = [[(k[keep], v[keep]) for k, v in layer] for layer in self.spare]
+            self.last_kv = [[(k[keep], v[keep]) for k, v in layer] for layer in self.last_kv]
         self.start_positions = self.start_positions[keep]
         self.left_padding = self.left_padding[keep]
