@@ -208,8 +208,8 @@ class NanochatDecoder:
     the layer's whole cache (bench/decode_parts.py --part write). With n buffers per layer written in turn
     (each write adds the columns the buffer missed since its last turn, and its own), the buffer written is
     the one read n steps ago, which the engine has read back (and MLX released) by then: no copy, for n
-    times the KV memory. True means 2, False or 1 one buffer; None: the module's ALTERNATE_BUFFERS (off,
-    BENCHMARKS.md).
+    times the KV memory. On an H200 neither two nor three buffers made the step faster (BENCHMARKS.md), so
+    it is off. True means 2, False or 1 one buffer; None: the module's ALTERNATE_BUFFERS.
     """
 
     def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None,
