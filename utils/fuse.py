@@ -40,8 +40,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
     path = run_checkpoint(folder)
-    if path is None:
-        raise CheckpointError(f"run folder {folder} has no complete checkpoint yet")
     if not is_adapter_folder(path):
         raise CheckpointError(f"{path} has no {ADAPTER_CONFIG_FILE}: not a LoRA checkpoint (a full-training "
                               "checkpoint is already a model folder: load it directly)")

@@ -56,10 +56,7 @@ def resolve_source(source: str | Path) -> Path:
     folder = Path(source).expanduser()
     if not folder.is_dir():
         raise NanochatCheckpointError(f"--to-nanochat {source}: no such folder")
-    path = run_checkpoint(folder)
-    if path is None:
-        raise NanochatCheckpointError(f"run folder {folder} has no complete checkpoint yet")
-    return path
+    return run_checkpoint(folder, NanochatCheckpointError)
 
 
 def load_for_export(path: Path):

@@ -346,11 +346,16 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def run_checkpoint(folder: str | Path) -> Path | None:
-    """A run folder (holding checkpoints/) -> its newest complete checkpoint, None if it has none yet; any other
-    folder -> itself."""
+def run_checkpoint(folder: str | Path, error: type[Exception] = CheckpointError) -> Path:
+    """A run folder (holding checkpoints/) -> its newest complete checkpoint (`error` when it has none yet); any
+    other folder -> itself."""
     folder = Path(folder)
-    return find_latest_checkpoint(folder) if (folder / CHECKPOINTS_DIRNAME).is_dir() else folder
+    if not (folder / CHECKPOINTS_DIRNAME).is_dir():
+        return folder
+    path = find_latest_checkpoint(folder)
+    if path is None:
+        raise error(f"run folder {folder} has no complete checkpoint yet")
+    return path
 
 
 def newest_checkpoint(root: str | Path) -> Path | None:
