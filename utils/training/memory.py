@@ -330,7 +330,7 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     # The update: float32 gradient sum, one micro-batch's gradient and activations, compute-dtype weights.
     grads = 4 * trainable + cd * trainable + (cd * trainable if cd != 4 else 0)
     if shared:
-        activations = shared_prompt_activations(dims, micro, cfg.num_generations, prompt_len, new, cd, cfg, costs)
+        activations = shared_prompt_activations(dims, micro, cfg.num_generations, prompt_len, new, cd, costs)
     else:
         activations = train_activations(dims, micro, width, cd, cfg, costs)
     phases["update"] = base + kept + grads + activations
@@ -370,7 +370,7 @@ def train_activations_per_layer(dims: ModelDims, batch: int, width: int, act_byt
 
 
 def shared_prompt_activations(dims: ModelDims, batch: int, group: int, prompt_len: int, new: int, act_bytes: int,
-                              cfg, costs: ActivationCosts = CPU_COSTS) -> int:
+                              costs: ActivationCosts = CPU_COSTS) -> int:
     """train_activations for the shared-prompt forward (training/shared_prompt.py) of whole groups: each prompt
     once, its keys and values broadcast to its group's rows, logits on the completions only. (grad_checkpoint
     takes the plain forward.)"""
