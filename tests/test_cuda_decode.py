@@ -14,15 +14,21 @@ on_cuda = pytest.mark.skipif(not cuda_kernels.runs_on_cuda_gpu(), reason="needs 
 
 
 def emulate(qkv, inv_freq, t, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, heads, kv_heads, head_dim,
-            window=None, scale=None):
+            window=None, scale=None, pre_rope_norm=None):
     """The kernel's arithmetic in float64 NumPy: (attention output, new keys, new values). window: the query at
-    position p reads the keys p-window..p (None: all); scale: the softmax scale (None: 1/sqrt(head_dim))."""
+    position p reads the keys p-window..p (None: all); scale: the softmax scale (None: 1/sqrt(head_dim));
+    pre_rope_norm: (q weight, k weight) of RMSNorms before RoPE (Qwen3's) instead of nanochat's after it."""
     rows, half, group = qkv.shape[0], head_dim // 2, heads // kv_heads
     x = qkv.reshape(rows, heads + 2 * kv_heads, head_dim).astype(np.float64)
+    eps = nanochat_decode.RMS_NORM_EPS
+    if pre_rope_norm is not None:
+        qk = x[:, :heads + kv_heads] / np.sqrt((x[:, :heads + kv_heads] ** 2).mean(-1, keepdims=True) + eps)
+        weights = np.concatenate([np.tile(pre_rope_norm[0], (heads, 1)), np.tile(pre_rope_norm[1], (kv_heads, 1))])
+        x = np.concatenate([qk * weights, x[:, heads + kv_heads:]], axis=1)
     angle = (prompt_len[row_prompt] + t)[:, None, None] * inv_freq[None, None, :].astype(np.float64)
     a, b = x[:, :heads + kv_heads, :half], x[:, :heads + kv_heads, half:]
     rotated = np.concatenate([a * np.cos(angle) - b * np.sin(angle), a * np.sin(angle) + b * np.cos(angle)], -1)
-    normed = rotated / np.sqrt((rotated ** 2).mean(-1, keepdims=True) + nanochat_decode.RMS_NORM_EPS)
+    normed = rotated if pre_rope_norm is not None else rotated / np.sqrt((rotated ** 2).mean(-1, keepdims=True) + eps)
     q, k_new, v_new = normed[:, :heads], normed[:, heads:], x[:, heads + kv_heads:]
     out = np.zeros((rows, heads, head_dim))
     scale = head_dim ** -0.5 if scale is None else scale
@@ -117,6 +123,58 @@ def test_kernel_matches_emulation_and_writes_its_column(dtype, window, scale):
     np.testing.assert_allclose(written[:, 0, :, c["t"]], k_new, atol=tol, rtol=tol)
     np.testing.assert_allclose(written[:, 1, :, c["t"]], v_new, atol=tol, rtol=tol)
     np.testing.assert_array_equal(written[:, :, :, :c["t"]], c["generated_kv"][:, :, :, :c["t"]])
+
+
+def test_emulation_of_the_norms_before_rope_matches_mlx():
+    """The pre_rope_norm formulas are mx.fast.rms_norm with the weights, then mx.fast.rope (mlx-lm's Qwen3)."""
+    c = random_case()
+    heads, kv_heads, hd = c["heads"], c["kv_heads"], c["head_dim"]
+    weights = [np.linspace(0.5, 1.5, hd, dtype=np.float32), np.linspace(1.5, 0.5, hd, dtype=np.float32)]
+    _, k_new, v_new = emulate(**c, pre_rope_norm=weights)
+    rows = c["qkv"].shape[0]
+    x = mx.array(c["qkv"]).reshape(rows, heads + 2 * kv_heads, 1, hd)
+    k = mx.fast.rms_norm(x[:, heads:heads + kv_heads], mx.array(weights[1]), nanochat_decode.RMS_NORM_EPS)
+    positions = mx.array(c["prompt_len"][c["row_prompt"]] + c["t"])
+    k = mx.fast.rope(k, hd, traditional=False, base=None, scale=1.0, offset=positions,
+                     freqs=mx.array(1.0 / c["inv_freq"]))
+    np.testing.assert_allclose(np.array(k[:, :, 0]), k_new, atol=2e-5)
+    np.testing.assert_allclose(np.array(x[:, heads + kv_heads:, 0]), v_new, atol=0)
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16"])
+def test_kernel_norms_before_rope_with_weights(dtype):
+    """Qwen3's layout: q and k RMSNormed with their weights before RoPE, no norm after it."""
+    c = random_case(np.float32)
+    rng = np.random.default_rng(1)
+    weights = [rng.uniform(0.5, 1.5, size=c["head_dim"]).astype(np.float32) for _ in range(2)]
+    arrays = {k: mx.array(v) for k, v in c.items() if isinstance(v, np.ndarray)}
+    mx_weights = [mx.array(w) for w in weights]
+    if dtype == "bfloat16":
+        for k in ("qkv", "prompt_k", "prompt_v", "generated_kv"):
+            arrays[k] = arrays[k].astype(mx.bfloat16)
+            c[k] = np.array(arrays[k].astype(mx.float32))
+        mx_weights = [w.astype(mx.bfloat16) for w in mx_weights]
+        weights = [np.array(w.astype(mx.float32)) for w in mx_weights]
+    out = cuda_decode.decode_attention(arrays["qkv"], arrays["inv_freq"], mx.array([c["t"]], dtype=mx.int32),
+                                       arrays["row_prompt"], arrays["prompt_len"], arrays["prompt_k"],
+                                       arrays["prompt_v"], arrays["generated_kv"],
+                                       mx.array([cuda_decode.NO_WINDOW]), c["heads"], c["kv_heads"], c["head_dim"],
+                                       nanochat_decode.RMS_NORM_EPS, c["head_dim"] ** -0.5, qk_norm=False,
+                                       pre_rope_norm=tuple(mx_weights))
+    mx.eval(out)
+    expected, k_new, _ = emulate(**c, pre_rope_norm=weights)
+    tol = 1e-4 if dtype == np.float32 else 3e-2
+    np.testing.assert_allclose(np.array(out.astype(mx.float32)), expected, atol=tol, rtol=tol)
+    written = np.array(arrays["generated_kv"].astype(mx.float32))
+    np.testing.assert_allclose(written[:, 0, :, c["t"]], k_new, atol=tol, rtol=tol)
+
+
+def test_the_kernel_takes_one_qk_norm():
+    c = random_case(np.float32)
+    with pytest.raises(ValueError, match="pre_rope_norm replaces"):
+        cuda_decode.decode_attention(mx.array(c["qkv"]), None, None, None, None, None, None, None, None, 4, 2, 32,
+                                     1e-5, 0.1, qk_norm=True, pre_rope_norm=(mx.ones(32), mx.ones(32)))
 
 
 @on_cuda

@@ -17,7 +17,9 @@ are touched only by this kernel (and by `filter`'s gather, a later graph on the 
 step t + 1's kernel depends on step t's through the sampled tokens.
 
 Elsewhere (Metal, CPU) utils/nanochat/decoder.py keeps MLX's fused attention. utils/generation/llama_decoder.py
-(Llama, Qwen) calls it with qk_norm=False: those models norm q and k (Qwen3) before RoPE, in their projection.
+(Llama, Qwen) calls it with qk_norm=False (RoPE only) or, for Qwen3, whose q and k norms have weights and come
+before RoPE, with those weights (pre_rope_norm): in the kernel they save the step two RMSNorm kernels and a
+concatenation per layer.
 """
 
 import hashlib
@@ -31,17 +33,38 @@ __device__ inline float ck_warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+// N consecutive elements as floats, in 16-byte loads where N elements fill whole ones (p then 16-byte aligned).
+template <typename T, int N> __device__ inline void ck_load(const T* p, float* out) {
+  if constexpr ((N * sizeof(T)) % 16 == 0) {
+    constexpr int PER = 16 / sizeof(T);
+#pragma unroll
+    for (int c = 0; c < N / PER; ++c) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[c];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < PER; ++k) out[c * PER + k] = ck_float(e[k]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = ck_float(p[k]);
+  }
+}
 """
 
 # One block per (head, row) with one thread per head dimension. Template constants: H, KV (heads),
-# HD (head dim), T (the cache dtype), QK_NORM (false: RoPE only, for models whose QK norm, if any, comes
-# before RoPE and is applied by the caller); the QK norm's epsilon and the softmax scale are written into the
-# source (templates take no floats). Buffer lengths are read from the shapes MLX passes, so one compiled
+# HD (head dim), T (the cache dtype), QK_NORM (0: RoPE only; 1: nanochat's RMSNorm without weight after RoPE;
+# 2: RMSNorm with the weights q_norm_w, k_norm_w before RoPE, as Qwen3); the QK norm's epsilon and the softmax
+# scale are written into the source (templates take no floats). Buffer lengths are read from the shapes MLX passes, so one compiled
 # kernel serves every prompt length and capacity (compiling is slow).
 _SOURCE = r"""
   constexpr int HALF = HD / 2;
   constexpr int NW = HD / 32;   // warps per block
-  constexpr int EPL = HD / 32;  // head dims per lane when a warp scores one key
+  // Keys are scored by groups of LPK lanes, each lane DPL (at most 16) of the head dims: a warp reads SPW keys
+  // at once, in 16-byte loads, and sums a score in log2(LPK) shuffles.
+  constexpr int LPK = HD <= 16 ? 1 : HD <= 32 ? 2 : HD <= 64 ? 4 : HD <= 128 ? 8 : HD <= 256 ? 16 : 32;
+  constexpr int DPL = HD / LPK;
+  constexpr int SPW = 32 / LPK;  // key slots per warp
+  constexpr int NS = NW * SPW;   // key slots per block
   constexpr int GROUP = H / KV;
   constexpr int WIDTH = (H + 2 * KV) * HD;
   constexpr float EPS_ = RMS_NORM_EPS;
@@ -55,16 +78,32 @@ _SOURCE = r"""
   const int w = window[0];  // keys at positions >= plen + t - w are read
   const int first = plen + t - w;  // may be negative: no prompt key falls outside
 
-  __shared__ float q_s[HD], k_s[HD], v_s[HD], red_q[NW], red_k[NW], m_s[NW], l_s[NW];
-  __shared__ float acc_s[NW][HD];
+  __shared__ float q_s[HD], k_s[HD], v_s[HD], red_q[NW], red_k[NW], m_s[NS], l_s[NS];
+  __shared__ float acc_s[NS][HD];
 
   // RoPE (rotate-half form, rounded to T as mx.fast.rope's output is), then the QK RMSNorm.
   const T* src = qkv + (size_t)row * WIDTH;
   const int i = d < HALF ? d : d - HALF;
   float sn, cs;
   sincosf((float)(plen + t) * inv_freq[i], &sn, &cs);
-  const float qa = ck_float(src[head * HD + i]), qb = ck_float(src[head * HD + i + HALF]);
-  const float ka = ck_float(src[(H + kvh) * HD + i]), kb = ck_float(src[(H + kvh) * HD + i + HALF]);
+  float qa, qb, ka, kb;
+  if (QK_NORM == 2) {
+    // mx.fast.rms_norm with a weight, before RoPE: w * T(x * rsqrt(mean(x^2) + eps)), in T.
+    const float xq = ck_float(src[head * HD + d]), xk = ck_float(src[(H + kvh) * HD + d]);
+    const float pq = ck_warp_sum(xq * xq), pk = ck_warp_sum(xk * xk);
+    if (lane == 0) { red_q[warp] = pq; red_k[warp] = pk; }
+    __syncthreads();
+    float tq = 0.f, tk = 0.f;
+    for (int w = 0; w < NW; ++w) { tq += red_q[w]; tk += red_k[w]; }
+    q_s[d] = ck_float(T(ck_float(q_norm_w[d]) * ck_float(T(xq * rsqrtf(tq / HD + EPS_)))));
+    k_s[d] = ck_float(T(ck_float(k_norm_w[d]) * ck_float(T(xk * rsqrtf(tk / HD + EPS_)))));
+    __syncthreads();
+    qa = q_s[i]; qb = q_s[i + HALF]; ka = k_s[i]; kb = k_s[i + HALF];
+    __syncthreads();  // red_*, q_s and k_s are written again below
+  } else {
+    qa = ck_float(src[head * HD + i]); qb = ck_float(src[head * HD + i + HALF]);
+    ka = ck_float(src[(H + kvh) * HD + i]); kb = ck_float(src[(H + kvh) * HD + i + HALF]);
+  }
   const float qr = ck_float(T(d < HALF ? qa * cs - qb * sn : qa * sn + qb * cs));
   const float kr = ck_float(T(d < HALF ? ka * cs - kb * sn : ka * sn + kb * cs));
   const float sq_w = ck_warp_sum(qr * qr), sk_w = ck_warp_sum(kr * kr);
@@ -72,8 +111,8 @@ _SOURCE = r"""
   __syncthreads();
   float sq = 0.f, sk = 0.f;
   for (int w = 0; w < NW; ++w) { sq += red_q[w]; sk += red_k[w]; }
-  const float qn = QK_NORM ? ck_float(T(qr * rsqrtf(sq / HD + EPS_))) : qr;
-  const float kn = QK_NORM ? ck_float(T(kr * rsqrtf(sk / HD + EPS_))) : kr;
+  const float qn = QK_NORM == 1 ? ck_float(T(qr * rsqrtf(sq / HD + EPS_))) : qr;
+  const float kn = QK_NORM == 1 ? ck_float(T(kr * rsqrtf(sk / HD + EPS_))) : kr;
   const float vn = ck_float(src[(H + KV + kvh) * HD + d]);
   q_s[d] = qn * (SCALE_ * 1.4426950408889634f);  // softmax scale and log2(e): exp2 below
   k_s[d] = kn;
@@ -89,54 +128,61 @@ _SOURCE = r"""
   }
   __syncthreads();
 
-  // Each warp scores every NW-th key with an online softmax; lanes hold EPL dims of q and of the output.
-  float qv[EPL], acc[EPL];
-  for (int e = 0; e < EPL; ++e) { qv[e] = q_s[lane * EPL + e]; acc[e] = 0.f; }
+  // Each key slot visits every NS-th key (the prompt's in the window, then the row's generated ones, then the
+  // new one) with an online softmax; its lanes hold DPL dims of q and of the slot's output.
+  const int slot = warp * SPW + lane / LPK, sub = lane % LPK;
+  float qv[DPL], acc[DPL], kv[DPL];
+  for (int e = 0; e < DPL; ++e) { qv[e] = q_s[sub * DPL + e]; acc[e] = 0.f; }
   float m = -__int_as_float(0x7f800000), l = 0.f;  // -inf
-  auto visit = [&](const T* key, const T* value) {
-    float s = 0.f;
-    for (int e = 0; e < EPL; ++e) s += qv[e] * ck_float(key[lane * EPL + e]);
-    s = ck_warp_sum(s);
-    const float m_new = fmaxf(m, s);
-    const float correction = exp2f(m - m_new), weight = exp2f(s - m_new);
-    l = l * correction + weight;
-    for (int e = 0; e < EPL; ++e) acc[e] = acc[e] * correction + weight * ck_float(value[lane * EPL + e]);
-    m = m_new;
-  };
   const T* pk = prompt_k + ((size_t)p * KV + kvh) * LMAX * HD;
   const T* pv = prompt_v + ((size_t)p * KV + kvh) * LMAX * HD;
-#pragma unroll 4
-  for (int j = max(first, 0) + warp; j < plen; j += NW) visit(pk + (size_t)j * HD, pv + (size_t)j * HD);
-#pragma unroll 4
-  for (int j = max(first - plen, 0) + warp; j < t; j += NW)
-    visit(generated_kv + k_base + (size_t)j * HD, generated_kv + v_base + (size_t)j * HD);
-  if (warp == NW - 1) {  // the new token attends to itself
+  const int p0 = max(first, 0), g0 = max(first - plen, 0);
+  const int n_prompt = max(plen - p0, 0), n_read = n_prompt + max(t - g0, 0);
+  for (int base = warp * SPW; base <= n_read; base += NS) {  // whole warps per pass: the shuffles need them
+    const int u = base + lane / LPK;
+    const bool active = u <= n_read;
+    const T* key = nullptr;
+    const T* value = nullptr;
+    if (u < n_prompt) {
+      key = pk + (size_t)(p0 + u) * HD;
+      value = pv + (size_t)(p0 + u) * HD;
+    } else if (u < n_read) {
+      key = generated_kv + k_base + (size_t)(g0 + u - n_prompt) * HD;
+      value = generated_kv + v_base + (size_t)(g0 + u - n_prompt) * HD;
+    }
+    if (key != nullptr) ck_load<T, DPL>(key + sub * DPL, kv);
+    else for (int e = 0; e < DPL; ++e) kv[e] = k_s[sub * DPL + e];  // the new key (or an idle slot)
     float s = 0.f;
-    for (int e = 0; e < EPL; ++e) s += qv[e] * k_s[lane * EPL + e];
-    s = ck_warp_sum(s);
-    const float m_new = fmaxf(m, s);
-    const float correction = exp2f(m - m_new), weight = exp2f(s - m_new);
-    l = l * correction + weight;
-    for (int e = 0; e < EPL; ++e) acc[e] = acc[e] * correction + weight * v_s[lane * EPL + e];
-    m = m_new;
+    for (int e = 0; e < DPL; ++e) s += qv[e] * kv[e];
+    for (int o = LPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (active) {
+      if (value != nullptr) ck_load<T, DPL>(value + sub * DPL, kv);
+      else for (int e = 0; e < DPL; ++e) kv[e] = v_s[sub * DPL + e];
+      const float m_new = fmaxf(m, s);
+      const float correction = exp2f(m - m_new), weight = exp2f(s - m_new);
+      l = l * correction + weight;
+      for (int e = 0; e < DPL; ++e) acc[e] = acc[e] * correction + weight * kv[e];
+      m = m_new;
+    }
   }
 
-  // Merge the warps' partial softmaxes.
-  if (lane == 0) { m_s[warp] = m; l_s[warp] = l; }
-  for (int e = 0; e < EPL; ++e) acc_s[warp][lane * EPL + e] = acc[e];
+  // Merge the slots' partial softmaxes (a slot that read no key has m = -inf and weighs 0).
+  if (sub == 0) { m_s[slot] = m; l_s[slot] = l; }
+  for (int e = 0; e < DPL; ++e) acc_s[slot][sub * DPL + e] = acc[e];
   __syncthreads();
   float m_all = m_s[0];
-  for (int w = 1; w < NW; ++w) m_all = fmaxf(m_all, m_s[w]);
+  for (int k = 1; k < NS; ++k) m_all = fmaxf(m_all, m_s[k]);
   float total = 0.f, o = 0.f;
-  for (int w = 0; w < NW; ++w) {
-    const float f = exp2f(m_s[w] - m_all);
-    total += l_s[w] * f;
-    o += acc_s[w][d] * f;
+  for (int k = 0; k < NS; ++k) {
+    const float f = exp2f(m_s[k] - m_all);
+    total += l_s[k] * f;
+    o += acc_s[k][d] * f;
   }
   out[(size_t)row * H * HD + head * HD + d] = T(o / total);
 """
 
-_INPUTS = ["qkv", "inv_freq", "step", "row_prompt", "prompt_len", "prompt_k", "prompt_v", "generated_kv", "window"]
+_INPUTS = ["qkv", "inv_freq", "step", "row_prompt", "prompt_len", "prompt_k", "prompt_v", "generated_kv", "window",
+           "q_norm_w", "k_norm_w"]
 NO_WINDOW = 1 << 30  # the window argument of a layer that reads every earlier key
 
 
@@ -147,7 +193,7 @@ def window_arg(window) -> int:
 
 def supports_shape(n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
     """The kernel's assumptions: whole warps per head, whole groups of query heads."""
-    return head_dim % 32 == 0 and 32 <= head_dim <= 1024 and n_heads % n_kv_heads == 0
+    return head_dim % 32 == 0 and 32 <= head_dim <= 512 and n_heads % n_kv_heads == 0
 
 
 def kernel_source(eps: float, scale: float) -> str:
@@ -163,8 +209,16 @@ def _kernel(eps: float, scale: float):
     return mx.fast.cuda_kernel(name=name, input_names=_INPUTS, output_names=["out"], source=source, header=_HEADER)
 
 
+@lru_cache(maxsize=None)
+def _unused_norm_weight(head_dim, dtype):
+    """The weight inputs of a kernel that norms without weights (made once: a new array per call is a kernel)."""
+    weight = mx.ones((head_dim,), dtype)
+    mx.eval(weight)
+    return weight
+
+
 def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, window,
-                     n_heads, n_kv_heads, head_dim, eps, scale, qk_norm=True):
+                     n_heads, n_kv_heads, head_dim, eps, scale, qk_norm=True, pre_rope_norm=None):
     """Attention output (rows, n_heads * head_dim) of one decode step; writes column step[0] of generated_kv.
 
     qkv: (rows, (n_heads + 2 n_kv_heads) head_dim), the step's q/k/v before RoPE and the QK norm.
@@ -174,12 +228,18 @@ def decode_attention(qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prom
     generated_kv: (rows, 2, n_kv_heads, capacity, head_dim): keys then values of the generated tokens.
     window: (1,) int32, window_arg(w): the query at position p reads the keys at p-w..p.
     A row's token at step t sits at RoPE position prompt_len + t. eps: the QK RMSNorm's epsilon (nanochat's,
-    after RoPE, no weight); qk_norm=False: RoPE only. scale: the softmax scale (1/sqrt(head_dim), times
-    nanochat 2026's QK scale squared).
+    after RoPE, no weight); qk_norm=False: RoPE only. pre_rope_norm: (q weight, k weight), each (head_dim,), for
+    RMSNorms with weights before RoPE (Qwen3's; with qk_norm=False). scale: the softmax scale (1/sqrt(head_dim),
+    times nanochat 2026's QK scale squared).
     """
     rows = qkv.shape[0]
-    template = [("T", qkv.dtype), ("H", n_heads), ("KV", n_kv_heads), ("HD", head_dim), ("QK_NORM", bool(qk_norm))]
+    if pre_rope_norm is not None and qk_norm:
+        raise ValueError("decode_attention: pre_rope_norm replaces the norm after RoPE; pass qk_norm=False with it")
+    mode = 2 if pre_rope_norm is not None else int(bool(qk_norm))
+    q_weight, k_weight = pre_rope_norm or (_unused_norm_weight(head_dim, qkv.dtype),) * 2
+    template = [("T", qkv.dtype), ("H", n_heads), ("KV", n_kv_heads), ("HD", head_dim), ("QK_NORM", mode)]
     return _kernel(float(eps), float(scale))(
-        inputs=[qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, window],
+        inputs=[qkv, inv_freq, step, row_prompt, prompt_len, prompt_k, prompt_v, generated_kv, window, q_weight,
+                k_weight],
         template=template, grid=(n_heads * head_dim, rows, 1), threadgroup=(head_dim, 1, 1),
         output_shapes=[(rows, n_heads * head_dim)], output_dtypes=[qkv.dtype])[0]

@@ -126,15 +126,21 @@ def _build_step_functions(shape, quantization, eps, biases, rope):
         out = matmul(x, arrays, quantization)
         return out + bias if bias is not None else out
 
-    # (rows, heads, head_dim), q and k normed as mlx-lm's Qwen3 does (before RoPE); alone for the CUDA kernel.
-    def qkv_projection(x, norm_weight, qkv_arrays, qkv_biases, q_norm_weight, k_norm_weight):
-        out = linear(mx.fast.rms_norm(x, norm_weight, eps), qkv_arrays, qkv_biases if qkv_bias else None)
-        out = out.reshape(x.shape[0], qk_heads + n_kv_heads, head_dim)
-        if qk_norm:
-            q = mx.fast.rms_norm(out[:, :n_heads], q_norm_weight, eps)
-            k = mx.fast.rms_norm(out[:, n_heads:qk_heads], k_norm_weight, eps)
-            out = mx.concatenate([q, k, out[:, qk_heads:]], axis=1)
-        return out
+    # (rows, heads, head_dim), q and k normed as mlx-lm's Qwen3 does (before RoPE). The CUDA kernel takes the
+    # projection without those norms (with_qk_norm=False) and applies them itself.
+    def make_qkv_projection(with_qk_norm):
+        def qkv_projection(x, norm_weight, qkv_arrays, qkv_biases, q_norm_weight, k_norm_weight):
+            out = linear(mx.fast.rms_norm(x, norm_weight, eps), qkv_arrays, qkv_biases if qkv_bias else None)
+            out = out.reshape(x.shape[0], qk_heads + n_kv_heads, head_dim)
+            if with_qk_norm:
+                q = mx.fast.rms_norm(out[:, :n_heads], q_norm_weight, eps)
+                k = mx.fast.rms_norm(out[:, n_heads:qk_heads], k_norm_weight, eps)
+                out = mx.concatenate([q, k, out[:, qk_heads:]], axis=1)
+            return out
+
+        return qkv_projection
+
+    qkv_projection = make_qkv_projection(qk_norm)
 
     # Heads as (rows, heads, 1, head_dim): with one token per row no transposes.
     def attention_inputs(x, norm_weight, qkv_arrays, qkv_biases, q_norm_weight, k_norm_weight, positions):
@@ -152,7 +158,7 @@ def _build_step_functions(shape, quantization, eps, biases, rope):
                               quantization)
         return out + down_biases if mlp_bias else out
 
-    return mx.compile(attention_inputs), mx.compile(block_output), mx.compile(qkv_projection)
+    return mx.compile(attention_inputs), mx.compile(block_output), mx.compile(make_qkv_projection(False))
 
 
 @lru_cache(maxsize=None)
@@ -205,7 +211,7 @@ class LlamaDecoder(NanochatDecoder):
         self.scale = attn.scale
         self.qk_norm = "q_norm" in attn
         self.embed = model.model.embed_tokens
-        eps = blocks[0].input_layernorm.eps
+        eps = self.eps = blocks[0].input_layernorm.eps  # every norm's (supports())
         shape = (self.n_heads, self.n_kv_heads, self.head_dim, mlp.gate_proj.weight.shape[0], self.qk_norm)
         biases = ("bias" in attn.q_proj, "bias" in attn.o_proj, "bias" in mlp.down_proj)
         quantization = linear_spec(attn.q_proj, allow_bias=True)[1]
@@ -237,7 +243,8 @@ class LlamaDecoder(NanochatDecoder):
                 qkv = qkv_projection(x, *layer.attention).reshape(x.shape[0], -1)
                 attention = cuda_decode.decode_attention(
                     qkv, self.inv_freq, step, self.row_prompt, self.prompt_lens, prompt_k, prompt_v, generated_kv,
-                    self.no_window, self.n_heads, self.n_kv_heads, self.head_dim, 0.0, self.scale, qk_norm=False)
+                    self.no_window, self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self.scale,
+                    qk_norm=False, pre_rope_norm=layer.attention[3:] if self.qk_norm else None)
                 x = block_output(x, attention, *layer.output)
         else:
             column = self.prefix_len + self.t
