@@ -23,7 +23,7 @@ from mlx_grpo.generation.engine import generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--prompts", type=int, default=16)
@@ -32,7 +32,7 @@ def main():
     p.add_argument("--equal-prompts", action="store_true", help="every prompt 100 tokens (else 80-120)")
     p.add_argument("--no-cuda-kernels", action="store_true", help="MLX's ops only (the path Metal runs)")
     p.add_argument("--top", type=int, default=12, help="kernels listed")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         import torch
         from torch.profiler import ProfilerActivity, profile

@@ -4,6 +4,7 @@ the decoder that uses it only where MLX's CUDA backend runs (the GPU machine).""
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import bench_main
 
 from mlx_grpo import cuda_kernels
 from mlx_grpo.cuda_kernels import decode as cuda_decode
@@ -209,3 +210,9 @@ def test_the_kernel_takes_the_decoders_epsilon_and_scale():
     assert "constexpr float EPS_ = 1e-05f;" in source and "RMS_NORM_EPS" not in source
     assert "constexpr float SCALE_ = 0.125f;" in source and "SOFTMAX_SCALE" not in source
     assert cuda_decode.kernel_source(1e-6, 0.125) != source != cuda_decode.kernel_source(1e-5, 0.1)
+
+
+@pytest.mark.skipif(cuda_kernels.runs_on_cuda_gpu(), reason="off CUDA only")
+def test_kernel_profile_says_in_one_line_what_it_needs():
+    with pytest.raises(SystemExit, match="kernel_profile.py: needs"):
+        bench_main("kernel_profile.py", ["--depth", "2"])
