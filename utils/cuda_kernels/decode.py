@@ -33,6 +33,17 @@ __device__ inline float ck_warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+// Two sums over the block's threads (one per head dim): each warp's, then the NW warps' through red_a and red_b.
+template <int NW> __device__ inline void ck_block_sums(float& a, float& b, float* red_a, float* red_b) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  a = ck_warp_sum(a);
+  b = ck_warp_sum(b);
+  if (lane == 0) { red_a[warp] = a; red_b[warp] = b; }
+  __syncthreads();
+  a = 0.f;
+  b = 0.f;
+  for (int w = 0; w < NW; ++w) { a += red_a[w]; b += red_b[w]; }
+}
 // N consecutive elements as floats, in 16-byte loads where N elements fill whole ones (p then 16-byte aligned).
 template <typename T, int N> __device__ inline void ck_load(const T* p, float* out) {
   if constexpr ((N * sizeof(T)) % 16 == 0) {
@@ -90,29 +101,26 @@ _SOURCE = r"""
   if (QK_NORM == 2) {
     // mx.fast.rms_norm with a weight, before RoPE: w * T(x * rsqrt(mean(x^2) + eps)), in T.
     const float xq = ck_float(src[head * HD + d]), xk = ck_float(src[(H + kvh) * HD + d]);
-    const float pq = ck_warp_sum(xq * xq), pk = ck_warp_sum(xk * xk);
-    if (lane == 0) { red_q[warp] = pq; red_k[warp] = pk; }
-    __syncthreads();
-    float tq = 0.f, tk = 0.f;
-    for (int w = 0; w < NW; ++w) { tq += red_q[w]; tk += red_k[w]; }
+    float tq = xq * xq, tk = xk * xk;
+    ck_block_sums<NW>(tq, tk, red_q, red_k);
     q_s[d] = ck_float(T(ck_float(q_norm_w[d]) * ck_float(T(xq * rsqrtf(tq / HD + EPS_)))));
     k_s[d] = ck_float(T(ck_float(k_norm_w[d]) * ck_float(T(xk * rsqrtf(tk / HD + EPS_)))));
     __syncthreads();
     qa = q_s[i]; qb = q_s[i + HALF]; ka = k_s[i]; kb = k_s[i + HALF];
-    __syncthreads();  // red_*, q_s and k_s are written again below
+    __syncthreads();  // q_s and k_s are written again below
   } else {
     qa = ck_float(src[head * HD + i]); qb = ck_float(src[head * HD + i + HALF]);
     ka = ck_float(src[(H + kvh) * HD + i]); kb = ck_float(src[(H + kvh) * HD + i + HALF]);
   }
   const float qr = ck_float(T(d < HALF ? qa * cs - qb * sn : qa * sn + qb * cs));
   const float kr = ck_float(T(d < HALF ? ka * cs - kb * sn : ka * sn + kb * cs));
-  const float sq_w = ck_warp_sum(qr * qr), sk_w = ck_warp_sum(kr * kr);
-  if (lane == 0) { red_q[warp] = sq_w; red_k[warp] = sk_w; }
-  __syncthreads();
-  float sq = 0.f, sk = 0.f;
-  for (int w = 0; w < NW; ++w) { sq += red_q[w]; sk += red_k[w]; }
-  const float qn = QK_NORM == 1 ? ck_float(T(qr * rsqrtf(sq / HD + EPS_))) : qr;
-  const float kn = QK_NORM == 1 ? ck_float(T(kr * rsqrtf(sk / HD + EPS_))) : kr;
+  float qn = qr, kn = kr;
+  if (QK_NORM == 1) {  // nanochat's RMSNorm without weight, after RoPE
+    float sq = qr * qr, sk = kr * kr;
+    ck_block_sums<NW>(sq, sk, red_q, red_k);
+    qn = ck_float(T(qr * rsqrtf(sq / HD + EPS_)));
+    kn = ck_float(T(kr * rsqrtf(sk / HD + EPS_)));
+  }
   const float vn = ck_float(src[(H + KV + kvh) * HD + d]);
   q_s[d] = qn * (SCALE_ * 1.4426950408889634f);  // softmax scale and log2(e): exp2 below
   k_s[d] = kn;

@@ -184,8 +184,8 @@ class _LayerArrays:
 
     def __init__(self, block):
         attn, mlp, qkv, gate_up = _block_parts(block)
-        self.attention = (block.input_layernorm.weight, linear_arrays(qkv), _bias(qkv),
-                          _weight(attn.get("q_norm")), _weight(attn.get("k_norm")))
+        self.qk_norm_weights = (_weight(attn.get("q_norm")), _weight(attn.get("k_norm")))  # Qwen3's
+        self.attention = (block.input_layernorm.weight, linear_arrays(qkv), _bias(qkv), *self.qk_norm_weights)
         self.output = (linear_arrays([attn.o_proj]), _bias([attn.o_proj]), block.post_attention_layernorm.weight,
                        linear_arrays(gate_up), _bias(gate_up), linear_arrays([mlp.down_proj]), _bias([mlp.down_proj]))
 
@@ -244,7 +244,7 @@ class LlamaDecoder(NanochatDecoder):
                 attention = cuda_decode.decode_attention(
                     qkv, self.inv_freq, step, self.row_prompt, self.prompt_lens, prompt_k, prompt_v, generated_kv,
                     self.no_window, self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self.scale,
-                    qk_norm=False, pre_rope_norm=layer.attention[3:] if self.qk_norm else None)
+                    qk_norm=False, pre_rope_norm=layer.qk_norm_weights if self.qk_norm else None)
                 x = block_output(x, attention, *layer.output)
         else:
             column = self.prefix_len + self.t
