@@ -44,20 +44,34 @@ template <int NW> __device__ inline void ck_block_sums(float& a, float& b, float
   b = 0.f;
   for (int w = 0; w < NW; ++w) { a += red_a[w]; b += red_b[w]; }
 }
-// N consecutive elements as floats, in 16-byte loads where N elements fill whole ones (p then 16-byte aligned).
-template <typename T, int N> __device__ inline void ck_load(const T* p, float* out) {
-  if constexpr ((N * sizeof(T)) % 16 == 0) {
+// N consecutive elements of T held as loaded, in 16-byte words where N elements fill whole ones (then 16-byte
+// aligned), so a load in flight costs registers for its bytes, not for N floats.
+template <typename T, int N> struct CkRaw {
+  static constexpr bool WORDS = (N * sizeof(T)) % 16 == 0;
+  uint4 w[WORDS ? N * sizeof(T) / 16 : 1];
+  T e[WORDS ? 1 : N];
+};
+template <typename T, int N> __device__ inline void ck_fetch(const T* p, CkRaw<T, N>& r) {
+  if constexpr (CkRaw<T, N>::WORDS) {
+#pragma unroll
+    for (int c = 0; c < N * (int)sizeof(T) / 16; ++c) r.w[c] = reinterpret_cast<const uint4*>(p)[c];
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) r.e[k] = p[k];
+  }
+}
+template <typename T, int N> __device__ inline void ck_unpack(const CkRaw<T, N>& r, float* out) {
+  if constexpr (CkRaw<T, N>::WORDS) {
     constexpr int PER = 16 / sizeof(T);
 #pragma unroll
     for (int c = 0; c < N / PER; ++c) {
-      const uint4 raw = reinterpret_cast<const uint4*>(p)[c];
-      const T* e = reinterpret_cast<const T*>(&raw);
+      const T* e = reinterpret_cast<const T*>(&r.w[c]);
 #pragma unroll
       for (int k = 0; k < PER; ++k) out[c * PER + k] = ck_float(e[k]);
     }
   } else {
 #pragma unroll
-    for (int k = 0; k < N; ++k) out[k] = ck_float(p[k]);
+    for (int k = 0; k < N; ++k) out[k] = ck_float(r.e[k]);
   }
 }
 """
@@ -137,7 +151,8 @@ _SOURCE = r"""
   __syncthreads();
 
   // Each key slot visits every NS-th key (the prompt's in the window, then the row's generated ones, then the
-  // new one) with an online softmax; its lanes hold DPL dims of q and of the slot's output.
+  // new one) with an online softmax; its lanes hold DPL dims of q and of the slot's output. The loop is bound by
+  // memory latency, so a slot loads its key and value together and the next pass's pair before scoring this one.
   const int slot = warp * SPW + lane / LPK, sub = lane % LPK;
   float qv[DPL], acc[DPL], kv[DPL];
   for (int e = 0; e < DPL; ++e) { qv[e] = q_s[sub * DPL + e]; acc[e] = 0.f; }
@@ -146,11 +161,9 @@ _SOURCE = r"""
   const T* pv = prompt_v + ((size_t)p * KV + kvh) * LMAX * HD;
   const int p0 = max(first, 0), g0 = max(first - plen, 0);
   const int n_prompt = max(plen - p0, 0), n_read = n_prompt + max(t - g0, 0);
-  for (int base = warp * SPW; base <= n_read; base += NS) {  // whole warps per pass: the shuffles need them
-    const int u = base + lane / LPK;
-    const bool active = u <= n_read;
-    const T* key = nullptr;
-    const T* value = nullptr;
+  // Key u's (key, value) rows, or nullptr for the new key (u == n_read) and past the end.
+  auto locate = [&](int u, const T*& key, const T*& value) {
+    key = value = nullptr;
     if (u < n_prompt) {
       key = pk + (size_t)(p0 + u) * HD;
       value = pv + (size_t)(p0 + u) * HD;
@@ -158,13 +171,24 @@ _SOURCE = r"""
       key = generated_kv + k_base + (size_t)(g0 + u - n_prompt) * HD;
       value = generated_kv + v_base + (size_t)(g0 + u - n_prompt) * HD;
     }
-    if (key != nullptr) ck_load<T, DPL>(key + sub * DPL, kv);
+  };
+  const T *key, *value;
+  CkRaw<T, DPL> key_raw, value_raw;
+  locate(slot, key, value);
+  if (key != nullptr) { ck_fetch<T, DPL>(key + sub * DPL, key_raw); ck_fetch<T, DPL>(value + sub * DPL, value_raw); }
+  for (int base = warp * SPW; base <= n_read; base += NS) {  // whole warps per pass: the shuffles need them
+    const int u = base + lane / LPK;
+    const bool active = u <= n_read, cached = key != nullptr;
+    const CkRaw<T, DPL> this_key = key_raw, this_value = value_raw;
+    locate(u + NS, key, value);
+    if (key != nullptr) { ck_fetch<T, DPL>(key + sub * DPL, key_raw); ck_fetch<T, DPL>(value + sub * DPL, value_raw); }
+    if (cached) ck_unpack<T, DPL>(this_key, kv);
     else for (int e = 0; e < DPL; ++e) kv[e] = k_s[sub * DPL + e];  // the new key (or an idle slot)
     float s = 0.f;
     for (int e = 0; e < DPL; ++e) s += qv[e] * kv[e];
     for (int o = LPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (active) {
-      if (value != nullptr) ck_load<T, DPL>(value + sub * DPL, kv);
+      if (cached) ck_unpack<T, DPL>(this_value, kv);
       else for (int e = 0; e < DPL; ++e) kv[e] = v_s[sub * DPL + e];
       const float m_new = fmaxf(m, s);
       const float correction = exp2f(m - m_new), weight = exp2f(s - m_new);
