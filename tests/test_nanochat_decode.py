@@ -57,6 +57,18 @@ def test_constants_are_mlx_lms():
     assert np.allclose(np.array(nanochat.softcap(logits)), np.array(cap * mx.tanh(logits / cap)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_norm_with_a_unit_weight_is_the_weightless_norm(dtype):
+    # The decoder passes ones to mx.fast.rms_norm for its CUDA fast path; the result must not change by a bit,
+    # also when the weight is first made inside mx.compile's trace.
+    x = (mx.random.normal((5, 96), key=mx.random.key(0)) * 3).astype(dtype)
+    weightless = mx.fast.rms_norm(x, None, 1e-5)
+    compiled = mx.compile(lambda y: nanochat_decode._norm(y, 1e-5))
+    for out in (compiled(x), nanochat_decode._norm(x, 1e-5)):  # compiled first: its trace makes the weight
+        assert out.dtype == dtype
+        assert mx.array_equal(out, weightless).item()
+
+
 @pytest.mark.parametrize("alternate_buffers", [False, True, 3])
 def test_fast_decode_logits_equal_mlx_lm(model, alternate_buffers):
     """One buffer per layer, two or three written in turn: the same logits, rows filtered mid-way included."""

@@ -19,6 +19,7 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_grpo import cuda_kernels
@@ -38,6 +39,18 @@ PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of t
 ALTERNATE_BUFFERS = False
 MODEL_TYPES = ("nanochat", "nanochat_2026")
 _EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
+
+
+@lru_cache(maxsize=None)
+def _unit_weight(width: int, dtype: mx.Dtype) -> mx.array:
+    """A weight of ones for nanochat's weightless RMSNorm: x * 1 is exact, and MLX's CUDA RMSNorm takes its
+    fast path only with a weight vector (bench/kernel_profile.py shows the weightless one among the largest kernels).
+    Built from numpy so it is a constant even when first made while mx.compile traces."""
+    return mx.array(np.ones(width, np.float32), dtype=dtype)
+
+
+def _norm(x: mx.array, eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, _unit_weight(x.shape[-1], x.dtype), eps)
 
 
 def _is_2026(model) -> bool:
@@ -106,7 +119,7 @@ def _step_functions(spec: _Spec) -> _StepFunctions:
         # Alone for utils/cuda_kernels/decode.py, which does RoPE and the QK norm itself.
         def project(x, x0, lambdas, qkv_arrays, *value_embedding):
             h = layer_input(x, x0, lambdas)
-            normed = mx.fast.rms_norm(h, None, eps)
+            normed = _norm(h, eps)
             qkv = _matmul(normed, qkv_arrays, quantization)
             if has_ve:  # the model's gate per kv head on the first channels of the attention input
                 ve, gate_weight = value_embedding
@@ -124,14 +137,14 @@ def _step_functions(spec: _Spec) -> _StepFunctions:
             qkv = qkv.reshape(x.shape[0], qk_heads + kv, 1, hd)
             qk = mx.fast.rope(qkv[:, :qk_heads], hd, traditional=False, base=None, scale=1.0,
                               offset=positions, freqs=rope_freqs)
-            qk = mx.fast.rms_norm(qk, None, eps)  # nanochat's QK norm, after RoPE
+            qk = _norm(qk, eps)  # nanochat's QK norm, after RoPE
             return h, qk[:, : spec.n_heads], qk[:, spec.n_heads:], qkv[:, qk_heads:]
 
         return attention_inputs
 
     def block_output(x, attention, proj_arrays, fc_arrays, fc_proj_arrays):
         h = _residual_matmul(x, attention.reshape(x.shape[0], -1), proj_arrays, quantization)
-        mlp = _matmul(mx.fast.rms_norm(h, None, eps), fc_arrays, quantization)
+        mlp = _matmul(_norm(h, eps), fc_arrays, quantization)
         return _residual_matmul(h, nn.relu2(mlp), fc_proj_arrays, quantization)
 
     def make_logits(has_backout):
@@ -139,7 +152,7 @@ def _step_functions(spec: _Spec) -> _StepFunctions:
             if has_backout:  # the residual after the middle layer, subtracted before the final norm
                 x_mid, backout_lambda = backout
                 x = x - backout_lambda.astype(x.dtype) * x_mid
-            out = _matmul(mx.fast.rms_norm(x, None, eps), head_arrays, quantization)
+            out = _matmul(_norm(x, eps), head_arrays, quantization)
             if spec.float32_logits:
                 out = out.astype(mx.float32)
             return spec.softcap * mx.tanh(out / spec.softcap)
@@ -274,7 +287,7 @@ class NanochatDecoder:
             self._cache_per_row(prompts, prefix_lens, group_size)
 
     def _embed(self, tokens):
-        return mx.fast.rms_norm(self.model.transformer.wte(tokens), None, self.eps)
+        return _norm(self.model.transformer.wte(tokens), self.eps)
 
     def _cache_dtype(self):
         """The dtype of the keys a decode step writes (dtype inference only: nothing is evaluated)."""
