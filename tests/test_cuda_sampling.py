@@ -11,6 +11,8 @@ from mlx_grpo.cuda_kernels import sampling as cuda_sampling
 from mlx_grpo.cuda_kernels.sampling import sample_top_k
 from mlx_grpo.generation.sampling import ordered_keys, top_k_mask
 
+from conftest import bench_main
+
 PHILOX_KEY_HI = np.uint32(cuda_sampling._PHILOX_KEY_HI)
 on_cuda = pytest.mark.skipif(not cuda_kernels.runs_on_cuda_gpu(),
                              reason="needs MLX's CUDA backend with the GPU as default device")
@@ -210,6 +212,18 @@ def test_available_says_whether_mlx_runs_on_its_cuda_backends_gpu(monkeypatch):
         mx.set_default_device(device)
 
 
+@pytest.mark.skipif(cuda_kernels.runs_on_cuda_gpu(), reason="off CUDA only")
+def test_sampling_blocks_bench_says_in_one_line_what_it_needs():
+    with pytest.raises(SystemExit, match="sampling_blocks.py: needs"):
+        bench_main("sampling_blocks.py", ["--rows", "4"])
+
+
+def test_launch_bounds_header_puts_the_bounds_on_the_kernel_that_follows():
+    header = cuda_kernels.launch_bounds_header(512, 2)
+    assert header.startswith("#undef __global__\n")  # MLX writes the kernel's signature with __global__
+    assert "#define __global__ __attribute__((global)) __launch_bounds__(512, 2)" in header
+
+
 @pytest.mark.parametrize("args,message", [
     ((mx.zeros((4,)), 1.0, 5), "rows, vocab"),
     ((mx.zeros((2, 4), dtype=mx.int32), 1.0, 5), "dtype"),
@@ -249,9 +263,18 @@ def test_kernel_matches_the_emulation(dtype, top_k):
 @on_cuda
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 def test_kernel_matches_the_emulation_with_many_rows(dtype):
-    logits = tied_logits(160, 65536, dtype, seed=11)  # many rows: the smaller thread blocks
+    logits = tied_logits(300, 65536, dtype, seed=11)  # many rows: the smaller thread blocks
     tokens = np.array(sample_top_k(logits, 1.0, 50, mx.array([4242], dtype=mx.uint32)))
     assert (tokens != emulated_sample(logits, 1.0, 50, 4242)).sum() <= 1
+
+
+@on_cuda
+@pytest.mark.parametrize("block", [256, 512, 1024])
+def test_kernel_gives_the_same_draws_at_every_block_size(block, monkeypatch):
+    monkeypatch.setattr(cuda_sampling, "_block_size", lambda rows: block)  # 1024 needs the launch bounds
+    logits = tied_logits(64, 1001, mx.bfloat16, seed=5)
+    tokens = np.array(sample_top_k(logits, 0.9, 20, mx.array([77], dtype=mx.uint32)))
+    np.testing.assert_array_equal(tokens, emulated_sample(logits, 0.9, 20, 77))
 
 
 @on_cuda

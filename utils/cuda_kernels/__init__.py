@@ -47,3 +47,11 @@ def runs_on_cuda_gpu() -> bool:
 def available() -> bool:
     """Whether callers should use the custom kernels: switched on, and on MLX's CUDA backend's GPU."""
     return enabled() and runs_on_cuda_gpu()
+
+
+def launch_bounds_header(threads: int, min_blocks: int = 1) -> str:
+    """Header lines that give the kernel mx.fast.cuda_kernel generates __launch_bounds__(threads, min_blocks): MLX
+    writes the kernel's signature itself, so the header redefines __global__ for the one kernel that follows it.
+    The compiler then keeps registers within what `min_blocks` blocks of `threads` per SM allow."""
+    return ('#undef __global__\n'
+            f'#define __global__ __attribute__((global)) __launch_bounds__({int(threads)}, {int(min_blocks)})\n')

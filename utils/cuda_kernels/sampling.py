@@ -272,14 +272,12 @@ _SOURCE = r"""
 
 _INPUT_NAMES = ["logits", "seed", "inv_temperature"]
 _OUTPUT_NAMES = ["token"]
-# The source's hash is in the name: MLX caches compiled kernels on disk by name and template values.
-_KERNEL_NAME = "topk_sample_" + hashlib.sha1((_HEADER + _SOURCE).encode()).hexdigest()[:8]
 
 
 def _block_size(rows: int) -> int:
-    # One block per row: with few rows, large blocks put more threads on each row; once the rows
-    # alone fill the GPU, smaller blocks let more rows run at once.
-    return 512 if rows < 128 else 256
+    # One block per row: up to the RL shape's 256 rows, 512 threads keep more of each row's loads in flight
+    # (BENCHMARKS.md compares 256, 512 and 1024 there); with more rows, smaller blocks let more rows run at once.
+    return 512 if rows <= 256 else 256
 
 
 def _template(dtype, vocab: int, top_k: int, block: int) -> list:
@@ -288,9 +286,13 @@ def _template(dtype, vocab: int, top_k: int, block: int) -> list:
 
 
 @lru_cache(maxsize=None)
-def _kernel():
-    return mx.fast.cuda_kernel(name=_KERNEL_NAME, input_names=_INPUT_NAMES, output_names=_OUTPUT_NAMES,
-                               source=_SOURCE, header=_HEADER)
+def _kernel(block: int):
+    # __launch_bounds__(block): without it the compiler may take more registers than a block of 1024 threads has.
+    header = cuda_kernels.launch_bounds_header(block) + _HEADER
+    # The source's hash is in the name: MLX caches compiled kernels on disk by name and template values.
+    name = "topk_sample_" + hashlib.sha1((header + _SOURCE).encode()).hexdigest()[:8]
+    return mx.fast.cuda_kernel(name=name, input_names=_INPUT_NAMES, output_names=_OUTPUT_NAMES, source=_SOURCE,
+                               header=header)
 
 
 @lru_cache(maxsize=64)
@@ -330,7 +332,7 @@ def sample_top_k(logits: mx.array, temperature: float, top_k: int, seed: mx.arra
     if rows == 0:
         return mx.zeros((0,), dtype=mx.int32)
     block = _block_size(rows)
-    return _kernel()(
+    return _kernel(block)(
         inputs=[logits, seed, _inverse_temperature(float(temperature))],
         template=_template(logits.dtype, vocab, int(top_k), block),
         grid=(rows * block, 1, 1),

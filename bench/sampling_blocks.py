@@ -1,0 +1,64 @@
+"""Device time per call of the top-k sampling kernel (utils/cuda_kernels/sampling.py) at each block size, read by
+torch's CUDA profiler. Needs MLX's CUDA backend and torch with CUDA.
+
+    python bench/sampling_blocks.py                 # 256 rows x 65,536 bf16 logits, top-k 50 (the RL shape)
+    python bench/sampling_blocks.py --rows 64
+"""
+
+import argparse
+import sys
+
+import mlx.core as mx
+
+from mlx_grpo import cuda_kernels
+from mlx_grpo.cuda_kernels import sampling
+
+
+def device_us(fn, calls, torch, profile, activity):
+    mx.eval(fn())  # compiles
+    with profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            mx.eval(fn())
+    times = [e.device_time_total for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA and "topk_sample" in e.name]
+    return sum(times) / max(len(times), 1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--calls", type=int, default=20)
+    args = p.parse_args(argv)
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        sys.exit("sampling_blocks.py: needs torch (its CUDA profiler reads the kernels); pip install torch")
+    if not (cuda_kernels.runs_on_cuda_gpu() and torch.cuda.is_available()):
+        sys.exit("sampling_blocks.py: needs MLX's CUDA backend and a CUDA build of torch on an NVIDIA GPU")
+    torch.zeros(1, device="cuda")  # start torch's CUDA context before profiling
+    seed = mx.array([7], dtype=mx.uint32)
+    shape = (args.rows, args.vocab)
+    logits = {"narrow N(0, 0.58)": mx.random.normal(shape) * 0.58,  # a random-weight d20's spread
+              "spread 15 tanh(3N / 15)": 15 * mx.tanh(mx.random.normal(shape) * 3 / 15)}
+    rule = sampling._block_size
+    print(f"{args.rows} rows x {args.vocab} bf16 logits, top-k {args.top_k}; the rule picks {rule(args.rows)}")
+    try:
+        for name, x in logits.items():
+            x = x.astype(mx.bfloat16)
+            mx.eval(x)
+            cells = []
+            for block in (256, 512, 1024):
+                sampling._block_size = lambda rows, b=block: b
+                us = device_us(lambda: sampling.sample_top_k(x, 1.0, args.top_k, seed), args.calls, torch, profile,
+                               ProfilerActivity.CUDA)
+                cells.append(f"{block}: {us:6.1f} us")
+            print(f"{name:>24}  " + "  ".join(cells))
+    finally:
+        sampling._block_size = rule
+
+
+if __name__ == "__main__":
+    main()
