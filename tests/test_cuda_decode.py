@@ -47,14 +47,15 @@ def emulate(qkv, inv_freq, t, row_prompt, prompt_len, prompt_k, prompt_v, genera
     return out.reshape(rows, -1), k_new, v_new
 
 
-def random_case(dtype=np.float32, heads=4, kv_heads=2, head_dim=32, prompts=3, group=2, t=5, seed=0):
+def random_case(dtype=np.float32, heads=4, kv_heads=2, head_dim=32, prompts=3, group=2, t=5, seed=0,
+                prompt_lens=(7, 0, 4), capacity=9):
     rng = np.random.default_rng(seed)
-    rows, lmax, capacity = prompts * group, 7, 9
+    rows, lmax = prompts * group, max(prompt_lens)
     case = dict(
         qkv=rng.normal(size=(rows, (heads + 2 * kv_heads) * head_dim)).astype(dtype),
         inv_freq=(1.0 / -np.exp(np.arange(head_dim // 2) * np.log(10000.0) / (head_dim // 2))).astype(np.float32),
         t=t, row_prompt=np.repeat(np.arange(prompts), group).astype(np.int32),
-        prompt_len=np.array([7, 0, 4][:prompts], dtype=np.int32),
+        prompt_len=np.array(prompt_lens[:prompts], dtype=np.int32),
         prompt_k=rng.normal(size=(prompts, kv_heads, lmax, head_dim)).astype(dtype),
         prompt_v=rng.normal(size=(prompts, kv_heads, lmax, head_dim)).astype(dtype),
         generated_kv=rng.normal(size=(rows, 2, kv_heads, capacity, head_dim)).astype(dtype),
@@ -104,7 +105,20 @@ def test_use_kernel_true_needs_cuda_and_the_switch_on(tiny_model_dir):
 @pytest.mark.parametrize("dtype, window, scale", [(np.float32, None, None), ("bfloat16", None, None),
                                                   (np.float32, 3, 0.3), (np.float32, 9, 0.3), ("bfloat16", 4, None)])
 def test_kernel_matches_emulation_and_writes_its_column(dtype, window, scale):
-    c = random_case(np.float32)
+    check_kernel_against_emulation(random_case(np.float32), dtype, window, scale)
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype, head_dim, window", [("bfloat16", 128, None), (np.float32, 128, None),
+                                                     ("bfloat16", 64, 70), (np.float32, 256, None)])
+def test_kernel_matches_emulation_over_many_passes_of_keys(dtype, head_dim, window):
+    """Contexts of hundreds of keys: many passes of the kernel's 16 key slots, with the next pass's loads in
+    flight, at the lane-group widths of several head dims."""
+    case = random_case(np.float32, head_dim=head_dim, t=170, prompt_lens=(150, 0, 97), capacity=200)
+    check_kernel_against_emulation(case, dtype, window, None)
+
+
+def check_kernel_against_emulation(c, dtype, window, scale):
     arrays = {k: mx.array(v) for k, v in c.items() if isinstance(v, np.ndarray)}
     if dtype == "bfloat16":
         for k in ("qkv", "prompt_k", "prompt_v", "generated_kv"):
@@ -216,3 +230,9 @@ def test_the_kernel_takes_the_decoders_epsilon_and_scale():
 def test_kernel_profile_says_in_one_line_what_it_needs():
     with pytest.raises(SystemExit, match="kernel_profile.py: needs"):
         bench_main("kernel_profile.py", ["--depth", "2"])
+
+
+@pytest.mark.skipif(cuda_kernels.runs_on_cuda_gpu(), reason="off CUDA only")
+def test_capacity_profile_says_in_one_line_what_it_needs():
+    with pytest.raises(SystemExit, match="capacity_profile.py: needs"):
+        bench_main("capacity_profile.py", ["--depth", "2"])

@@ -217,12 +217,13 @@ class NanochatDecoder:
     per-row layout is used then, which row_cache() reads to hand the cache back.
 
     `alternate_buffers` (per-row layout): MLX writes a slice in place only when no other array holds the
-    buffer, and with the host a step ahead the step in flight still reads it, so each step's write copies
-    the layer's whole cache (bench/decode_parts.py --part write). With n buffers per layer written in turn
+    buffer, and on the CPU, with the host a step ahead, the step in flight still reads it, so each step's write
+    copies the layer's whole cache (bench/decode_parts.py --part write). With n buffers per layer written in turn
     (each write adds the columns the buffer missed since its last turn, and its own), the buffer written is
     the one read n steps ago, which the engine has read back (and MLX released) by then: no copy, for n
-    times the KV memory. On an H200 neither two nor three buffers made the step faster (BENCHMARKS.md), so
-    it is off. True means 2, False or 1 one buffer; None: the module's ALTERNATE_BUFFERS.
+    times the KV memory. On CUDA the writes make no copy (bench/capacity_profile.py), and neither two nor three
+    buffers made an H200 step faster (BENCHMARKS.md), so it is off. True means 2, False or 1 one buffer; None:
+    the module's ALTERNATE_BUFFERS.
     """
 
     def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None,
