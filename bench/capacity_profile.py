@@ -10,17 +10,13 @@ sets how many megabytes of inputs MLX's CUDA backend puts in one graph before it
 """
 
 import argparse
-import collections
-import json
 import os
-import sys
-import tempfile
 import time
 
+import cuda_profiler
 import mlx.core as mx
 from model_families import build_model
 
-from mlx_grpo import cuda_kernels
 from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.nanochat.decoder import NanochatDecoder
 
@@ -38,19 +34,6 @@ def run_steps(decoder, sampler, tokens, steps):
     return tokens
 
 
-def gpu_time_by_kernel(trace_path):
-    """{kernel or copy name: (launches, microseconds)} from a chrome trace of torch's profiler."""
-    totals = collections.defaultdict(lambda: [0, 0.0])
-    with open(trace_path) as f:
-        events = json.load(f)["traceEvents"]
-    for event in events:
-        if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-            total = totals[event["name"]]
-            total[0] += 1
-            total[1] += event["dur"]
-    return totals
-
-
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--depth", type=int, default=20)
@@ -62,14 +45,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=24, help="decode steps timed, and then profiled")
     p.add_argument("--top", type=int, default=6, help="kernels listed")
     args = p.parse_args(argv)
-    try:
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-    except ImportError:
-        sys.exit("capacity_profile.py: needs torch (its CUDA profiler reads the kernels); pip install torch")
-    if not (cuda_kernels.runs_on_cuda_gpu() and torch.cuda.is_available()):
-        sys.exit("capacity_profile.py: needs MLX's CUDA backend and a CUDA build of torch on an NVIDIA GPU")
-    torch.zeros(1, device="cuda")  # start torch's CUDA context before profiling
+    torch, profile, ProfilerActivity = cuda_profiler.start("capacity_profile.py")
     model = build_model(args.depth, args.vocab)
     prompt_ids = [[1 + i] * (args.context - i % 3) for i in range(args.prompts)]
     sampler = make_rollout_sampler(0.0)
@@ -83,10 +59,7 @@ def main(argv=None):
         wall_ms = (time.perf_counter() - start) / args.steps * 1e3
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             run_steps(decoder, sampler, tokens, args.steps)
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "trace.json")
-            prof.export_chrome_trace(path)
-            totals = gpu_time_by_kernel(path)
+        totals = cuda_profiler.gpu_time_by_kernel(prof, torch)
         busy_ms = sum(us for _, us in totals.values()) / args.steps / 1e3
         print(f"capacity {capacity:>5}: {wall_ms:.2f} ms per decode step unprofiled, GPU busy {busy_ms:.2f} ms",
               flush=True)

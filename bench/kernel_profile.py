@@ -10,10 +10,9 @@ GPU is the limit, not launching), then the kernels taking the most time.
 """
 
 import argparse
-import collections
-import sys
 import time
 
+import cuda_profiler
 import mlx.core as mx
 import numpy as np
 from model_families import build_model
@@ -33,14 +32,7 @@ def main(argv=None):
     p.add_argument("--no-cuda-kernels", action="store_true", help="MLX's ops only (the path Metal runs)")
     p.add_argument("--top", type=int, default=12, help="kernels listed")
     args = p.parse_args(argv)
-    try:
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-    except ImportError:
-        sys.exit("kernel_profile.py: needs torch (its CUDA profiler reads the kernels); pip install torch")
-    if not (cuda_kernels.runs_on_cuda_gpu() and torch.cuda.is_available()):
-        sys.exit("kernel_profile.py: needs MLX's CUDA backend and a CUDA build of torch on an NVIDIA GPU")
-    torch.zeros(1, device="cuda")  # start torch's CUDA context before profiling
+    torch, profile, ProfilerActivity = cuda_profiler.start("kernel_profile.py")
     cuda_kernels.set_enabled(not args.no_cuda_kernels)
     model = build_model(args.depth)
     model.set_dtype(mx.bfloat16)
@@ -62,11 +54,7 @@ def main(argv=None):
         start = time.perf_counter()
         rollout()
         wall = time.perf_counter() - start
-    per_kernel = collections.defaultdict(lambda: [0, 0.0])  # name -> [launches, microseconds]
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[event.name][0] += 1
-            per_kernel[event.name][1] += event.device_time_total
+    per_kernel = cuda_profiler.gpu_time_by_kernel(prof, torch)
     launches = sum(n for n, _ in per_kernel.values())
     busy = sum(us for _, us in per_kernel.values())
     steps = args.new_tokens

@@ -6,11 +6,10 @@ torch's CUDA profiler. Needs MLX's CUDA backend and torch with CUDA.
 """
 
 import argparse
-import sys
 
+import cuda_profiler
 import mlx.core as mx
 
-from mlx_grpo import cuda_kernels
 from mlx_grpo.cuda_kernels import sampling
 
 
@@ -31,14 +30,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--calls", type=int, default=20)
     args = p.parse_args(argv)
-    try:
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-    except ImportError:
-        sys.exit("sampling_blocks.py: needs torch (its CUDA profiler reads the kernels); pip install torch")
-    if not (cuda_kernels.runs_on_cuda_gpu() and torch.cuda.is_available()):
-        sys.exit("sampling_blocks.py: needs MLX's CUDA backend and a CUDA build of torch on an NVIDIA GPU")
-    torch.zeros(1, device="cuda")  # start torch's CUDA context before profiling
+    torch, profile, ProfilerActivity = cuda_profiler.start("sampling_blocks.py")
     seed = mx.array([7], dtype=mx.uint32)
     shape = (args.rows, args.vocab)
     logits = {"narrow N(0, 0.58)": mx.random.normal(shape) * 0.58,  # a random-weight d20's spread
