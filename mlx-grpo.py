@@ -59,6 +59,7 @@ from mlx_grpo.training.backend import (
     generation_options,
     resolve_for_backend,
     resolve_headroom,
+    resolve_kv_buffers,
 )
 from mlx_grpo.training.checkpoint import CheckpointError, resume_point
 from mlx_grpo.training.distributed import (
@@ -201,7 +202,10 @@ def plan_run(cfg, world, stop_if_too_large=True, vlm=False):
     backend = current_backend()
     cfg, notes = resolve_for_backend(cfg, backend)
     config = None if vlm else read_model_config(cfg.model_name)
-    plan = plan_memory(model_dims(config, cfg), cfg, world.size) if config is not None else None
+    dims = model_dims(config, cfg) if config is not None else None
+    cfg, kv_notes = resolve_kv_buffers(cfg, lambda c: plan_memory(dims, c, world.size) if dims is not None else None)
+    notes += kv_notes
+    plan = plan_memory(dims, cfg, world.size) if dims is not None else None
     rollout_bytes = plan.phases["rollout"] - sum(plan.resident.values()) if plan else None
     cfg, more = resolve_headroom(cfg, backend, rollout_bytes)
     for line in notes + more:

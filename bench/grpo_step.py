@@ -35,7 +35,6 @@ import numpy as np
 
 import mlx_grpo.cuda_kernels as cuda_kernels
 from mlx_grpo.config import GRPOConfig, validate
-from mlx_grpo.nanochat import decoder as nanochat_decode
 from mlx_grpo.nanochat import eras
 from mlx_grpo.training.distributed import broadcast_trainable, init_world, quiet_unless_main, weights_digest
 from mlx_grpo.training.lora import add_adapters
@@ -81,9 +80,10 @@ def parse_args(argv=None):
                    help="the update runs each prompt once per completion (share_prompt_forward = false)")
     p.add_argument("--mlx-lm-decode", action="store_true", help="rollouts through mlx-lm's model call, not the fast decoder")
     p.add_argument("--no-cuda-kernels", action="store_true", help="all three custom CUDA kernels off (decode attention, sampling, log-probs)")
-    p.add_argument("--alternate-buffers", type=int, nargs="?", const=2, default=0, metavar="N",
-                   help="the portable decode path with N KV buffers per layer (default 2) written in turn (nanochat "
-                   "decoder's alternate_buffers: no copy per write, N x the KV memory)")
+    p.add_argument("--alternate-buffers", type=int, nargs="?", const=2, default=None, metavar="N",
+                   help="the portable decode path with N KV buffers per layer written in turn (the decoders' "
+                   "alternate_buffers, the trainer's rollout_kv_buffers; default: the decoders' 2; 1: one buffer, "
+                   "which a decode step copies whole while the step before still runs)")
     p.add_argument("--train-type", default="full", choices=["full", "lora", "dora"], help="adapters on a frozen base")
     p.add_argument("--base-quant-bits", type=int, default=0, help="QLoRA: quantize the frozen base (0 = no)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
@@ -109,7 +109,7 @@ def parse_args(argv=None):
 PATHS = {
     "fast decoder + CUDA kernels": {},
     "fast decoder, --no-cuda-kernels": {"no_cuda_kernels": True},
-    "fast decoder, --no-cuda-kernels --alternate-buffers": {"no_cuda_kernels": True, "alternate_buffers": 2},
+    "fast decoder, --no-cuda-kernels --alternate-buffers 1": {"no_cuda_kernels": True, "alternate_buffers": 1},
     "mlx-lm model call": {"mlx_lm_decode": True},
     "LoRA (fast decoder on the merged copy)": {"train_type": "lora"},
 }
@@ -162,7 +162,8 @@ def run(args, world):
     reward_rng = np.random.default_rng(1 + world.rank)
     if args.no_cuda_kernels:
         cuda_kernels.set_enabled(False)
-    nanochat_decode.ALTERNATE_BUFFERS = args.alternate_buffers
+    if args.alternate_buffers is not None:
+        cfg = validate(dataclasses.replace(cfg, rollout_kv_buffers=args.alternate_buffers))
     model = families.BUILDERS[args.family](args)
     if args.rollout_paths:
         return families.compare_rollout_paths(args, model, rng)

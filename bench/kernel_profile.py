@@ -4,6 +4,7 @@ records every kernel the process launches, MLX's included. Needs MLX's CUDA back
     python bench/kernel_profile.py --depth 20                     # the decode kernels
     python bench/kernel_profile.py --depth 20 --no-cuda-kernels   # the portable path (MLX's ops only)
     python bench/kernel_profile.py --depth 20 --no-cuda-kernels --equal-prompts   # no padding mask
+    python bench/kernel_profile.py --depth 20 --no-cuda-kernels --alternate-buffers 2   # no whole-cache copies
 
 It prints kernels and GPU-busy milliseconds per decode step against the wall time (busy close to wall: the
 GPU is the limit, not launching), then the kernels taking the most time.
@@ -20,6 +21,7 @@ from model_families import build_model
 from mlx_grpo import cuda_kernels
 from mlx_grpo.generation.engine import generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
+from mlx_grpo.nanochat import decoder as nanochat_decoder
 
 
 def main(argv=None):
@@ -30,10 +32,15 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--equal-prompts", action="store_true", help="every prompt 100 tokens (else 80-120)")
     p.add_argument("--no-cuda-kernels", action="store_true", help="MLX's ops only (the path Metal runs)")
+    p.add_argument("--alternate-buffers", type=int, default=None, metavar="N",
+                   help="the portable path's KV buffers per layer, written in turn (the decoder's alternate_buffers; "
+                   "default: the decoder's own choice)")
     p.add_argument("--top", type=int, default=12, help="kernels listed")
     args = p.parse_args(argv)
     torch, profile, ProfilerActivity = cuda_profiler.start("kernel_profile.py")
     cuda_kernels.set_enabled(not args.no_cuda_kernels)
+    if args.alternate_buffers is not None:
+        nanochat_decoder.ALTERNATE_BUFFERS = args.alternate_buffers
     model = build_model(args.depth)
     model.set_dtype(mx.bfloat16)
     rng = np.random.default_rng(0)

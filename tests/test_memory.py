@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from conftest import REPO, trainer_main
 
-from mlx_grpo.config import GRPOConfig, load_config, validate
+from mlx_grpo.config import ConfigError, GRPOConfig, load_config, validate
 from mlx_grpo.training import memory
-from mlx_grpo.training.backend import resolve_for_backend, resolve_headroom
+from mlx_grpo.training.backend import resolve_for_backend, resolve_headroom, resolve_kv_buffers
 from mlx_grpo.training.memory import (
     GB,
     MemoryPlanError,
@@ -152,6 +152,31 @@ def test_backend_auto_keys_per_backend():
     assert load_config(None, ["model_name=x", "pad_to_multiple_of=auto"]).pad_to_multiple_of is None
 
 
+def test_rollout_kv_buffers_auto_takes_two_where_the_plan_fits_them_else_one():
+    cfg = validate(GRPOConfig(model_name="x", batch_size=2, num_generations=16, max_prompt_length=100,
+                              max_new_tokens=256, max_completion_length=256, quantize_for_rollouts=False,
+                              compute_dtype="bfloat16", beta=0.0, eval_samples=0, micro_batch_size=2))
+    assert cfg.rollout_kv_buffers is None
+    dims = model_dims(D20, cfg)
+    one = plan_memory(dims, dataclasses.replace(cfg, rollout_kv_buffers=1), available=0, source="t", backend="cpu")
+    two = plan_memory(dims, dataclasses.replace(cfg, rollout_kv_buffers=2), available=0, source="t", backend="cpu")
+    assert two.peak_phase == "rollout" and two.peak > one.peak
+
+    def plan_for(available):
+        return lambda c: plan_memory(dims, c, available=available, source="t", backend="cpu")
+
+    roomy, notes = resolve_kv_buffers(cfg, plan_for(two.peak))
+    assert roomy.rollout_kv_buffers == 2 and notes[0].startswith("[auto] rollout_kv_buffers = 2 (")
+    tight, notes = resolve_kv_buffers(cfg, plan_for(two.peak - 1))
+    assert tight.rollout_kv_buffers == 1 and "more than this machine can use" in notes[0]
+    assert resolve_kv_buffers(cfg, lambda c: None)[0].rollout_kv_buffers == 2  # no plan
+    given = dataclasses.replace(cfg, rollout_kv_buffers=1)
+    assert resolve_kv_buffers(given, plan_for(two.peak)) == (given, [])
+    assert load_config(None, ["model_name=x", "rollout_kv_buffers=auto"]).rollout_kv_buffers is None
+    with pytest.raises(ConfigError, match="rollout_kv_buffers must be 1, 2, 3"):
+        load_config(None, ["model_name=x", "rollout_kv_buffers=0"])
+
+
 def _tiny_nanochat():
     from mlx_lm.models import nanochat
 
@@ -193,7 +218,8 @@ def test_grad_checkpoint_gives_the_same_gradients_with_less_memory_and_only_on_i
 
 def test_on_cuda_the_plan_keeps_each_prompts_keys_once_as_the_decode_kernel_does(monkeypatch):
     """With CUDA's decode kernel the rollout holds each prompt's keys once (prompts x prompt length) and every
-    row's generated ones (rows x new tokens), not every row's prompt and completion; elsewhere the per-row cache."""
+    row's generated ones (rows x new tokens), not every row's prompt and completion; elsewhere the per-row cache,
+    in each of its rollout_kv_buffers buffers (auto: the decoders' 2)."""
     from mlx_grpo import cuda_kernels
 
     cfg = validate(GRPOConfig(model_name="x", batch_size=2, num_generations=16, max_prompt_length=100,
@@ -208,9 +234,14 @@ def test_on_cuda_the_plan_keeps_each_prompts_keys_once_as_the_decode_kernel_does
     assert plan_memory(dims, cfg, available=0, source="test", backend="cpu").phases["rollout"] == per_row.phases["rollout"]
     prompts, rows = cfg.effective_prompts_per_step, cfg.effective_prompts_per_step * 16
     kv = lambda n, length: n * dims.layers * 2 * dims.kv_dim * length * 2  # bf16 keys and values
-    per_row_decode = kv(rows, 356) + kv(rows, 356) // dims.layers + kv(prompts, 100)  # the decode outweighs the prefill
+    per_row_decode = 2 * kv(rows, 356) + kv(rows, 356) // dims.layers + kv(prompts, 100)  # more than the prefill
     assert per_row.phases["rollout"] - once.phases["rollout"] == per_row_decode - (kv(prompts, 100) + kv(rows, 256))
     assert per_row.phases["update"] == once.phases["update"]
+    one_buffer = dataclasses.replace(cfg, rollout_kv_buffers=1)
+    assert plan_memory(dims, one_buffer, available=0, source="test", backend="cuda").phases == once.phases  # kernel: 1
+    monkeypatch.setattr(cuda_kernels, "enabled", lambda: False)
+    one = plan_memory(dims, one_buffer, available=0, source="test", backend="cuda")
+    assert per_row.phases["rollout"] - one.phases["rollout"] == kv(rows, 356)
 
 MAC_CLASSES = {16: 10.7, 24: 16.0, 36: 27.0, 64: 48.0, 128: 96.0}  # GB: RAM -> Metal's recommended working set
 
@@ -218,10 +249,10 @@ MAC_CLASSES = {16: 10.7, 24: 16.0, 36: 27.0, 64: 48.0, 128: 96.0}  # GB: RAM -> 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "mac").glob("*.toml")), ids=lambda p: p.stem)
 def test_mac_configs_fit_their_class_by_the_plan(path):
     depth, ram = path.stem.split("_")[1], int(path.stem.split("_")[2].rstrip("gb"))
-    cfg = load_config(path)
-    model_config = D20 if depth == "d20" else D32
-    plan = plan_memory(model_dims(model_config, cfg), resolve_for_backend(cfg, "metal")[0],
-                       available=int(MAC_CLASSES[ram] * GB), source="test")
+    cfg = resolve_for_backend(load_config(path), "metal")[0]
+    dims, available = model_dims(D20 if depth == "d20" else D32, cfg), int(MAC_CLASSES[ram] * GB)
+    cfg = resolve_kv_buffers(cfg, lambda c: plan_memory(dims, c, available=available, source="test"))[0]  # as the trainer
+    plan = plan_memory(dims, cfg, available=available, source="test")
     assert plan.fits, (path.name, plan.peak / GB)
     stated = float(path.read_text().split("memory plan: ")[1].split(" GB")[0])
     assert abs(stated - plan.peak / GB) < 0.05, (path.name, stated, plan.peak / GB)

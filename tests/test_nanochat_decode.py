@@ -122,3 +122,15 @@ def test_stepping_past_the_capacity_is_an_error(model):
     decoder.step(tokens)
     with pytest.raises(ValueError, match="larger max_new_tokens"):
         decoder.step(tokens)
+
+
+def test_portable_attention_bench_layouts_give_the_per_row_attention():
+    """bench/portable_attention.py's layouts (2 queries for cuDNN, keys per prompt, keys transposed) attend as the
+    per-row masked attention does, GQA included (bf16 rounding apart)."""
+    from conftest import bench_main
+
+    differences = bench_main("portable_attention.py", ["--rows", "8", "--prompts", "2", "--heads", "4",
+                                                       "--kv-heads", "2", "--head-dim", "32", "--layers", "1",
+                                                       "--capacity", "12", "--steps", "0,5", "--repeats", "1"])
+    assert len(differences) == 2 * 5
+    assert all(err < 2e-2 for err in differences.values()), differences

@@ -99,6 +99,7 @@ class GRPOConfig:
     pad_to_multiple_of: int | None = None  # micro-batch row width rounded up to this; auto: CUDA 64, else 1
     prefill_align: int | None = None  # nanochat prefill lengths rounded up to this; auto: CUDA 64, else 1
     rollout_headroom: float | None = None  # buffer cache trimmed to leave this fraction of MLX's memory limit free
+    rollout_kv_buffers: int | None = None  # KV buffers per layer, written in turn; auto: 2 where the plan fits, else 1
     grad_checkpoint: bool = False  # recompute each block's activations in the backward pass: less memory, more time
     memory_check: bool = True  # stop before loading when the memory plan does not fit this machine
     eval_batch_size: int = 64  # evaluation questions decoded (and prefilled) together
@@ -255,7 +256,7 @@ class GRPOConfig:
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(GRPOConfig)
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(GRPOConfig))
 # Optional fields where the string "auto" also means None.
-AUTO_MEANS_NONE = {"use_calculator", "pad_to_multiple_of", "prefill_align", "rollout_headroom"}
+AUTO_MEANS_NONE = {"use_calculator", "pad_to_multiple_of", "prefill_align", "rollout_headroom", "rollout_kv_buffers"}
 
 # Where a run lives: a resumed run takes them from its folder, so they are never compared.
 IDENTITY_KEYS = ("output_dir", "run_name")
@@ -544,6 +545,8 @@ def validate(cfg: GRPOConfig) -> GRPOConfig:
         need(value is None or value >= 1, f"{name} must be >= 1 or \"auto\", got {value!r}")
     need(cfg.rollout_headroom is None or 0.0 <= cfg.rollout_headroom < 1.0,
          f"rollout_headroom must be in [0, 1) or \"auto\", got {cfg.rollout_headroom!r}")
+    need(cfg.rollout_kv_buffers is None or 1 <= cfg.rollout_kv_buffers <= 3,
+         f"rollout_kv_buffers must be 1, 2, 3 or \"auto\", got {cfg.rollout_kv_buffers!r}")
     for name in ("max_train_samples", "save_steps", "eval_steps", "eval_samples", "seed", "top_k",
                  "prompts_per_step", "micro_batch_size", "eval_pass_k", "keep_last",
                  "completions_log_steps", "completions_log_count"):

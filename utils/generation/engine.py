@@ -184,19 +184,21 @@ class MlxLmDecoder:
         return [layer_cache.extract(row) for layer_cache in self.cache]
 
 
-def make_decoder(model, prompts, group_size, max_new_tokens, fast_decode=True, prefilled=None, prefill_align=None):
+def make_decoder(model, prompts, group_size, max_new_tokens, fast_decode=True, prefilled=None, prefill_align=None,
+                 kv_buffers=None):
     """A model's own decoder (a vision-language policy, utils/vlm/), a fast decoder where one applies (nanochat;
     llama, qwen2, qwen3; no adapters), else mlx-lm's model call. prefill_align: the fast decoders' prompt
-    batches are prefilled in lengths of a multiple of it (None: nanochat_decode.PREFILL_ALIGN)."""
+    batches are prefilled in lengths of a multiple of it (None: nanochat_decode.PREFILL_ALIGN); kv_buffers: their
+    per-row layout's KV buffers per layer (None: nanochat_decode.ALTERNATE_BUFFERS)."""
     if hasattr(model, "rollout_decoder"):  # first: a VLM must not reach the text-only fast decoders
         return model.rollout_decoder(prompts, group_size, prefilled)
     align = prefill_align or nanochat_decode.PREFILL_ALIGN
     if fast_decode and nanochat_decode.supports(model):
         return nanochat_decode.NanochatDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled,
-                                               prefill_align=align)
+                                               alternate_buffers=kv_buffers, prefill_align=align)
     if fast_decode and llama_decoder.supports(model):
         return llama_decoder.LlamaDecoder(model, prompts, group_size, max_new_tokens, prefilled=prefilled,
-                                          prefill_align=align)
+                                          alternate_buffers=kv_buffers, prefill_align=align)
     return MlxLmDecoder(model, prompts, group_size, prefilled)
 
 
@@ -242,6 +244,7 @@ def generate_completions(
     cache: Optional[ReusableCache] = None,
     prefill_align: Optional[int] = None,
     headroom: Optional[float] = None,
+    kv_buffers: Optional[int] = None,
 ):
     """Sample `group_size` completions for every prompt (token id lists), all in one batch.
 
@@ -256,7 +259,8 @@ def generate_completions(
     - cache: a ReusableCache for one prompt and group_size 1 (a chat): only the part of the prompt it does
       not hold is prefilled, and afterwards it holds the prompt and the completion. An exception while
       generating (Ctrl-C) resets it.
-    - prefill_align, headroom: the run's prefill_align and rollout_headroom (None: the CUDA-measured defaults).
+    - prefill_align, headroom, kv_buffers: the run's prefill_align, rollout_headroom and rollout_kv_buffers (None:
+      the defaults: CUDA's measured prefill_align and headroom, the decoders' two KV buffers).
     """
     start = time.perf_counter()
     if any(len(p) == 0 for p in prompts):
@@ -273,7 +277,8 @@ def generate_completions(
             held = cache.prepare(prompts[0])
             _prefill_prompt(model, prompts[0][held:-1], cache.cache)
             prefilled, prompt_tokens = [cache.cache], len(prompts[0]) - held
-        decoder = make_decoder(model, prompts, group_size, max_new_tokens, fast_decode, prefilled, prefill_align)
+        decoder = make_decoder(model, prompts, group_size, max_new_tokens, fast_decode, prefilled, prefill_align,
+                               kv_buffers)
         prefill_end = time.perf_counter()
         first_inputs = [prompts[c.prompt_index][-1] for c in completions]
         steps = _decode(decoder, first_inputs, rows, max_new_tokens, sampler, compact_fraction)

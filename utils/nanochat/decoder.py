@@ -35,8 +35,9 @@ from mlx_grpo.generation.fused_linear import residual_matmul as _residual_matmul
 RMS_NORM_EPS = 1e-5
 SOFTCAP = 15.0
 PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of this (the default; config prefill_align)
-# NanochatDecoder's alternate_buffers when not given (the engine's decoders): off (one buffer per layer).
-ALTERNATE_BUFFERS = False
+# KV buffers per layer of the per-row layout when a decoder is not told (the trainer's rollout_kv_buffers
+# "auto" takes this one where the memory plan fits it, else 1): two, so no decode step copies a whole cache.
+ALTERNATE_BUFFERS = 2
 MODEL_TYPES = ("nanochat", "nanochat_2026")
 _EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
 
@@ -217,13 +218,13 @@ class NanochatDecoder:
     per-row layout is used then, which row_cache() reads to hand the cache back.
 
     `alternate_buffers` (per-row layout): MLX writes a slice in place only when no other array holds the
-    buffer, and on the CPU, with the host a step ahead, the step in flight still reads it, so each step's write
-    copies the layer's whole cache (bench/decode_parts.py --part write). With n buffers per layer written in turn
-    (each write adds the columns the buffer missed since its last turn, and its own), the buffer written is
-    the one read n steps ago, which the engine has read back (and MLX released) by then: no copy, for n
-    times the KV memory. On CUDA the writes make no copy (bench/capacity_profile.py), and neither two nor three
-    buffers made an H200 step faster (BENCHMARKS.md), so it is off. True means 2, False or 1 one buffer; None:
-    the module's ALTERNATE_BUFFERS.
+    buffer. While the step before still runs (the device behind the host, as in a GPU-bound rollout) it does,
+    so the write copies the layer's whole cache first: on an H200 one such copy per layer per step took a
+    quarter of the portable d20 rollout's GPU time (bench/kernel_profile.py --no-cuda-kernels, BENCHMARKS.md).
+    Whether it happens depends on timing, not on the code. With n buffers per layer written in turn (each write
+    adds the columns the buffer missed since its last turn, and its own), the buffer written is the one read n
+    steps ago, which the engine has read back (and MLX released) by then: no copy, for n times the KV memory.
+    True means 2, False or 1 one buffer; None: the module's ALTERNATE_BUFFERS (2).
     """
 
     def __init__(self, model, prompts, group_size, max_new_tokens, use_kernel=None, prefilled=None,

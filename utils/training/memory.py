@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_grpo import cuda_kernels
+from mlx_grpo.nanochat.decoder import ALTERNATE_BUFFERS
 from mlx_grpo.training.backend import current_backend
 
 GB = 1e9
@@ -300,13 +301,15 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     prefill = forward(prompts, prefill_len, act, costs.prefill_logit_bytes) + kv_cache(prompts, prefill_len, act)
     decode_logits = rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT
     kernel_layout = dims.decode_kernel and backend == "cuda" and cuda_kernels.enabled()
+    buffers = 1 if kernel_layout else cfg.rollout_kv_buffers or ALTERNATE_BUFFERS  # the per-row layout's KV buffers
     if kernel_layout and (full or merged or cfg.quantize_for_rollouts):
         # CUDA's decode kernel: each prompt's keys once per group, each row's own for its generated tokens
         decode = kv_cache(prompts, prompt_len, act) + kv_cache(rows, new, act) + decode_logits
     else:
-        # Every row's cache at full length, one layer's more while the rows are copied out of the prompts' caches.
+        # Every row's cache at full length in each of its buffers, one layer's more while the rows are copied out
+        # of the prompts' caches.
         full_cache = kv_cache(rows, prompt_len + new, act)
-        decode = full_cache + full_cache // dims.layers + kv_cache(prompts, prompt_len, act) + decode_logits
+        decode = buffers * full_cache + full_cache // dims.layers + kv_cache(prompts, prompt_len, act) + decode_logits
     phases = {"rollout": base + copy + max(prefill + kv_cache(prompts, prompt_len, act), decode)}
     old_policy = cfg.quantize_for_rollouts or cfg.num_iterations > 1
     kept = packed + (logp if old_policy else 0)
@@ -343,7 +346,7 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     eval_prefill = (forward(eval_rows, prefill_len, eval_act, costs.prefill_logit_bytes)
                     + kv_cache(eval_rows, prefill_len, eval_act))
     eval_cache = kv_cache(eval_rows, prompt_len + cfg.eval_max_new_tokens, eval_act)
-    eval_decode = eval_cache + eval_cache // dims.layers + kv_cache(eval_rows, prompt_len, eval_act)
+    eval_decode = buffers * eval_cache + eval_cache // dims.layers + kv_cache(eval_rows, prompt_len, eval_act)
     phases["eval"] = base + eval_copy + max(eval_prefill + kv_cache(eval_rows, prompt_len, eval_act), eval_decode)
     return MemoryPlan(phases, resident, available, source, {"row": width, "micro_batch": micro})
 
