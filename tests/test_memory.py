@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO, trainer_main
 
-from mlx_grpo.config import ConfigError, GRPOConfig, load_config, validate
+from mlx_grpo.config import ConfigChange, ConfigError, GRPOConfig, load_config, validate
 from mlx_grpo.training import memory
 from mlx_grpo.training.backend import resolve_for_backend, resolve_headroom, resolve_kv_buffers
 from mlx_grpo.training.memory import (
@@ -173,6 +173,7 @@ def test_rollout_kv_buffers_auto_takes_two_where_the_plan_fits_them_else_one():
     given = dataclasses.replace(cfg, rollout_kv_buffers=1)
     assert resolve_kv_buffers(given, plan_for(two.peak)) == (given, [])
     assert load_config(None, ["model_name=x", "rollout_kv_buffers=auto"]).rollout_kv_buffers is None
+    assert ConfigChange("rollout_kv_buffers", 2, 1).safe  # a resume on another machine may choose otherwise
     with pytest.raises(ConfigError, match="rollout_kv_buffers must be 1, 2, 3"):
         load_config(None, ["model_name=x", "rollout_kv_buffers=0"])
 

@@ -263,7 +263,7 @@ IDENTITY_KEYS = ("output_dir", "run_name")
 # Keys a resumed run may change freely: what is evaluated, logged, saved and reported, not what is trained.
 SAFE_KEYS = ("eval_split", "eval_steps", "eval_samples", "eval_max_new_tokens", "eval_pass_k", "eval_temperature",
              "save_steps", "keep_last", "logging_steps", "log_jsonl", "completions_log_steps",
-             "completions_log_count", "report_to", "plot", "memory_check", "rollout_headroom",
+             "completions_log_count", "report_to", "plot", "memory_check", "rollout_headroom", "rollout_kv_buffers",
              "eval_batch_size")
 
 
