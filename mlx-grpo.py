@@ -202,10 +202,13 @@ def plan_run(cfg, world, stop_if_too_large=True, vlm=False):
     backend = current_backend()
     cfg, notes = resolve_for_backend(cfg, backend)
     config = None if vlm else read_model_config(cfg.model_name)
-    dims = model_dims(config, cfg) if config is not None else None
-    cfg, kv_notes = resolve_kv_buffers(cfg, lambda c: plan_memory(dims, c, world.size) if dims is not None else None)
+    plan_for = None
+    if config is not None:
+        dims = model_dims(config, cfg)
+        plan_for = lambda c: plan_memory(dims, c, world.size)  # noqa: E731
+    cfg, kv_notes = resolve_kv_buffers(cfg, plan_for)
     notes += kv_notes
-    plan = plan_memory(dims, cfg, world.size) if dims is not None else None
+    plan = plan_for(cfg) if plan_for is not None else None
     rollout_bytes = plan.phases["rollout"] - sum(plan.resident.values()) if plan else None
     cfg, more = resolve_headroom(cfg, backend, rollout_bytes)
     for line in notes + more:

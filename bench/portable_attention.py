@@ -13,16 +13,20 @@ portable decoder can keep, timed side by side at a few steps t. Random bf16 keys
   the rows' generated keys scored on their own, one softmax over both; "keys^T" keeps the generated keys
   transposed, so their scores are the same matrix-vector product as the values'.
 
-Times are ms per step of `--layers` layers (each its own cache), wall with the host waiting; with torch's CUDA
-profiler (MLX's CUDA backend and torch with CUDA) also GPU-busy time and kernels per layer. Each variant's largest
-difference from the per-row, masked output is printed (and returned by main, keyed by (t, variant)).
+Times are ms per step of `--layers` layers (each its own cache), wall with the host waiting; on MLX's CUDA backend
+also GPU-busy time and kernels per layer from torch's CUDA profiler (so there it needs torch with CUDA). Each
+variant's largest difference from the per-row, masked output is printed (and returned by main, keyed by
+(t, variant)).
 """
 
 import argparse
 import time
 
+import cuda_profiler
 import mlx.core as mx
 import numpy as np
+
+from mlx_grpo import cuda_kernels
 
 
 def per_row_attention(q, k, v, keys, values, column, mask, scale):
@@ -75,14 +79,7 @@ def main(argv=None):
     p.add_argument("--steps", default="32,128,224", help="decode steps t to time at")
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args(argv)
-    profiler = None
-    try:
-        import cuda_profiler
-        from mlx_grpo import cuda_kernels
-        if cuda_kernels.runs_on_cuda_gpu():
-            profiler = cuda_profiler.start("portable_attention.py")
-    except SystemExit as e:
-        print(f"no GPU-busy times: {e}")
+    profiler = cuda_profiler.start("portable_attention.py") if cuda_kernels.runs_on_cuda_gpu() else None
 
     rng = np.random.default_rng(0)
     R, P, H, KV, D = args.rows, args.prompts, args.heads, args.kv_heads, args.head_dim
