@@ -84,9 +84,11 @@ template <typename T, int N> __device__ inline void ck_unpack(const CkRaw<T, N>&
 _SOURCE = r"""
   constexpr int HALF = HD / 2;
   constexpr int NW = HD / 32;   // warps per block
-  // Keys are scored by groups of LPK lanes, each lane DPL (at most 16) of the head dims: a warp reads SPW keys
-  // at once, in 16-byte loads, and sums a score in log2(LPK) shuffles.
-  constexpr int LPK = HD <= 16 ? 1 : HD <= 32 ? 2 : HD <= 64 ? 4 : HD <= 128 ? 8 : HD <= 256 ? 16 : 32;
+  // Keys are scored by groups of LPK lanes, each lane DPL of the head dims: a warp reads SPW keys at once, in
+  // 16-byte loads, and sums a score in log2(LPK) shuffles. At head dims 64 and 128 a lane holds 8 dims (one
+  // 16-byte word): at 128, 56 registers against 96 with 16 dims, so more blocks share an SM and hide each other's
+  // load latency, which bounds this kernel more than its bytes do.
+  constexpr int LPK = HD <= 16 ? 1 : HD <= 32 ? 2 : HD < 128 ? 8 : HD <= 256 ? 16 : 32;
   constexpr int DPL = HD / LPK;
   constexpr int SPW = 32 / LPK;  // key slots per warp
   constexpr int NS = NW * SPW;   // key slots per block
