@@ -6,6 +6,8 @@ portable decoder can keep, timed side by side at a few steps t. Random bf16 keys
 - per row: each prompt's keys copied to its group's rows, left-padded to the longest prompt, and MLX's fused
   attention over the row's cache with a mask over the padding (the per-row layout of utils/nanochat/decoder.py);
   "no mask" is the same with equal prompts, the fastest MLX has for one query;
+- by runs: the per-row layout with one fused call per run of rows of equal padding (a prompt's group), each over
+  its rows' own columns, so no mask and MLX's one-query fused kernel on CUDA too;
 - 2 queries: the per-row layout with the row's query twice, so MLX's CUDA backend takes cuDNN's fused attention,
   which accepts an array mask (its one-query kernel does not), over columns rounded up to 64 or the whole buffer
   (cuDNN plans each new shape anew);
@@ -34,6 +36,25 @@ def per_row_attention(q, k, v, keys, values, column, mask, scale):
     values[..., column:column + 1, :] = v
     return mx.fast.scaled_dot_product_attention(q, keys[..., :column + 1, :], values[..., :column + 1, :],
                                                 scale=scale, mask=mask)
+
+
+def padding_runs(left_padding):
+    """(first row, end row, left padding) of each run of consecutive rows with the same left padding."""
+    runs = []
+    for row, pad in enumerate(int(p) for p in left_padding):
+        if runs and runs[-1][2] == pad:
+            runs[-1][1] = row + 1
+        else:
+            runs.append([row, row + 1, pad])
+    return [tuple(run) for run in runs]
+
+
+def attend_by_runs(q, keys, values, column, runs, scale):
+    """One fused attention per run of rows, over the run's columns [padding, column]: no mask. The calls read
+    disjoint slices, so MLX's CUDA graph may run them side by side."""
+    out = [mx.fast.scaled_dot_product_attention(q[a:b], keys[a:b, :, pad:column + 1], values[a:b, :, pad:column + 1],
+                                                scale=scale) for a, b, pad in runs]
+    return out[0] if len(out) == 1 else mx.concatenate(out, axis=0)
 
 
 def per_prompt_attention(q, k, v, prompt_k, prompt_v, prompt_bias, gen_k, gen_v, t, scale, keys_transposed=False):
@@ -116,6 +137,18 @@ def main(argv=None):
         mask = (mx.arange(column + 1) >= left_padding[:, None])[:, None, None, :] if masked else None
         return [per_row_attention(q[i], *kv[i], row_k[i], row_v[i], column, mask, scale) for i in range(args.layers)]
 
+    runs = padding_runs(width - row_lens)
+
+    def per_row_by_runs(t):
+        column = width + t
+        out = []
+        for i in range(args.layers):
+            k, v = kv[i]
+            row_k[i][..., column:column + 1, :] = k
+            row_v[i][..., column:column + 1, :] = v
+            out.append(attend_by_runs(q[i], row_k[i], row_v[i], column, runs, scale))
+        return out
+
     def per_prompt(t):
         return [per_prompt_attention(q[i], *kv[i], prompt_k[i], prompt_v[i], prompt_bias, gen_k[i], gen_v[i], t,
                                      scale) for i in range(args.layers)]
@@ -141,7 +174,7 @@ def main(argv=None):
                                                             scale=scale, mask=mask)[:, :, :1])
         return out
 
-    variants = {"per row, mask": per_row, "2 queries, /64": lambda t: per_row_pair(t, 64),
+    variants = {"per row, mask": per_row, "per row, by runs": per_row_by_runs, "2 queries, /64": lambda t: per_row_pair(t, 64),
                 "2 queries, whole": lambda t: per_row_pair(t, 1 << 20), "per row, no mask": lambda t: per_row(t, masked=False),
                 "per prompt": per_prompt, "per prompt, keys^T": per_prompt_transposed}
     differences = {}
