@@ -149,10 +149,12 @@ def test_other_models_keep_mlx_lms_path():
 def test_kernel_rope_frequencies_are_the_rope_modules(scaling):
     """The CUDA kernel's RoPE is mx.fast.rope with these freqs: on the CPU, check them against mlx-lm's module."""
     rope = initialize_rope(32, 500000.0, False, scaling, 128)
-    freqs = llama_decoder._kernel_rope_freqs(rope, 32)
     x = mx.random.normal((3, 2, 1, 32))
     positions = mx.array([0, 17, 300])
-    with mx.stream(mx.cpu):  # the frequencies are the question; CUDA's RoPE from a base rounds differently
+    # All on the CPU, the frequencies too: the formula is the question, and CUDA's pow and RoPE from a base round
+    # differently (at position 300 by more than the tolerance).
+    with mx.stream(mx.cpu):
+        freqs = llama_decoder._kernel_rope_freqs(rope, 32)
         ours = mx.fast.rope(x, 32, traditional=False, base=None, scale=1.0, offset=positions, freqs=freqs)
         np.testing.assert_allclose(np.array(ours), np.array(rope(x, offset=positions)), atol=1e-5)
     assert llama_decoder._kernel_rope_freqs(initialize_rope(32, 1e4, True, None, 128), 32) is None
