@@ -174,9 +174,10 @@ def main(argv=None):
                                                             scale=scale, mask=mask)[:, :, :1])
         return out
 
-    variants = {"per row, mask": per_row, "per row, by runs": per_row_by_runs, "2 queries, /64": lambda t: per_row_pair(t, 64),
-                "2 queries, whole": lambda t: per_row_pair(t, 1 << 20), "per row, no mask": lambda t: per_row(t, masked=False),
-                "per prompt": per_prompt, "per prompt, keys^T": per_prompt_transposed}
+    variants = {"per row, mask": per_row, "per row, by runs": per_row_by_runs,
+                "2 queries, /64": lambda t: per_row_pair(t, 64), "2 queries, whole": lambda t: per_row_pair(t, 1 << 20),
+                "per row, no mask": lambda t: per_row(t, masked=False), "per prompt": per_prompt,
+                "per prompt, keys^T": per_prompt_transposed}
     differences = {}
     print(f"{R} rows, {P} prompts of {lens.min()}-{lens.max()} tokens, heads {H}/{KV} x {D}, {args.layers} layers")
     for t in [int(s) for s in args.steps.split(",")]:
