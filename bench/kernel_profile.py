@@ -4,7 +4,7 @@ records every kernel the process launches, MLX's included. Needs MLX's CUDA back
     python bench/kernel_profile.py --depth 20                     # the decode kernels
     python bench/kernel_profile.py --depth 20 --no-cuda-kernels   # the portable path (MLX's ops only)
     python bench/kernel_profile.py --depth 20 --no-cuda-kernels --equal-prompts   # no padding mask
-    python bench/kernel_profile.py --depth 20 --no-cuda-kernels --alternate-buffers 2   # no whole-cache copies
+    python bench/kernel_profile.py --depth 20 --no-cuda-kernels --alternate-buffers 1   # one buffer: whole-cache copies
 
 It prints kernels and GPU-busy milliseconds per decode step against the wall time (busy close to wall: the
 GPU is the limit, not launching), then the kernels taking the most time.
@@ -21,7 +21,6 @@ from model_families import build_model
 from mlx_grpo import cuda_kernels
 from mlx_grpo.generation.engine import generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
-from mlx_grpo.nanochat import decoder as nanochat_decoder
 
 
 def main(argv=None):
@@ -39,8 +38,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch, profile, ProfilerActivity = cuda_profiler.start("kernel_profile.py")
     cuda_kernels.set_enabled(not args.no_cuda_kernels)
-    if args.alternate_buffers is not None:
-        nanochat_decoder.ALTERNATE_BUFFERS = args.alternate_buffers
     model = build_model(args.depth)
     model.set_dtype(mx.bfloat16)
     rng = np.random.default_rng(0)
@@ -50,7 +47,7 @@ def main(argv=None):
 
     def rollout():
         return generate_completions(model, prompts, group_size=args.group, max_new_tokens=args.new_tokens,
-                                    sampler=sampler, stop_token_ids=set())[1]
+                                    sampler=sampler, stop_token_ids=set(), kv_buffers=args.alternate_buffers)[1]
 
     rollout()  # compiles
     stats = rollout()
