@@ -152,26 +152,6 @@ def test_backend_auto_keys_per_backend():
     assert load_config(None, ["model_name=x", "pad_to_multiple_of=auto"]).pad_to_multiple_of is None
 
 
-def test_kv_buffers_count_only_where_a_fast_decoder_keeps_them():
-    """mlx-lm's model call (no fast decoder for the model, or adapters left unmerged) keeps one cache."""
-    cfg = validate(GRPOConfig(model_name="x", batch_size=2, num_generations=16, max_prompt_length=100,
-                              max_new_tokens=256, max_completion_length=256, quantize_for_rollouts=False,
-                              compute_dtype="bfloat16", beta=0.0, eval_samples=0, micro_batch_size=2))
-    dims = model_dims(D20, cfg)
-    assert dims.fast_decoder
-
-    def rollout(dims, cfg, buffers):
-        plan = plan_memory(dims, dataclasses.replace(cfg, rollout_kv_buffers=buffers), available=0, source="t",
-                           backend="cpu")
-        return plan.phases["rollout"]
-
-    assert rollout(dims, cfg, 2) > rollout(dims, cfg, 1)
-    other = dataclasses.replace(dims, fast_decoder=False, decode_kernel=False)
-    assert rollout(other, cfg, 2) == rollout(other, cfg, 1) == rollout(dims, cfg, 1)
-    lora = validate(dataclasses.replace(cfg, train_type="lora", merge_adapters_for_decoding=False))
-    assert rollout(dims, lora, 2) == rollout(dims, lora, 1)
-
-
 def test_rollout_kv_buffers_auto_takes_two_where_the_plan_fits_them_else_one():
     cfg = validate(GRPOConfig(model_name="x", batch_size=2, num_generations=16, max_prompt_length=100,
                               max_new_tokens=256, max_completion_length=256, quantize_for_rollouts=False,

@@ -27,7 +27,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_grpo import cuda_kernels
-from mlx_grpo.cuda_kernels.decode import supports_shape
 from mlx_grpo.nanochat.decoder import ALTERNATE_BUFFERS
 from mlx_grpo.training.backend import current_backend
 
@@ -86,7 +85,6 @@ class ModelDims:
     vocab: int  # logits per position
     quantizable: tuple = ()  # (size, input width) of each weight mlx-lm's quantizer can take
     adapters: int = 0  # trainable adapter parameters (train_type lora/dora)
-    fast_decoder: bool = False  # a fast decoder runs it (utils/nanochat/decoder.py, utils/generation/llama_decoder.py)
     decode_kernel: bool = False  # a fast decoder runs it and its heads take the CUDA decode kernel
 
 
@@ -112,20 +110,21 @@ def model_dims(config: dict, cfg=None) -> ModelDims:
     head_dim = _config_value(config, "head_dim", default=hidden // heads)
     adapters = adapter_params(model, cfg) if cfg is not None and cfg.train_type != "full" else 0
     kv_heads = _config_value(config, "num_key_value_heads", "n_kv_head", default=heads)
-    fast = _has_fast_decoder(model)
     return ModelDims(
         params=params, layers=_config_value(config, "num_hidden_layers", "n_layer"), hidden=hidden, heads=heads,
         kv_dim=_config_value(config, "num_key_value_heads", "n_kv_head", default=heads) * head_dim,
         intermediate=_config_value(config, "intermediate_size", default=4 * hidden),
         vocab=_config_value(config, "padded_vocab_size", "vocab_size"), quantizable=quantizable, adapters=adapters,
-        fast_decoder=fast, decode_kernel=fast and supports_shape(heads, kv_heads, head_dim))
+        decode_kernel=_takes_decode_kernel(model, heads, kv_heads, head_dim))
 
 
-def _has_fast_decoder(model) -> bool:
+def _takes_decode_kernel(model, heads: int, kv_heads: int, head_dim: int) -> bool:
+    from mlx_grpo.cuda_kernels.decode import supports_shape
     from mlx_grpo.generation import llama_decoder
     from mlx_grpo.nanochat import decoder as nanochat_decode
 
-    return nanochat_decode.supports(model) or llama_decoder.supports(model)
+    return (nanochat_decode.supports(model) or llama_decoder.supports(model)) and supports_shape(heads, kv_heads,
+                                                                                                 head_dim)
 
 
 def adapter_params(model, cfg) -> int:
@@ -301,12 +300,9 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     prefill_len = _round_up(prompt_len, align)
     prefill = forward(prompts, prefill_len, act, costs.prefill_logit_bytes) + kv_cache(prompts, prefill_len, act)
     decode_logits = rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT
-    fast = full or merged or cfg.quantize_for_rollouts  # adapters left unmerged decode through mlx-lm's model call
-    kernel_layout = fast and dims.decode_kernel and backend == "cuda" and cuda_kernels.enabled()
-    # The fast decoders' per-row layout keeps its KV buffers in turn; CUDA's kernel and mlx-lm's cache keep one.
-    per_row_layout = fast and dims.fast_decoder and not kernel_layout
-    buffers = (cfg.rollout_kv_buffers or ALTERNATE_BUFFERS) if per_row_layout else 1
-    if kernel_layout:
+    kernel_layout = dims.decode_kernel and backend == "cuda" and cuda_kernels.enabled()
+    buffers = 1 if kernel_layout else cfg.rollout_kv_buffers or ALTERNATE_BUFFERS  # the per-row layout's KV buffers
+    if kernel_layout and (full or merged or cfg.quantize_for_rollouts):
         # CUDA's decode kernel: each prompt's keys once per group, each row's own for its generated tokens
         decode = kv_cache(prompts, prompt_len, act) + kv_cache(rows, new, act) + decode_logits
     else:
