@@ -86,8 +86,8 @@ _SOURCE = r"""
   constexpr int NW = HD / 32;   // warps per block
   // Keys are scored by groups of LPK lanes, each lane DPL of the head dims: a warp reads SPW keys at once, in
   // 16-byte loads, and sums a score in log2(LPK) shuffles. At head dims 64 and 128 a lane holds 8 dims (one
-  // 16-byte word): at 128, 56 registers against 96 with 16 dims, so more blocks share an SM and hide each other's
-  // load latency, which bounds this kernel more than its bytes do.
+  // 16-byte word), not 16: fewer registers, so more blocks share an SM and hide each other's load latency, which
+  // bounds this kernel more than its bytes do.
   constexpr int LPK = HD <= 16 ? 1 : HD <= 32 ? 2 : HD < 128 ? 8 : HD <= 256 ? 16 : 32;
   constexpr int DPL = HD / LPK;
   constexpr int SPW = 32 / LPK;  // key slots per warp
@@ -154,9 +154,10 @@ _SOURCE = r"""
 
   // Each key slot visits every NS-th key (the prompt's in the window, then the row's generated ones, then the
   // new one) with an online softmax; its lanes hold DPL dims of q and of the slot's output. The loop is bound by
-  // memory latency, so a slot loads its key and value together and the next pass's pair before scoring this one.
+  // memory latency and by instructions, so a pass takes two keys per slot (u and u + NS) with one softmax
+  // correction for both, and loads the next pass's two (key, value) pairs before scoring this pass's.
   const int slot = warp * SPW + lane / LPK, sub = lane % LPK;
-  float qv[DPL], acc[DPL], kv[DPL];
+  float qv[DPL], acc[DPL], xa[DPL], xb[DPL];  // xa, xb: the pass's two keys, then values
   for (int e = 0; e < DPL; ++e) { qv[e] = q_s[sub * DPL + e]; acc[e] = 0.f; }
   float m = -__int_as_float(0x7f800000), l = 0.f;  // -inf
   const T* pk = prompt_k + ((size_t)p * KV + kvh) * LMAX * HD;
@@ -174,28 +175,42 @@ _SOURCE = r"""
       value = generated_kv + v_base + (size_t)(g0 + u - n_prompt) * HD;
     }
   };
-  const T *key, *value;
-  CkRaw<T, DPL> key_raw, value_raw;
-  locate(slot, key, value);
-  if (key != nullptr) { ck_fetch<T, DPL>(key + sub * DPL, key_raw); ck_fetch<T, DPL>(value + sub * DPL, value_raw); }
-  for (int base = warp * SPW; base <= n_read; base += NS) {  // whole warps per pass: the shuffles need them
-    const int u = base + lane / LPK;
-    const bool active = u <= n_read, cached = key != nullptr;
-    const CkRaw<T, DPL> this_key = key_raw, this_value = value_raw;
-    locate(u + NS, key, value);
+  auto fetch = [&](int u, const T*& key, CkRaw<T, DPL>& key_raw, CkRaw<T, DPL>& value_raw) {
+    const T* value;
+    locate(u, key, value);
     if (key != nullptr) { ck_fetch<T, DPL>(key + sub * DPL, key_raw); ck_fetch<T, DPL>(value + sub * DPL, value_raw); }
-    if (cached) ck_unpack<T, DPL>(this_key, kv);
-    else for (int e = 0; e < DPL; ++e) kv[e] = k_s[sub * DPL + e];  // the new key (or an idle slot)
-    float s = 0.f;
-    for (int e = 0; e < DPL; ++e) s += qv[e] * kv[e];
-    for (int o = LPK / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (active) {
-      if (cached) ck_unpack<T, DPL>(this_value, kv);
-      else for (int e = 0; e < DPL; ++e) kv[e] = v_s[sub * DPL + e];
-      const float m_new = fmaxf(m, s);
-      const float correction = exp2f(m - m_new), weight = exp2f(s - m_new);
-      l = l * correction + weight;
-      for (int e = 0; e < DPL; ++e) acc[e] = acc[e] * correction + weight * kv[e];
+  };
+  // A key's dims as floats: loaded, or the new key's (also an idle slot's) from shared memory.
+  auto unpack = [&](bool cached, const CkRaw<T, DPL>& raw, const float* shared, float* dims) {
+    if (cached) ck_unpack<T, DPL>(raw, dims);
+    else for (int e = 0; e < DPL; ++e) dims[e] = shared[sub * DPL + e];
+  };
+  const T *key_a, *key_b;
+  CkRaw<T, DPL> ka_raw, va_raw, kb_raw, vb_raw;
+  fetch(slot, key_a, ka_raw, va_raw);
+  fetch(slot + NS, key_b, kb_raw, vb_raw);
+  for (int base = warp * SPW; base <= n_read; base += 2 * NS) {  // whole warps per pass: the shuffles need them
+    const int u = base + lane / LPK;
+    const bool active_a = u <= n_read, active_b = u + NS <= n_read;
+    const bool cached_a = key_a != nullptr, cached_b = key_b != nullptr;
+    const CkRaw<T, DPL> this_ka = ka_raw, this_va = va_raw, this_kb = kb_raw, this_vb = vb_raw;
+    fetch(u + 2 * NS, key_a, ka_raw, va_raw);
+    fetch(u + 3 * NS, key_b, kb_raw, vb_raw);
+    unpack(cached_a, this_ka, k_s, xa);
+    unpack(cached_b, this_kb, k_s, xb);
+    float sa = 0.f, sb = 0.f;
+    for (int e = 0; e < DPL; ++e) { sa += qv[e] * xa[e]; sb += qv[e] * xb[e]; }
+    for (int o = LPK / 2; o > 0; o >>= 1) {
+      sa += __shfl_xor_sync(0xffffffffu, sa, o);
+      sb += __shfl_xor_sync(0xffffffffu, sb, o);
+    }
+    if (active_a) {  // (active_b implies active_a)
+      unpack(cached_a, this_va, v_s, xa);
+      unpack(cached_b, this_vb, v_s, xb);
+      const float m_new = fmaxf(m, active_b ? fmaxf(sa, sb) : sa);
+      const float correction = exp2f(m - m_new), wa = exp2f(sa - m_new), wb = active_b ? exp2f(sb - m_new) : 0.f;
+      l = l * correction + wa + wb;
+      for (int e = 0; e < DPL; ++e) acc[e] = acc[e] * correction + wa * xa[e] + wb * xb[e];
       m = m_new;
     }
   }
