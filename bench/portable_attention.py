@@ -6,6 +6,9 @@ portable decoder can keep, timed side by side at a few steps t. Random bf16 keys
 - per row: each prompt's keys copied to its group's rows, left-padded to the longest prompt, and MLX's fused
   attention over the row's cache with a mask over the padding (the per-row layout of utils/nanochat/decoder.py);
   "no mask" is the same with equal prompts, the fastest MLX has for one query;
+- GEMM scores: the per-row layout's masked attention written out (utils/nanochat/decoder.py's attention_by_gemm,
+  what the decoders run on CUDA), the row's query twice so MLX's CUDA backend scores with cuBLAS rather than the
+  one-row GEMV of MLX's own fallback, over columns rounded up to GEMM_COLUMNS_ALIGN;
 - by runs: the per-row layout with one fused call per run of rows of equal padding (a prompt's group), each over
   its rows' own columns, so no mask and MLX's one-query fused kernel on CUDA too;
 - 2 queries: the per-row layout with the row's query twice, so MLX's CUDA backend takes cuDNN's fused attention,
@@ -29,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_grpo import cuda_kernels
+from mlx_grpo.nanochat import decoder as nanochat_decoder
 
 
 def per_row_attention(q, k, v, keys, values, column, mask, scale):
@@ -123,7 +127,7 @@ def main(argv=None):
     row_k, row_v = [], []
     for pk, pv in zip(prompt_k, prompt_v):
         rolled = [mx.repeat(mx.take_along_axis(x, source, axis=2), R // P, axis=0) for x in (pk, pv)]
-        free = mx.zeros((R, KV, cap, D), dtype)
+        free = mx.zeros((R, KV, cap + nanochat_decoder.GEMM_COLUMNS_ALIGN - 1, D), dtype)  # room to round up
         row_k.append(mx.concatenate([rolled[0], free], axis=2))
         row_v.append(mx.concatenate([rolled[1], free], axis=2))
     left_padding = mx.array(width - row_lens)
@@ -136,6 +140,21 @@ def main(argv=None):
         column = width + t
         mask = (mx.arange(column + 1) >= left_padding[:, None])[:, None, None, :] if masked else None
         return [per_row_attention(q[i], *kv[i], row_k[i], row_v[i], column, mask, scale) for i in range(args.layers)]
+
+    def per_row_gemm(t):
+        column = width + t
+        align = nanochat_decoder.GEMM_COLUMNS_ALIGN
+        end = -(-(column + 1) // align) * align
+        cols = mx.arange(end)
+        mask = ((cols >= left_padding[:, None]) & (cols <= column))[:, None, None, :]
+        out = []
+        for i in range(args.layers):
+            k, v = kv[i]
+            row_k[i][..., column:column + 1, :] = k
+            row_v[i][..., column:column + 1, :] = v
+            out.append(nanochat_decoder.attention_by_gemm(q[i], row_k[i][..., :end, :], row_v[i][..., :end, :],
+                                                          scale, mask))
+        return out
 
     runs = padding_runs(width - row_lens)
 
@@ -174,7 +193,7 @@ def main(argv=None):
                                                             scale=scale, mask=mask)[:, :, :1])
         return out
 
-    variants = {"per row, mask": per_row, "per row, by runs": per_row_by_runs,
+    variants = {"per row, mask": per_row, "per row, GEMM scores": per_row_gemm, "per row, by runs": per_row_by_runs,
                 "2 queries, /64": lambda t: per_row_pair(t, 64), "2 queries, whole": lambda t: per_row_pair(t, 1 << 20),
                 "per row, no mask": lambda t: per_row(t, masked=False), "per prompt": per_prompt,
                 "per prompt, keys^T": per_prompt_transposed}

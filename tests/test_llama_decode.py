@@ -16,6 +16,7 @@ from mlx_grpo import cuda_kernels
 from mlx_grpo.generation import llama_decoder
 from mlx_grpo.generation.engine import MlxLmDecoder, ReusableCache, generate_completions, make_decoder
 from mlx_grpo.generation.sampling import make_rollout_sampler
+from mlx_grpo.nanochat import decoder as nanochat_decode
 
 on_cuda = pytest.mark.skipif(not cuda_kernels.runs_on_cuda_gpu(), reason="needs MLX's CUDA backend")
 
@@ -102,8 +103,10 @@ def assert_same_steps(fast, slow, steps, atol, rtol, keep_after=None, keep=None)
         tokens = mx.argmax(b, axis=-1).astype(mx.int32)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_step_logits_equal_mlx_lm_model_call_through_compaction(family):
+@pytest.mark.parametrize("family, by_hand", [("llama", False), ("qwen3", False), ("llama", True), ("qwen3", True)])
+def test_step_logits_equal_mlx_lm_model_call_through_compaction(family, by_hand, monkeypatch):
+    """by_hand: the masked attention written out, as on CUDA (nanochat's decoder.attention_by_gemm)."""
+    monkeypatch.setattr(nanochat_decode, "masked_attention_by_hand", lambda: by_hand)
     model = build(family)
     fast, slow = llama_decoder.LlamaDecoder(model, PROMPTS, 2, 7), MlxLmDecoder(model, PROMPTS, 2)
     assert_same_steps(fast, slow, 7, atol=2e-5, rtol=1e-5, keep_after=3, keep=[0, 3, 5])

@@ -247,14 +247,19 @@ def full_forward_greedy(model, prompt, steps):
 
 
 # windows and lambdas; + value embeddings, smear, backout; the same with two cache buffers written in turn
-@pytest.mark.parametrize("era, alternate_buffers", [("fbc1484", False), ("a825e63", False), ("a825e63", True)])
-def test_the_fast_decoder_runs_the_2026_architecture_like_its_full_forward(converted, era, alternate_buffers):
+@pytest.mark.parametrize("era, alternate_buffers, by_hand", [("fbc1484", False, False), ("a825e63", False, False),
+                                                         ("a825e63", True, False), ("a825e63", True, True)])
+def test_the_fast_decoder_runs_the_2026_architecture_like_its_full_forward(converted, era, alternate_buffers, by_hand,
+                                                                          monkeypatch):
     """utils/nanochat/decoder.py on the 2026 model: every step's logits are each row's full forward's (windows
     binding, rows filtered, a one-token prompt with no smear predecessor), and greedy rollouts through the
-    engine give the full forward's greedy tokens."""
+    engine give the full forward's greedy tokens. by_hand: the masked attention written out, as on CUDA."""
     from mlx_grpo.generation.engine import generate_completions, make_decoder
     from mlx_grpo.generation.sampling import make_rollout_sampler
+    from mlx_grpo.nanochat import decoder as nanochat_decoder
     from mlx_grpo.nanochat.decoder import NanochatDecoder, supports
+
+    monkeypatch.setattr(nanochat_decoder, "masked_attention_by_hand", lambda: by_hand)
 
     model, _ = load_model(converted(era)[1])
     assert supports(model)

@@ -80,6 +80,36 @@ def test_fast_decode_logits_equal_mlx_lm(model, alternate_buffers):
         assert decoder.kv_buffers == (2 if alternate_buffers is True else alternate_buffers)
 
 
+def test_masked_attention_by_gemm_decodes_as_mlx_lm(model, monkeypatch):
+    """The per-row layout's masked attention written out (what CUDA runs) gives mlx-lm's logits too."""
+    monkeypatch.setattr(nanochat_decode, "masked_attention_by_hand", lambda: True)
+    decoder = assert_same_logits(model, PROMPTS, 2, 8, keep_after=4, keep=[0, 3, 5], alternate_buffers=True)
+    assert decoder.attend_by_hand and not decoder.use_kernel
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_attention_by_gemm_is_masked_softmax_attention(heads, kv_heads):
+    rng = np.random.default_rng(0)
+    rows, columns, dim = 3, 7, 8
+    q = rng.normal(size=(rows, heads, 1, dim)).astype(np.float32)
+    k, v = (rng.normal(size=(rows, kv_heads, columns, dim)).astype(np.float32) for _ in range(2))
+    mask = np.arange(columns)[None] >= np.array([0, 2, 5])[:, None]  # each row's left padding
+    scale = 0.3
+    out = nanochat_decode.attention_by_gemm(mx.array(q), mx.array(k), mx.array(v), scale,
+                                            mx.array(mask[:, None, None, :]))
+    rep = heads // kv_heads
+    for r in range(rows):
+        for h in range(heads):
+            s = scale * k[r, h // rep] @ q[r, h, 0]
+            s = np.where(mask[r], s, -np.inf)
+            w = np.exp(s - s.max())
+            expected = (w / w.sum()) @ v[r, h // rep]
+            np.testing.assert_allclose(np.array(out[r, h, 0]), expected, rtol=1e-5, atol=1e-6)
+    fused = mx.fast.scaled_dot_product_attention(mx.array(q), mx.array(k), mx.array(v), scale=scale,
+                                                 mask=mx.array(mask[:, None, None, :]))
+    np.testing.assert_allclose(np.array(out), np.array(fused), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("prompts", [[[3], [5, 6]], [[3], [4]]])
 def test_one_token_prompts_decode(model, prompts):
     assert_same_logits(model, prompts, 2, 3)
@@ -125,12 +155,12 @@ def test_stepping_past_the_capacity_is_an_error(model):
 
 
 def test_portable_attention_bench_layouts_give_the_per_row_attention():
-    """bench/portable_attention.py's layouts (by runs of equal padding, 2 queries for cuDNN, keys per prompt, keys
-    transposed) attend as the per-row masked attention does, GQA included (bf16 rounding apart)."""
+    """bench/portable_attention.py's layouts (scores by GEMM, by runs of equal padding, 2 queries for cuDNN, keys
+    per prompt, keys transposed) attend as the per-row masked attention does, GQA included (bf16 rounding apart)."""
     from conftest import bench_main
 
     differences = bench_main("portable_attention.py", ["--rows", "8", "--prompts", "2", "--heads", "4",
                                                        "--kv-heads", "2", "--head-dim", "32", "--layers", "1",
                                                        "--capacity", "12", "--steps", "0,5", "--repeats", "1"])
-    assert len(differences) == 2 * 6
+    assert len(differences) == 2 * 7
     assert all(err < 2e-2 for err in differences.values()), differences

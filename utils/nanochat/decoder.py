@@ -7,7 +7,8 @@ compiled functions of fixed shape (shapes do not change between decode steps, so
 q/k/v come from one fused matmul, and the KV cache is preallocated. On MLX's CUDA backend the
 attention part (RoPE, QK norm, cache write, attention over the prompt stored once per group) is one
 kernel, utils/cuda_kernels/decode.py; elsewhere RoPE and the QK norm run once for q and k together and
-MLX's fused attention reads a per-row cache filled by slice writes. The math is the model's own: for
+MLX's fused attention reads a per-row cache filled by slice writes (on CUDA with the kernels off, masked
+attention is written out as two matmuls: attention_by_gemm). The math is the model's own: for
 the 2026 architecture (utils/nanochat/model.py) also the resid/x0 lambdas, value embeddings and their
 gates, smear (the previous token's normed embedding carried per row), backout, GQA, the head's padded
 rows (dropped here) and sliding windows (a query at p reads the keys p-w..p).
@@ -38,6 +39,9 @@ PREFILL_ALIGN = 64  # prompt batches are prefilled in lengths of a multiple of t
 # KV buffers per layer of the per-row layout when a decoder is not told (the trainer's rollout_kv_buffers
 # "auto" takes this one where the memory plan fits it, else 1): two, so no decode step copies a whole cache.
 ALTERNATE_BUFFERS = 2
+# attention_by_gemm reads a multiple of this many columns (the extra ones masked): cuBLAS's kernels for rows of
+# other lengths load element by element.
+GEMM_COLUMNS_ALIGN = 8
 MODEL_TYPES = ("nanochat", "nanochat_2026")
 _EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
 
@@ -52,6 +56,30 @@ def _unit_weight(width: int, dtype: mx.Dtype) -> mx.array:
 
 def _norm(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, _unit_weight(x.shape[-1], x.dtype), eps)
+
+
+def masked_attention_by_hand() -> bool:
+    """Whether the per-row layout's masked one-query attention is written out (attention_by_gemm) rather than
+    MLX's fused call: on MLX's CUDA backend, whose fused one-query kernel takes no array mask, so MLX's fallback
+    runs instead and scores each row with a one-row GEMV that is slower than cuBLAS. Metal's fused kernel takes the
+    mask; the CPU's fallback is the same math."""
+    return cuda_kernels.runs_on_cuda_gpu()
+
+
+def attention_by_gemm(q, keys, values, scale, mask):
+    """The attention of one query per row, (rows, heads, 1, head_dim), over keys and values (rows, kv_heads,
+    columns, head_dim) where the boolean mask (rows, 1, 1, columns) holds, as MLX's fallback computes it (scores in
+    the inputs' dtype, a float32 softmax), but each KV head's queries as one matrix and, without GQA, each query
+    twice: MLX's CUDA matmul then scores with cuBLAS, not the one-row GEMV (bench/portable_attention.py)."""
+    rows, heads, _, dim = q.shape
+    kv_heads = keys.shape[1]
+    repeats = heads // kv_heads
+    queries = (q * mx.array(scale, q.dtype)).reshape(rows, kv_heads, repeats, dim)
+    if repeats == 1:
+        queries = mx.concatenate([queries, queries], axis=2)
+    scores = (queries @ keys.swapaxes(-1, -2))[:, :, :repeats]
+    weights = mx.softmax(mx.where(mask, scores, -mx.inf), axis=-1, precise=True)
+    return (weights @ values).reshape(rows, heads, 1, dim)
 
 
 def _is_2026(model) -> bool:
@@ -210,8 +238,9 @@ class NanochatDecoder:
     - with utils/cuda_kernels/decode.py's kernel (MLX's CUDA backend): each prompt's keys are stored once and
       each row's generated keys on their own, so nothing is padded or masked;
     - elsewhere: each prompt's cache is copied to its group's rows, left-padded to the longest
-      prompt, and MLX's fused attention runs with a mask over the padding. A layer's window is the same
-      columns for every row (all rows are at the same column), so it is a slice of the cache, not a mask.
+      prompt, and MLX's fused attention runs with a mask over the padding (attention_by_gemm on CUDA). A
+      layer's window is the same columns for every row (all rows are at the same column), so it is a slice of
+      the cache, not a mask.
 
     `prefilled`: as for the engine's MlxLmDecoder, a list with an mlx-lm prompt cache per prompt that already
     holds all of it but its last token (here one prompt: a chat's kept cache), so nothing is prefilled. The
@@ -258,6 +287,7 @@ class NanochatDecoder:
     def _setup_cache(self, prompts, group_size, max_new_tokens, use_kernel, prefilled, kernel_fits,
                      alternate_buffers=None):
         """Choose the cache layout and fill it (the prefill); the model's parts are read already."""
+        self.attend_by_hand = masked_attention_by_hand()
         name = type(self).__name__
         if prefilled is not None and (len(prompts) != 1 or use_kernel):
             raise ValueError(f"{name}: a prefilled cache is one prompt's and needs the per-row layout; "
@@ -342,7 +372,7 @@ class NanochatDecoder:
 
     def _cache_per_row(self, prompts, prefix_lens, group_size):
         width = self.prefix_len
-        capacity = width + self.capacity
+        capacity = width + self.capacity + (GEMM_COLUMNS_ALIGN - 1 if self.attend_by_hand else 0)
         dtype = self.cache_dtype
         prefix = self._rolled_prefill(prompts, prefix_lens) if width > 0 else None
         self.keys, self.values = [], []
@@ -384,14 +414,21 @@ class NanochatDecoder:
         return () if layer.value_embed is None else (layer.value_embed(tokens), layer.ve_gate)
 
     def _window_views(self, column):
-        """Per distinct window: (first column read, mask or None) at this step's column (the per-row layout)."""
+        """Per distinct window: (first column read, end column, mask or None) at this step's column (the per-row
+        layout). attention_by_gemm reads past the column to a multiple of GEMM_COLUMNS_ALIGN, masked."""
         views = {}
         for window in {layer.window for layer in self.layers}:
             first = 0 if window is None else max(0, column - window)
-            mask = None
+            end, mask = column + 1, None
             if self.padded:  # the left padding of shorter prompts is not attended to
-                mask = (mx.arange(first, column + 1) >= self.left_padding[:, None])[:, None, None, :]
-            views[window] = (first, mask)
+                if self.attend_by_hand:
+                    end = first + -(-(column + 1 - first) // GEMM_COLUMNS_ALIGN) * GEMM_COLUMNS_ALIGN
+                    columns = mx.arange(first, end)
+                    mask = (columns >= self.left_padding[:, None]) & (columns <= column)
+                else:
+                    mask = mx.arange(first, column + 1) >= self.left_padding[:, None]
+                mask = mask[:, None, None, :]
+            views[window] = (first, end, mask)
         return views
 
     def _check_capacity(self):
@@ -402,9 +439,11 @@ class NanochatDecoder:
     def _per_row_attention(self, i, column, q, k, v, view):
         """Layer i's step in the per-row layout: write k and v at `column`, attend over the window's view."""
         keys, values = self._write(i, column, k, v)
-        first, mask = view
-        return mx.fast.scaled_dot_product_attention(
-            q, keys[..., first:column + 1, :], values[..., first:column + 1, :], scale=self.scale, mask=mask)
+        first, end, mask = view
+        keys, values = keys[..., first:end, :], values[..., first:end, :]
+        if mask is not None and self.attend_by_hand:
+            return attention_by_gemm(q, keys, values, self.scale, mask)
+        return mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
 
     def step(self, tokens):
         """(rows,) int32 tokens at decode step t -> (rows, vocab) logits for step t + 1."""
