@@ -1,6 +1,8 @@
 """utils/cuda_kernels/decode.py: the kernel's math (emulated here) against MLX's own ops; the kernel itself and
 the decoder that uses it only where MLX's CUDA backend runs (the GPU machine)."""
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -236,3 +238,31 @@ def test_kernel_profile_says_in_one_line_what_it_needs():
 def test_capacity_profile_says_in_one_line_what_it_needs():
     with pytest.raises(SystemExit, match="capacity_profile.py: needs"):
         bench_main("capacity_profile.py", ["--depth", "2"])
+
+
+@pytest.mark.skipif(cuda_kernels.runs_on_cuda_gpu(), reason="off CUDA only")
+def test_decode_kernel_bench_says_in_one_line_what_it_needs():
+    with pytest.raises(SystemExit, match="decode_kernel.py: needs"):
+        bench_main("decode_kernel.py", ["--cases", "none:0"])
+
+
+def test_decode_kernel_bench_reads_another_copy_of_the_kernel(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    from decode_kernel import load_source
+
+    assert load_source(cuda_decode.__file__) == (cuda_decode._HEADER, cuda_decode._SOURCE)
+
+
+def test_rollout_alternation_takes_turns_and_restores_the_switches():
+    before = nanochat_decode.masked_attention_by_hand
+    argv = ["--paths", "portable,portable-fused", "--depth", "2", "--vocab", "512", "--prompts", "2", "--group", "2",
+            "--new-tokens", "3", "--rounds", "1"]
+    rates = bench_main("rollout_alternation.py", argv)
+    assert set(rates) == {"portable", "portable-fused"} and all(len(v) == 1 and v[0] > 0 for v in rates.values())
+    assert nanochat_decode.masked_attention_by_hand is before and cuda_kernels.enabled()
+
+
+@pytest.mark.skipif(cuda_kernels.runs_on_cuda_gpu(), reason="off CUDA only")
+def test_rollout_alternation_says_what_the_kernel_paths_need():
+    with pytest.raises(SystemExit, match="kernel paths need MLX's CUDA backend"):
+        bench_main("rollout_alternation.py", ["--paths", "kernel,portable", "--depth", "2"])

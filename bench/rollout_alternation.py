@@ -1,0 +1,89 @@
+"""Rollout tok/s of several decode paths taking turns in one process, so that each sees the same machine state
+(the rate of one path moves by +-10% between processes on the lent GPU). nanochat with random weights, 16 prompts
+of 80-120 tokens x 16 rows x 256 new tokens, top-k 50, by default.
+
+    python bench/rollout_alternation.py --paths portable,portable-fused     # the portable path's masked attention
+    git show 7a6101b:utils/cuda_kernels/decode.py > /tmp/old_decode.py
+    python bench/rollout_alternation.py --paths kernel,kernel-compared --compare /tmp/old_decode.py
+
+Paths: kernel (utils/cuda_kernels/decode.py, MLX's CUDA backend only); kernel-compared (the kernel of another copy
+of that file, --compare); portable (MLX's ops only, what Metal runs; on CUDA the masked attention is
+attention_by_gemm); portable-fused (the same with MLX's fused attention call for the masked attention too, which
+on CUDA is MLX's unfused fallback). Each path rolls out once to compile, then `--rounds` times in turn.
+"""
+
+import argparse
+
+import mlx.core as mx
+import numpy as np
+from decode_kernel import load_source
+from model_families import VOCAB, build_model
+
+from mlx_grpo import cuda_kernels
+from mlx_grpo.cuda_kernels import decode as cuda_decode
+from mlx_grpo.generation.engine import generate_completions
+from mlx_grpo.generation.sampling import make_rollout_sampler
+from mlx_grpo.nanochat import decoder as nanochat_decoder
+
+PATHS = ("kernel", "kernel-compared", "portable", "portable-fused")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--paths", default="kernel,portable,portable-fused", help=f"comma-separated, of {PATHS}")
+    p.add_argument("--compare", metavar="FILE", help="the copy of utils/cuda_kernels/decode.py of kernel-compared")
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--vocab", type=int, default=VOCAB)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--group", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args(argv)
+    paths = args.paths.split(",")
+    if unknown := [name for name in paths if name not in PATHS]:
+        raise SystemExit(f"rollout_alternation.py: unknown path {unknown[0]!r}; choose from {', '.join(PATHS)}")
+    if any(name.startswith("kernel") for name in paths) and not cuda_kernels.runs_on_cuda_gpu():
+        raise SystemExit("rollout_alternation.py: the kernel paths need MLX's CUDA backend; run the portable ones")
+    if "kernel-compared" in paths and not args.compare:
+        raise SystemExit("rollout_alternation.py: kernel-compared needs --compare FILE (a copy of decode.py)")
+    sources = {"kernel": (cuda_decode._HEADER, cuda_decode._SOURCE)}
+    if args.compare:
+        sources["kernel-compared"] = load_source(args.compare)
+    by_hand = nanochat_decoder.masked_attention_by_hand
+
+    def take(name):
+        # The switches the decoders read when made: the kernels (and the sampling kernel) on or off, the kernel's
+        # source, the masked attention's form.
+        cuda_kernels.set_enabled(name.startswith("kernel"))
+        if name in sources:
+            cuda_decode._HEADER, cuda_decode._SOURCE = sources[name]
+            cuda_decode._kernel.cache_clear()
+        nanochat_decoder.masked_attention_by_hand = (lambda: False) if name == "portable-fused" else by_hand
+
+    model = build_model(args.depth, args.vocab)
+    model.set_dtype(mx.bfloat16)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(80, 121, size=args.prompts)
+    prompts = [rng.integers(0, min(args.vocab, 65_000), size=n).tolist() for n in lengths]
+    sampler = make_rollout_sampler(1.0, top_k=50)
+    tokens = args.prompts * args.group * args.new_tokens
+    rates = {name: [] for name in paths}
+    try:
+        for round_ in range(args.rounds + 1):
+            for name in paths:
+                take(name)
+                stats = generate_completions(model, prompts, group_size=args.group, max_new_tokens=args.new_tokens,
+                                             sampler=sampler, stop_token_ids=set())[1]
+                if round_ > 0:  # round 0 compiles
+                    rates[name].append(tokens / stats.seconds)
+                    print(f"round {round_} {name:<16} {rates[name][-1]:10,.0f} tok/s", flush=True)
+    finally:
+        take("kernel")  # this version's kernel and the defaults back
+        cuda_kernels.set_enabled(True)
+    for name, values in rates.items():
+        print(f"{name:<16} mean {sum(values) / len(values):10,.0f} tok/s over {len(values)} rollouts")
+    return rates
+
+
+if __name__ == "__main__":
+    main()
