@@ -141,17 +141,23 @@ def main(argv=None):
         mask = (mx.arange(column + 1) >= left_padding[:, None])[:, None, None, :] if masked else None
         return [per_row_attention(q[i], *kv[i], row_k[i], row_v[i], column, mask, scale) for i in range(args.layers)]
 
+    def write(i, column):
+        k, v = kv[i]
+        row_k[i][..., column:column + 1, :] = k
+        row_v[i][..., column:column + 1, :] = v
+
+    def rounded_columns(column, round_to, limit):
+        """The columns read, rounded up to a multiple of round_to (at most limit), and the mask over them."""
+        n = min(-(-(column + 1) // round_to) * round_to, limit)
+        cols = mx.arange(n)
+        return n, ((cols >= left_padding[:, None]) & (cols <= column))[:, None, None, :]
+
     def per_row_gemm(t):
         column = width + t
-        align = nanochat_decoder.GEMM_COLUMNS_ALIGN
-        end = -(-(column + 1) // align) * align
-        cols = mx.arange(end)
-        mask = ((cols >= left_padding[:, None]) & (cols <= column))[:, None, None, :]
+        end, mask = rounded_columns(column, nanochat_decoder.GEMM_COLUMNS_ALIGN, row_k[0].shape[2])
         out = []
         for i in range(args.layers):
-            k, v = kv[i]
-            row_k[i][..., column:column + 1, :] = k
-            row_v[i][..., column:column + 1, :] = v
+            write(i, column)
             out.append(nanochat_decoder.attention_by_gemm(q[i], row_k[i][..., :end, :], row_v[i][..., :end, :],
                                                           scale, mask))
         return out
@@ -162,9 +168,7 @@ def main(argv=None):
         column = width + t
         out = []
         for i in range(args.layers):
-            k, v = kv[i]
-            row_k[i][..., column:column + 1, :] = k
-            row_v[i][..., column:column + 1, :] = v
+            write(i, column)
             out.append(attend_by_runs(q[i], row_k[i], row_v[i], column, runs, scale))
         return out
 
@@ -180,14 +184,10 @@ def main(argv=None):
         # Two queries (the row's twice) and the mask: MLX's CUDA backend then runs cuDNN's fused attention, which
         # takes an array mask (its one-query kernel does not). Columns rounded up so a shape serves many steps.
         column = width + t
-        n = min(-(-(column + 1) // round_to) * round_to, width + cap)
-        cols = mx.arange(n)
-        mask = ((cols >= left_padding[:, None]) & (cols <= column))[:, None, None, :]
+        n, mask = rounded_columns(column, round_to, width + cap)
         out = []
         for i in range(args.layers):
-            k, v = kv[i]
-            row_k[i][..., column:column + 1, :] = k
-            row_v[i][..., column:column + 1, :] = v
+            write(i, column)
             pair = mx.concatenate([q[i], q[i]], axis=2)
             out.append(mx.fast.scaled_dot_product_attention(pair, row_k[i][..., :n, :], row_v[i][..., :n, :],
                                                             scale=scale, mask=mask)[:, :, :1])
