@@ -13,7 +13,6 @@ the mean over 3 x 20 calls, printed for two runs, with its largest difference fr
 """
 
 import argparse
-import hashlib
 import importlib.util
 
 import cuda_profiler
@@ -21,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_grpo.cuda_kernels import decode as cuda_decode
+from mlx_grpo.nanochat.decoder import RMS_NORM_EPS
 
 
 def load_source(path):
@@ -29,13 +29,6 @@ def load_source(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module._HEADER, module._SOURCE
-
-
-def make_kernel(header, source, scale, eps=1e-6):
-    source = source.replace("RMS_NORM_EPS", f"{eps!r}f").replace("SOFTMAX_SCALE", f"{scale!r}f")
-    name = "decode_kernel_bench_" + hashlib.sha1((header + source).encode()).hexdigest()[:10]
-    return mx.fast.cuda_kernel(name=name, input_names=cuda_decode._INPUTS, output_names=["out"], source=source,
-                               header=header)
 
 
 def main(argv=None):
@@ -62,9 +55,9 @@ def main(argv=None):
     window = mx.array([cuda_decode.NO_WINDOW], mx.int32)
     unit = mx.ones((HD,), dtype)
     mx.eval(prompt_k, prompt_v, generated, qkv, lens, inv_freq)
-    kernels = {"this": make_kernel(cuda_decode._HEADER, cuda_decode._SOURCE, HD ** -0.5)}
+    kernels = {"this": cuda_decode.make_kernel(RMS_NORM_EPS, HD ** -0.5)}
     if args.compare:
-        kernels["compared"] = make_kernel(*load_source(args.compare), HD ** -0.5)
+        kernels["compared"] = cuda_decode.make_kernel(RMS_NORM_EPS, HD ** -0.5, *load_source(args.compare))
 
     def calls(kernel, with_prompt, t):
         step = mx.array([t], mx.int32)
@@ -93,7 +86,7 @@ def main(argv=None):
                         mx.eval(calls(kernel, kind == "prompt", t))
                     mx.synchronize()
                 timed = [(n, us) for k, (n, us) in cuda_profiler.gpu_time_by_kernel(prof, torch).items()
-                         if "decode_kernel_bench_" in k]
+                         if "nanochat_decode_attention_" in k]
                 times.append(sum(us for _, us in timed) / max(sum(n for n, _ in timed), 1))
             line += f" | {name}: {times[0]:6.1f}, {times[1]:6.1f} us per call (max |diff| {diff:.1e})"
         print(line, flush=True)

@@ -79,7 +79,6 @@ def main(argv=None):
                     print(f"round {round_} {name:<16} {rates[name][-1]:10,.0f} tok/s", flush=True)
     finally:
         take("kernel")  # this version's kernel and the defaults back
-        cuda_kernels.set_enabled(True)
     for name, values in rates.items():
         print(f"{name:<16} mean {sum(values) / len(values):10,.0f} tok/s over {len(values)} rollouts")
     return rates

@@ -245,17 +245,25 @@ def supports_shape(n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
     return head_dim % 32 == 0 and 32 <= head_dim <= 512 and n_heads % n_kv_heads == 0
 
 
-def kernel_source(eps: float, scale: float) -> str:
-    """The kernel body with the QK norm's epsilon and the softmax scale as float literals."""
-    return _SOURCE.replace("RMS_NORM_EPS", f"{float(eps)!r}f").replace("SOFTMAX_SCALE", f"{float(scale)!r}f")
+def kernel_source(eps: float, scale: float, source: str | None = None) -> str:
+    """The kernel body (this module's, or `source`) with the QK norm's epsilon and the softmax scale as float
+    literals."""
+    source = _SOURCE if source is None else source
+    return source.replace("RMS_NORM_EPS", f"{float(eps)!r}f").replace("SOFTMAX_SCALE", f"{float(scale)!r}f")
+
+
+def make_kernel(eps: float, scale: float, header: str | None = None, source: str | None = None):
+    """The kernel for this epsilon and scale; header and source: another version's (bench/decode_kernel.py)."""
+    header = _HEADER if header is None else header
+    source = kernel_source(eps, scale, source)
+    # The source's hash is in the name: MLX caches compiled kernels on disk by name and template values.
+    name = "nanochat_decode_attention_" + hashlib.sha1((header + source).encode()).hexdigest()[:10]
+    return mx.fast.cuda_kernel(name=name, input_names=_INPUTS, output_names=["out"], source=source, header=header)
 
 
 @lru_cache(maxsize=None)
 def _kernel(eps: float, scale: float):
-    source = kernel_source(eps, scale)
-    # The source's hash is in the name: MLX caches compiled kernels on disk by name and template values.
-    name = "nanochat_decode_attention_" + hashlib.sha1((_HEADER + source).encode()).hexdigest()[:10]
-    return mx.fast.cuda_kernel(name=name, input_names=_INPUTS, output_names=["out"], source=source, header=_HEADER)
+    return make_kernel(eps, scale)
 
 
 @lru_cache(maxsize=None)
