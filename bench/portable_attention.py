@@ -6,9 +6,10 @@ portable decoder can keep, timed side by side at a few steps t. Random bf16 keys
 - per row: each prompt's keys copied to its group's rows, left-padded to the longest prompt, and MLX's fused
   attention over the row's cache with a mask over the padding (the per-row layout of utils/nanochat/decoder.py);
   "no mask" is the same with equal prompts, the fastest MLX has for one query;
-- GEMM scores: the per-row layout's masked attention written out (utils/nanochat/decoder.py's attention_by_gemm,
-  what the decoders run on CUDA), the row's query twice so MLX's CUDA backend scores with cuBLAS rather than the
-  one-row GEMV of MLX's own fallback, over columns rounded up to GEMM_COLUMNS_ALIGN;
+- GEMM scores: the per-row layout's masked attention written out (utils/nanochat/decoder.py's gemm_queries and
+  attention_by_gemm, what the decoders run on CUDA): the row's query twice so MLX's CUDA backend scores with
+  cuBLAS rather than the one-row GEMV of MLX's own fallback, the scale and the mask applied by the score matmul,
+  over columns rounded up to GEMM_COLUMNS_ALIGN;
 - by runs: the per-row layout with one fused call per run of rows of equal padding (a prompt's group), each over
   its rows' own columns, so no mask and MLX's one-query fused kernel on CUDA too;
 - 2 queries: the per-row layout with the row's query twice, so MLX's CUDA backend takes cuDNN's fused attention,
@@ -147,19 +148,24 @@ def main(argv=None):
         row_v[i][..., column:column + 1, :] = v
 
     def rounded_columns(column, round_to, limit):
-        """The columns read, rounded up to a multiple of round_to (at most limit), and the mask over them."""
+        """The columns read, rounded up to a multiple of round_to (at most limit), and the (rows, columns) mask."""
         n = min(-(-(column + 1) // round_to) * round_to, limit)
         cols = mx.arange(n)
-        return n, ((cols >= left_padding[:, None]) & (cols <= column))[:, None, None, :]
+        return n, (cols >= left_padding[:, None]) & (cols <= column)
 
     def per_row_gemm(t):
+        # As the decoders do it: keys and values in one buffer per layer, the mask made once per step.
         column = width + t
-        end, mask = rounded_columns(column, nanochat_decoder.GEMM_COLUMNS_ALIGN, row_k[0].shape[2])
+        end, allowed = rounded_columns(column, nanochat_decoder.GEMM_COLUMNS_ALIGN, row_k[0].shape[2])
+        bias = nanochat_decoder.padding_bias(allowed, KV, nanochat_decoder.query_rows(H, KV), dtype)
         out = []
         for i in range(args.layers):
-            write(i, column)
-            out.append(nanochat_decoder.attention_by_gemm(q[i], row_k[i][..., :end, :], row_v[i][..., :end, :],
-                                                          scale, mask))
+            k, v = kv[i]
+            row_kv[i][0, ..., column:column + 1, :] = k
+            row_kv[i][1, ..., column:column + 1, :] = v
+            out.append(nanochat_decoder.attention_by_gemm(nanochat_decoder.gemm_queries(q[i], KV),
+                                                          row_kv[i][0, ..., :end, :], row_kv[i][1, ..., :end, :],
+                                                          bias, scale, H))
         return out
 
     runs = padding_runs(width - row_lens)
@@ -184,7 +190,8 @@ def main(argv=None):
         # Two queries (the row's twice) and the mask: MLX's CUDA backend then runs cuDNN's fused attention, which
         # takes an array mask (its one-query kernel does not). Columns rounded up so a shape serves many steps.
         column = width + t
-        n, mask = rounded_columns(column, round_to, width + cap)
+        n, allowed = rounded_columns(column, round_to, width + cap)
+        mask = allowed[:, None, None, :]
         out = []
         for i in range(args.layers):
             write(i, column)
@@ -208,7 +215,8 @@ def main(argv=None):
             gen_kt[i][..., :t] = fill_k.swapaxes(-1, -2)
             row_k[i][..., width:width + t, :] = fill_k
             row_v[i][..., width:width + t, :] = fill_v
-        mx.eval(gen_k, gen_v, gen_kt, row_k, row_v)
+        row_kv = [mx.stack([k, v]) for k, v in zip(row_k, row_v)]  # the decoders' one buffer per layer
+        mx.eval(gen_k, gen_v, gen_kt, row_k, row_v, row_kv)
         reference = per_row(t)
         mx.eval(reference)
         for name, fn in variants.items():

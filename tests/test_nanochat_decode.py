@@ -95,8 +95,13 @@ def test_attention_by_gemm_is_masked_softmax_attention(heads, kv_heads):
     k, v = (rng.normal(size=(rows, kv_heads, columns, dim)).astype(np.float32) for _ in range(2))
     mask = np.arange(columns)[None] >= np.array([0, 2, 5])[:, None]  # each row's left padding
     scale = 0.3
-    out = nanochat_decode.attention_by_gemm(mx.array(q), mx.array(k), mx.array(v), scale,
-                                            mx.array(mask[:, None, None, :]))
+    queries = nanochat_decode.gemm_queries(mx.array(q), kv_heads)
+    query_rows = nanochat_decode.query_rows(heads, kv_heads)
+    assert queries.shape == (rows, kv_heads, query_rows, dim) and query_rows == max(2, heads // kv_heads)
+    bias = nanochat_decode.padding_bias(mx.array(mask), kv_heads, query_rows, mx.float32)
+    assert bias.shape == (rows, kv_heads, query_rows, columns)
+    assert (np.array(bias) == np.where(mask, 0.0, -np.inf)[:, None, None, :]).all()
+    out = nanochat_decode.attention_by_gemm(queries, mx.array(k), mx.array(v), bias, scale, heads)
     rep = heads // kv_heads
     for r in range(rows):
         for h in range(heads):
@@ -142,7 +147,7 @@ def test_cache_dtype_follows_the_keys_not_the_embedding(tiny_model_dir):
     decoder = assert_same_logits(model, [[1], [4]], 1, 2)  # one-token prompts: nothing is prefilled
     assert decoder.cache_dtype == mx.float32
     if not decoder.use_kernel:
-        assert decoder.keys[0].dtype == mx.float32
+        assert decoder.kv[0].dtype == mx.float32
 
 
 def test_stepping_past_the_capacity_is_an_error(model):

@@ -6,7 +6,7 @@ launching those ops, not by the GPU. Here the per-layer work on each side of att
 compiled functions of fixed shape (shapes do not change between decode steps, so they trace once),
 q/k/v come from one fused matmul, and the KV cache is preallocated. On MLX's CUDA backend the
 attention part (RoPE, QK norm, cache write, attention over the prompt stored once per group) is one
-kernel, utils/cuda_kernels/decode.py; elsewhere RoPE and the QK norm run once for q and k together and
+kernel, utils/cuda_kernels/decode.py; elsewhere the QK norm runs once for all heads, RoPE once for q and k together, and
 MLX's fused attention reads a per-row cache filled by slice writes (on CUDA with the kernels off, masked
 attention is written out as two matmuls: attention_by_gemm). The math is the model's own: for
 the 2026 architecture (utils/nanochat/model.py) also the resid/x0 lambdas, value embeddings and their
@@ -66,20 +66,40 @@ def masked_attention_by_hand() -> bool:
     return cuda_kernels.runs_on_cuda_gpu()
 
 
-def attention_by_gemm(q, keys, values, scale, mask):
-    """The attention of one query per row, (rows, heads, 1, head_dim), over keys and values (rows, kv_heads,
-    columns, head_dim) where the boolean mask (rows, 1, 1, columns) holds, as MLX's fallback computes it (scores in
-    the inputs' dtype, a float32 softmax), but each KV head's queries as one matrix and, without GQA, each query
-    twice: MLX's CUDA matmul then scores with cuBLAS, not the one-row GEMV (bench/portable_attention.py)."""
+def gemm_queries(q, kv_heads):
+    """attention_by_gemm's queries from q (rows, heads, 1, head_dim): grouped per KV head as
+    (rows, kv_heads, R, head_dim), and without GQA each query twice (R = 2), so that the score product has two rows
+    and MLX's CUDA matmul runs it on cuBLAS rather than its one-row GEMV (bench/portable_attention.py). A copy
+    kernel, not a compiled product: MLX's CUDA kernels for compiled ops over broadcast or strided inputs run
+    several times slower than its copies (bench/kernel_profile.py)."""
     rows, heads, _, dim = q.shape
-    kv_heads = keys.shape[1]
-    repeats = heads // kv_heads
-    queries = (q * mx.array(scale, q.dtype)).reshape(rows, kv_heads, repeats, dim)
-    if repeats == 1:
-        queries = mx.concatenate([queries, queries], axis=2)
-    scores = (queries @ keys.swapaxes(-1, -2))[:, :, :repeats]
-    weights = mx.softmax(mx.where(mask, scores, -mx.inf), axis=-1, precise=True)
-    return (weights @ values).reshape(rows, heads, 1, dim)
+    if heads == kv_heads:
+        return mx.contiguous(mx.broadcast_to(q, (rows, heads, 2, dim)))
+    return q.reshape(rows, kv_heads, heads // kv_heads, dim)
+
+
+def padding_bias(allowed, kv_heads, query_rows, dtype):
+    """attention_by_gemm's bias from a (rows, columns) boolean mask: 0 where it holds, -inf elsewhere, as a
+    (rows, kv_heads, query_rows, columns) array of its own: made once per step, and each layer's addmm then reads
+    it as cuBLAS's C matrix without a copy."""
+    shape = (allowed.shape[0], kv_heads, query_rows, allowed.shape[1])
+    return mx.where(mx.broadcast_to(allowed[:, None, None, :], shape), mx.array(0, dtype), mx.array(-mx.inf, dtype))
+
+
+def attention_by_gemm(queries, keys, values, bias, scale, heads):
+    """The masked attention of one query per row, as MLX's fallback computes it (scores in the inputs' dtype, a
+    float32 softmax), written as two matmuls: `queries` from gemm_queries, keys and values (rows, kv_heads,
+    columns, head_dim), `bias` from padding_bias. -> (rows, heads, 1, head_dim). The score matmul applies the scale
+    and adds the mask itself (addmm), so scores, softmax and values are three launches."""
+    rows, kv_heads, _, dim = queries.shape
+    scores = mx.addmm(bias, queries, keys.swapaxes(-1, -2), alpha=scale)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    return (weights[:, :, : heads // kv_heads] @ values).reshape(rows, heads, 1, dim)
+
+
+def query_rows(heads, kv_heads):
+    """The rows per KV head of gemm_queries' queries (and of padding_bias)."""
+    return max(2, heads // kv_heads)
 
 
 def _is_2026(model) -> bool:
@@ -164,9 +184,10 @@ def _step_functions(spec: _Spec) -> _StepFunctions:
         def attention_inputs(x, x0, lambdas, qkv_arrays, rope_freqs, positions, *value_embedding):
             h, qkv = project(x, x0, lambdas, qkv_arrays, *value_embedding)
             qkv = qkv.reshape(x.shape[0], qk_heads + kv, 1, hd)
-            qk = mx.fast.rope(qkv[:, :qk_heads], hd, traditional=False, base=None, scale=1.0,
+            # nanochat's QK norm comes after RoPE; RoPE rotates pairs of a head's channels and so keeps its norm,
+            # and norming first lets the norm read all heads at once, contiguous (v's result is not used).
+            qk = mx.fast.rope(_norm(qkv, eps)[:, :qk_heads], hd, traditional=False, base=None, scale=1.0,
                               offset=positions, freqs=rope_freqs)
-            qk = _norm(qk, eps)  # nanochat's QK norm, after RoPE
             return h, qk[:, : spec.n_heads], qk[:, spec.n_heads:], qkv[:, qk_heads:]
 
         return attention_inputs
@@ -326,9 +347,8 @@ class NanochatDecoder:
         probe = self._embed(mx.array([0]))
         layer = self.layers[0]
         value_embedding = self._value_embedding(layer, mx.array([0]))
-        out = self.functions.attention_inputs[bool(value_embedding)](
-            probe, probe, layer.lambdas, layer.qkv, self.rope_freqs, mx.array([0]), *value_embedding)
-        return out[2].dtype
+        out = self.functions.project[bool(value_embedding)](probe, probe, layer.lambdas, layer.qkv, *value_embedding)
+        return out[1].dtype  # RoPE and the QK norm keep it
 
     def _start_smear(self, prompts, group_size):
         """Each row's previous-token embedding for its first decode step: its prompt's second-to-last token's
@@ -375,27 +395,27 @@ class NanochatDecoder:
         capacity = width + self.capacity + (GEMM_COLUMNS_ALIGN - 1 if self.attend_by_hand else 0)
         dtype = self.cache_dtype
         prefix = self._rolled_prefill(prompts, prefix_lens) if width > 0 else None
-        self.keys, self.values = [], []
-        self.spare = [] if self.alternate_buffers else None  # per layer: the other (keys, values) buffers, next first
-        self.last_kv = [[] for _ in self.layers]  # alternate_buffers: the latest steps' new keys and values
+        # Per layer, keys and values in one buffer, (2, rows, kv_heads, columns, head_dim).
+        self.kv = []
+        self.spare = [] if self.alternate_buffers else None  # per layer: the other buffers, next first
         for layer in range(len(self.layers)):
             if prefix is None:  # only one-token prompts: nothing to prefill
-                keys = values = mx.zeros((len(prompts), self.n_kv_heads, 0, self.head_dim), dtype)
+                held = mx.zeros((2, len(prompts), self.n_kv_heads, 0, self.head_dim), dtype)
             else:
-                keys, values = prefix[layer]
-            keys, values = mx.repeat(keys, group_size, axis=0), mx.repeat(values, group_size, axis=0)
-            free = mx.zeros((keys.shape[0], self.n_kv_heads, capacity - width, self.head_dim), keys.dtype)
-            self.keys.append(mx.concatenate([keys, free], axis=2))
-            self.values.append(mx.concatenate([values, free], axis=2))
-            mx.eval(self.keys[-1], self.values[-1])
+                held = mx.stack(prefix[layer])
+            held = mx.repeat(held, group_size, axis=1)
+            free = mx.zeros(held.shape[:3] + (capacity - width, self.head_dim), dtype)
+            self.kv.append(mx.concatenate([held, free], axis=3))
+            mx.eval(self.kv[-1])
             if self.spare is not None:  # buffers of their own (concatenate allocates each)
-                self.spare.append([(mx.concatenate([keys, free], axis=2), mx.concatenate([values, free], axis=2))
-                                   for _ in range(self.kv_buffers - 1)])
+                self.spare.append([mx.concatenate([held, free], axis=3) for _ in range(self.kv_buffers - 1)])
                 mx.eval(self.spare[-1])
         lens = [n for n in prefix_lens for _ in range(group_size)]
         self.start_positions = mx.array(lens, dtype=mx.int32)  # RoPE position of each row's first decoded token
         self.left_padding = mx.array([width - n for n in lens], dtype=mx.int32)
         self.padded = any(n != width for n in lens)
+        # The masked attention written out (attention_by_gemm) only with a mask: without one MLX's fused call is it.
+        self.by_gemm = self.attend_by_hand and self.padded
 
     def _rolled_prefill(self, prompts, prefix_lens):
         """The prefill with each row's keys and values rolled right so they end at column prefix_len
@@ -415,19 +435,20 @@ class NanochatDecoder:
 
     def _window_views(self, column):
         """Per distinct window: (first column read, end column, mask or None) at this step's column (the per-row
-        layout). attention_by_gemm reads past the column to a multiple of GEMM_COLUMNS_ALIGN, masked."""
+        layout). For attention_by_gemm the mask is padding_bias' and the columns read run past the step's column to
+        a multiple of GEMM_COLUMNS_ALIGN, masked."""
         views = {}
         for window in {layer.window for layer in self.layers}:
             first = 0 if window is None else max(0, column - window)
             end, mask = column + 1, None
-            if self.padded:  # the left padding of shorter prompts is not attended to
-                if self.attend_by_hand:
-                    end = first + -(-(column + 1 - first) // GEMM_COLUMNS_ALIGN) * GEMM_COLUMNS_ALIGN
-                    columns = mx.arange(first, end)
-                    mask = (columns >= self.left_padding[:, None]) & (columns <= column)
-                else:
-                    mask = mx.arange(first, column + 1) >= self.left_padding[:, None]
-                mask = mask[:, None, None, :]
+            if self.by_gemm:
+                end = first + -(-(column + 1 - first) // GEMM_COLUMNS_ALIGN) * GEMM_COLUMNS_ALIGN
+                columns = mx.arange(first, end)
+                allowed = (columns >= self.left_padding[:, None]) & (columns <= column)
+                mask = padding_bias(allowed, self.n_kv_heads, query_rows(self.n_heads, self.n_kv_heads),
+                                    self.cache_dtype)
+            elif self.padded:  # the left padding of shorter prompts is not attended to
+                mask = (mx.arange(first, column + 1) >= self.left_padding[:, None])[:, None, None, :]
             views[window] = (first, end, mask)
         return views
 
@@ -438,11 +459,11 @@ class NanochatDecoder:
 
     def _per_row_attention(self, i, column, q, k, v, view):
         """Layer i's step in the per-row layout: write k and v at `column`, attend over the window's view."""
-        keys, values = self._write(i, column, k, v)
+        kv = self._write(i, column, k, v)
         first, end, mask = view
-        keys, values = keys[..., first:end, :], values[..., first:end, :]
-        if mask is not None and self.attend_by_hand:
-            return attention_by_gemm(q, keys, values, self.scale, mask)
+        keys, values = kv[0, ..., first:end, :], kv[1, ..., first:end, :]
+        if self.by_gemm:
+            return attention_by_gemm(gemm_queries(q, self.n_kv_heads), keys, values, mask, self.scale, self.n_heads)
         return mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
 
     def step(self, tokens):
@@ -481,22 +502,20 @@ class NanochatDecoder:
         return f.logits[False](x, self.head)
 
     def _write(self, i, column, k, v):
-        """Layer i's new key and value into its cache at this column; the buffers to read this step."""
+        """Layer i's new key and value into its cache at this column; the buffer to read this step."""
         if self.spare is None:
-            keys, values = self.keys[i], self.values[i]
-            keys[..., column:column + 1, :] = k
-            values[..., column:column + 1, :] = v
-            return keys, values
-        keys, values = self.spare[i].pop(0)  # read kv_buffers steps ago, not by a step still in flight
-        missed = self.last_kv[i]  # the columns written since this buffer's last turn (none on its first)
-        missed = missed[len(missed) - min(self.t, self.kv_buffers - 1):]
-        first = column - len(missed)
-        keys[..., first:column + 1, :] = mx.concatenate([kv[0] for kv in missed] + [k], axis=2)
-        values[..., first:column + 1, :] = mx.concatenate([kv[1] for kv in missed] + [v], axis=2)
-        self.spare[i].append((self.keys[i], self.values[i]))
-        self.last_kv[i] = (missed + [(k, v)])[-(self.kv_buffers - 1):]
-        self.keys[i], self.values[i] = keys, values
-        return keys, values
+            kv = self.kv[i]
+        else:
+            kv = self.spare[i].pop(0)  # read kv_buffers steps ago, not by a step still in flight
+            missed = min(self.t, self.kv_buffers - 1)  # the columns written since this buffer's last turn
+            if missed:  # from the buffer written last step, which holds them all (read, not written: no copy)
+                kv[..., column - missed:column, :] = self.kv[i][..., column - missed:column, :]
+            self.spare[i].append(self.kv[i])
+            self.kv[i] = kv
+        # Slice updates (copy kernels) straight from q/k/v's views: no stacked write array to build first.
+        kv[0, ..., column:column + 1, :] = k
+        kv[1, ..., column:column + 1, :] = v
+        return kv
 
     def row_cache(self, row):
         """Batch row `row`'s keys and values (its prompt and every token fed since) as an mlx-lm prompt cache
@@ -506,9 +525,9 @@ class NanochatDecoder:
                              "use_kernel=False")
         start, end = int(self.left_padding[row].item()), self.prefix_len + self.t
         caches = self.model.make_cache() if self.is_2026 else make_prompt_cache(self.model)
-        for cache, keys, values in zip(caches, self.keys, self.values):
-            cache.keys = mx.contiguous(keys[row:row + 1, :, start:end])
-            cache.values = mx.contiguous(values[row:row + 1, :, start:end])
+        for cache, kv in zip(caches, self.kv):
+            cache.keys = mx.contiguous(kv[0, row:row + 1, :, start:end])
+            cache.values = mx.contiguous(kv[1, row:row + 1, :, start:end])
             cache.offset = end - start
         if self.smear is not None:  # the normed embeddings of every token the row holds, as the model keeps them
             fed = mx.concatenate(self.fed, axis=1)[row].tolist() if self.fed else []
@@ -529,10 +548,8 @@ class NanochatDecoder:
             self.generated_kv = [g[keep] for g in self.generated_kv]
             self.row_prompt = self.row_prompt[keep]
             return
-        self.keys = [k[keep] for k in self.keys]
-        self.values = [v[keep] for v in self.values]
+        self.kv = [kv[:, keep] for kv in self.kv]
         if self.spare is not None:
-            self.spare = [[(k[keep], v[keep]) for k, v in layer] for layer in self.spare]
-            self.last_kv = [[(k[keep], v[keep]) for k, v in layer] for layer in self.last_kv]
+            self.spare = [[kv[:, keep] for kv in layer] for layer in self.spare]
         self.start_positions = self.start_positions[keep]
         self.left_padding = self.left_padding[keep]
