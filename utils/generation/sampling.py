@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_grpo import cuda_kernels
@@ -30,14 +31,21 @@ def ordered_keys(x: mx.array) -> mx.array:
     return mx.where(bits >= mx.array(sign, unsigned), ~bits, bits | mx.array(sign, unsigned))
 
 
+@lru_cache(maxsize=None)
+def _one(dtype: mx.Dtype) -> mx.array:
+    """1 as a (1,) array; from numpy, so it is a constant also inside mx.compile."""
+    return mx.array(np.ones(1), dtype=dtype)
+
+
 def kth_largest_keys(keys: mx.array, k: int) -> mx.array:
     """Per row, the ordered key of the k-th largest value (exact): the largest t with count(keys >= t) >= k,
     built bit by bit from the top (16 or 32 passes over the row, no sort)."""
     threshold = mx.zeros(keys.shape[:-1] + (1,), dtype=keys.dtype)
     for bit in range(keys.dtype.size * 8 - 1, -1, -1):
-        candidate = threshold | mx.array(1 << bit, keys.dtype)
-        enough = (keys >= candidate).sum(axis=-1, keepdims=True) >= k
-        threshold = mx.where(enough, candidate, threshold)
+        # The candidate written two ways, so that mx.compile does not make it an array of its own: it fuses into
+        # the compare and into the select, and a pass is three launches (compare, count, select), not four.
+        count = (keys >= (threshold | (_one(keys.dtype) << mx.array(bit, keys.dtype)))).sum(axis=-1, keepdims=True)
+        threshold = mx.where(count >= k, threshold | mx.array(1 << bit, keys.dtype), threshold)
     return threshold
 
 
