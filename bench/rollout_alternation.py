@@ -5,14 +5,23 @@ of 80-120 tokens x 16 rows x 256 new tokens, top-k 50, by default.
     python bench/rollout_alternation.py --paths portable,portable-fused     # the portable path's masked attention
     git show 7a6101b:utils/cuda_kernels/decode.py > /tmp/old_decode.py
     python bench/rollout_alternation.py --paths kernel,kernel-compared --compare /tmp/old_decode.py
+    git worktree add /tmp/old 55dad8d
+    python bench/rollout_alternation.py --paths portable,portable-compared --compare-tree /tmp/old
 
 Paths: kernel (utils/cuda_kernels/decode.py, MLX's CUDA backend only); kernel-compared (the kernel of another copy
 of that file, --compare); portable (MLX's ops only, what Metal runs; on CUDA the masked attention is
 attention_by_gemm); portable-fused (the same with MLX's fused attention call for the masked attention too, which
-on CUDA is MLX's unfused fallback). Each path rolls out once to compile, then `--rounds` times in turn.
+on CUDA is MLX's unfused fallback); portable-compared (the portable path of another checkout, --compare-tree: its
+utils/ imported under another package name, its decoders and sampler). Each path rolls out once to compile, then
+`--rounds` times in turn.
 """
 
 import argparse
+import importlib
+import pathlib
+import shutil
+import sys
+import tempfile
 
 import mlx.core as mx
 import numpy as np
@@ -25,13 +34,34 @@ from mlx_grpo.generation.engine import generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.nanochat import decoder as nanochat_decoder
 
-PATHS = ("kernel", "kernel-compared", "portable", "portable-fused")
+PATHS = ("kernel", "kernel-compared", "portable", "portable-fused", "portable-compared")
+COMPARED = "mlx_grpo_compared"
+
+
+def load_tree(checkout):
+    """(generate_completions, make_rollout_sampler, cuda_kernels) of another checkout's utils/, copied to a
+    temporary folder as the package mlx_grpo_compared (its imports renamed), so both versions run in one process."""
+    source = pathlib.Path(checkout) / "utils"
+    if not (source / "generation" / "engine.py").is_file():
+        raise SystemExit(f"rollout_alternation.py: {checkout} has no utils/generation/engine.py; pass a checkout "
+                         "of this repository (git worktree add DIR COMMIT)")
+    root = pathlib.Path(tempfile.mkdtemp())
+    shutil.copytree(source, root / COMPARED)
+    for path in (root / COMPARED).rglob("*.py"):
+        path.write_text(path.read_text().replace("mlx_grpo", COMPARED))
+    sys.path.insert(0, str(root))
+    for name in [m for m in sys.modules if m.split(".")[0] == COMPARED]:  # a tree loaded before
+        del sys.modules[name]
+    modules = [importlib.import_module(f"{COMPARED}.{name}")
+               for name in ("generation.engine", "generation.sampling", "cuda_kernels")]
+    return modules[0].generate_completions, modules[1].make_rollout_sampler, modules[2]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--paths", default="kernel,portable,portable-fused", help=f"comma-separated, of {PATHS}")
     p.add_argument("--compare", metavar="FILE", help="the copy of utils/cuda_kernels/decode.py of kernel-compared")
+    p.add_argument("--compare-tree", metavar="DIR", help="the checkout whose portable path portable-compared runs")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--vocab", type=int, default=VOCAB)
     p.add_argument("--prompts", type=int, default=16)
@@ -46,6 +76,9 @@ def main(argv=None):
         raise SystemExit("rollout_alternation.py: the kernel paths need MLX's CUDA backend; run the portable ones")
     if "kernel-compared" in paths and not args.compare:
         raise SystemExit("rollout_alternation.py: kernel-compared needs --compare FILE (a copy of decode.py)")
+    if "portable-compared" in paths and not args.compare_tree:
+        raise SystemExit("rollout_alternation.py: portable-compared needs --compare-tree DIR (a checkout)")
+    compared = load_tree(args.compare_tree) if "portable-compared" in paths else None
     sources = {"kernel": (cuda_decode._HEADER, cuda_decode._SOURCE)}
     if args.compare:
         sources["kernel-compared"] = load_source(args.compare)
@@ -72,8 +105,13 @@ def main(argv=None):
         for round_ in range(args.rounds + 1):
             for name in paths:
                 take(name)
-                stats = generate_completions(model, prompts, group_size=args.group, max_new_tokens=args.new_tokens,
-                                             sampler=sampler, stop_token_ids=set())[1]
+                generate, rollout_sampler = generate_completions, sampler
+                if name == "portable-compared":
+                    generate, make_sampler, compared_kernels = compared
+                    compared_kernels.set_enabled(False)
+                    rollout_sampler = make_sampler(1.0, top_k=50)
+                stats = generate(model, prompts, group_size=args.group, max_new_tokens=args.new_tokens,
+                                 sampler=rollout_sampler, stop_token_ids=set())[1]
                 if round_ > 0:  # round 0 compiles
                     rates[name].append(tokens / stats.seconds)
                     print(f"round {round_} {name:<16} {rates[name][-1]:10,.0f} tok/s", flush=True)

@@ -262,6 +262,15 @@ def test_rollout_alternation_takes_turns_and_restores_the_switches():
     assert nanochat_decode.masked_attention_by_hand is before and cuda_kernels.enabled()
 
 
+def test_rollout_alternation_compares_another_checkouts_portable_path(tmp_path):
+    argv = ["--paths", "portable,portable-compared", "--compare-tree", str(Path(__file__).parents[1]), "--depth", "2",
+            "--vocab", "512", "--prompts", "2", "--group", "2", "--new-tokens", "3", "--rounds", "1"]
+    rates = bench_main("rollout_alternation.py", argv)
+    assert set(rates) == {"portable", "portable-compared"} and all(v[0] > 0 for v in rates.values())
+    with pytest.raises(SystemExit, match="has no utils/generation/engine.py"):
+        bench_main("rollout_alternation.py", ["--paths", "portable-compared", "--compare-tree", str(tmp_path)])
+
+
 @pytest.mark.skipif(cuda_kernels.runs_on_cuda_gpu(), reason="off CUDA only")
 def test_rollout_alternation_says_what_the_kernel_paths_need():
     with pytest.raises(SystemExit, match="kernel paths need MLX's CUDA backend"):
