@@ -4,7 +4,8 @@ portable decoder can keep, timed side by side at a few steps t. Random bf16 keys
     python bench/portable_attention.py --rows 256 --prompts 16 --steps 32,128,224
 
 - per row: each prompt's keys copied to its group's rows, left-padded to the longest prompt, and MLX's fused
-  attention over the row's cache with a mask over the padding (the per-row layout of utils/nanochat/decoder.py);
+  attention over the row's cache with a mask over the padding (the per-row layout of utils/nanochat/decoder.py,
+  but with keys and values in buffers of their own; the decoders' one buffer is the GEMM variant's);
   "no mask" is the same with equal prompts, the fastest MLX has for one query;
 - GEMM scores: the per-row layout's masked attention written out (utils/nanochat/decoder.py's gemm_queries and
   attention_by_gemm, what the decoders run on CUDA): the row's query twice so MLX's CUDA backend scores with

@@ -84,7 +84,7 @@ def test_masked_attention_by_gemm_decodes_as_mlx_lm(model, monkeypatch):
     """The per-row layout's masked attention written out (what CUDA runs) gives mlx-lm's logits too."""
     monkeypatch.setattr(nanochat_decode, "masked_attention_by_hand", lambda: True)
     decoder = assert_same_logits(model, PROMPTS, 2, 8, keep_after=4, keep=[0, 3, 5], alternate_buffers=True)
-    assert decoder.attend_by_hand and not decoder.use_kernel
+    assert decoder.attend_by_hand and decoder.by_gemm and not decoder.use_kernel
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])

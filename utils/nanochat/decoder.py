@@ -398,11 +398,12 @@ class NanochatDecoder:
         # Per layer, keys and values in one buffer, (2, rows, kv_heads, columns, head_dim).
         self.kv = []
         self.spare = [] if self.alternate_buffers else None  # per layer: the other buffers, next first
+        self.last_kv = [[] for _ in self.layers]  # alternate_buffers: the latest steps' new keys and values
         for layer in range(len(self.layers)):
             if prefix is None:  # only one-token prompts: nothing to prefill
                 held = mx.zeros((2, len(prompts), self.n_kv_heads, 0, self.head_dim), dtype)
             else:
-                held = mx.stack(prefix[layer])
+                held = mx.stack(prefix[layer]).astype(dtype)
             held = mx.repeat(held, group_size, axis=1)
             free = mx.zeros(held.shape[:3] + (capacity - width, self.head_dim), dtype)
             self.kv.append(mx.concatenate([held, free], axis=3))
@@ -502,17 +503,21 @@ class NanochatDecoder:
         return f.logits[False](x, self.head)
 
     def _write(self, i, column, k, v):
-        """Layer i's new key and value into its cache at this column; the buffer to read this step."""
+        """Layer i's new key and value into its cache at this column; the buffer to read this step. Slice updates
+        (copy kernels) straight from the k and v views: no concatenated write array to build first."""
         if self.spare is None:
             kv = self.kv[i]
         else:
             kv = self.spare[i].pop(0)  # read kv_buffers steps ago, not by a step still in flight
-            missed = min(self.t, self.kv_buffers - 1)  # the columns written since this buffer's last turn
-            if missed:  # from the buffer written last step, which holds them all (read, not written: no copy)
-                kv[..., column - missed:column, :] = self.kv[i][..., column - missed:column, :]
+            # The columns written since this buffer's last turn (none on its first), from those steps' own k and v:
+            # the buffer written last step is read by this step, so it must not be read here (it is written next).
+            missed = self.last_kv[i][len(self.last_kv[i]) - min(self.t, self.kv_buffers - 1):]
+            for c, (old_k, old_v) in enumerate(missed, start=column - len(missed)):
+                kv[0, ..., c:c + 1, :] = old_k
+                kv[1, ..., c:c + 1, :] = old_v
             self.spare[i].append(self.kv[i])
             self.kv[i] = kv
-        # Slice updates (copy kernels) straight from q/k/v's views: no stacked write array to build first.
+            self.last_kv[i] = (missed + [(k, v)])[-(self.kv_buffers - 1):]
         kv[0, ..., column:column + 1, :] = k
         kv[1, ..., column:column + 1, :] = v
         return kv
@@ -551,5 +556,6 @@ class NanochatDecoder:
         self.kv = [kv[:, keep] for kv in self.kv]
         if self.spare is not None:
             self.spare = [[kv[:, keep] for kv in layer] for layer in self.spare]
+            self.last_kv = [[(k[keep], v[keep]) for k, v in layer] for layer in self.last_kv]
         self.start_positions = self.start_positions[keep]
         self.left_padding = self.left_padding[keep]
