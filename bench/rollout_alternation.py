@@ -3,17 +3,15 @@
 of 80-120 tokens x 16 rows x 256 new tokens, top-k 50, by default.
 
     python bench/rollout_alternation.py --paths portable,portable-fused     # the portable path's masked attention
-    git show 7a6101b:utils/cuda_kernels/decode.py > /tmp/old_decode.py
-    python bench/rollout_alternation.py --paths kernel,kernel-compared --compare /tmp/old_decode.py
     git worktree add /tmp/old 55dad8d
     python bench/rollout_alternation.py --paths portable,portable-compared --compare-tree /tmp/old
+    python bench/rollout_alternation.py --paths kernel,kernel-compared --compare-tree /tmp/old
 
-Paths: kernel (utils/cuda_kernels/decode.py, MLX's CUDA backend only); kernel-compared (the kernel of another copy
-of that file, --compare); portable (MLX's ops only, what Metal runs; on CUDA the masked attention is
-attention_by_gemm); portable-fused (the same with MLX's fused attention call for the masked attention too, which
-on CUDA is MLX's unfused fallback); portable-compared (the portable path of another checkout, --compare-tree: its
-utils/ imported under another package name, its decoders and sampler). Each path rolls out once to compile, then
-`--rounds` times in turn.
+Paths: kernel (utils/cuda_kernels/decode.py, MLX's CUDA backend only); portable (MLX's ops only, what Metal runs;
+on CUDA the masked attention is attention_by_gemm); portable-fused (the same with MLX's fused attention call for the
+masked attention too, which on CUDA is MLX's unfused fallback); kernel-compared and portable-compared (those paths
+of another checkout, --compare-tree: its utils/ imported under another package name, its decoders, kernels and
+sampler). Each path rolls out once to compile, then `--rounds` times in turn.
 """
 
 import argparse
@@ -25,16 +23,14 @@ import tempfile
 
 import mlx.core as mx
 import numpy as np
-from decode_kernel import load_source
 from model_families import VOCAB, build_model
 
 from mlx_grpo import cuda_kernels
-from mlx_grpo.cuda_kernels import decode as cuda_decode
 from mlx_grpo.generation.engine import generate_completions
 from mlx_grpo.generation.sampling import make_rollout_sampler
 from mlx_grpo.nanochat import decoder as nanochat_decoder
 
-PATHS = ("kernel", "kernel-compared", "portable", "portable-fused", "portable-compared")
+PATHS = ("kernel", "portable", "portable-fused", "kernel-compared", "portable-compared")
 COMPARED = "mlx_grpo_compared"
 
 
@@ -60,8 +56,7 @@ def load_tree(checkout):
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--paths", default="kernel,portable,portable-fused", help=f"comma-separated, of {PATHS}")
-    p.add_argument("--compare", metavar="FILE", help="the copy of utils/cuda_kernels/decode.py of kernel-compared")
-    p.add_argument("--compare-tree", metavar="DIR", help="the checkout whose portable path portable-compared runs")
+    p.add_argument("--compare-tree", metavar="DIR", help="the checkout that the *-compared paths run")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--vocab", type=int, default=VOCAB)
     p.add_argument("--prompts", type=int, default=16)
@@ -74,24 +69,23 @@ def main(argv=None):
         raise SystemExit(f"rollout_alternation.py: unknown path {unknown[0]!r}; choose from {', '.join(PATHS)}")
     if any(name.startswith("kernel") for name in paths) and not cuda_kernels.runs_on_cuda_gpu():
         raise SystemExit("rollout_alternation.py: the kernel paths need MLX's CUDA backend; run the portable ones")
-    if "kernel-compared" in paths and not args.compare:
-        raise SystemExit("rollout_alternation.py: kernel-compared needs --compare FILE (a copy of decode.py)")
-    if "portable-compared" in paths and not args.compare_tree:
-        raise SystemExit("rollout_alternation.py: portable-compared needs --compare-tree DIR (a checkout)")
-    compared = load_tree(args.compare_tree) if "portable-compared" in paths else None
-    sources = {"kernel": (cuda_decode._HEADER, cuda_decode._SOURCE)}
-    if args.compare:
-        sources["kernel-compared"] = load_source(args.compare)
+    needs_tree = [name for name in paths if name.endswith("-compared")]
+    if needs_tree and not args.compare_tree:
+        raise SystemExit(f"rollout_alternation.py: {needs_tree[0]} needs --compare-tree DIR (a checkout)")
+    compared = load_tree(args.compare_tree) if needs_tree else None
     by_hand = nanochat_decoder.masked_attention_by_hand
 
     def take(name):
-        # The switches the decoders read when made: the kernels (and the sampling kernel) on or off, the kernel's
-        # source, the masked attention's form.
-        cuda_kernels.set_enabled(name.startswith("kernel"))
-        if name in sources:
-            cuda_decode._HEADER, cuda_decode._SOURCE = sources[name]
-            cuda_decode._kernel.cache_clear()
+        """The rollout function and sampler of a path, with the switches its decoders read when made set: the
+        kernels (and the sampling kernel) on or off, the masked attention's form."""
+        kernels = name.startswith("kernel")
+        cuda_kernels.set_enabled(kernels)
         nanochat_decoder.masked_attention_by_hand = (lambda: False) if name == "portable-fused" else by_hand
+        if not name.endswith("-compared"):
+            return generate_completions, sampler
+        generate, make_sampler, compared_kernels = compared
+        compared_kernels.set_enabled(kernels)
+        return generate, make_sampler(1.0, top_k=50)
 
     model = build_model(args.depth, args.vocab)
     model.set_dtype(mx.bfloat16)
@@ -104,19 +98,14 @@ def main(argv=None):
     try:
         for round_ in range(args.rounds + 1):
             for name in paths:
-                take(name)
-                generate, rollout_sampler = generate_completions, sampler
-                if name == "portable-compared":
-                    generate, make_sampler, compared_kernels = compared
-                    compared_kernels.set_enabled(False)
-                    rollout_sampler = make_sampler(1.0, top_k=50)
+                generate, rollout_sampler = take(name)
                 stats = generate(model, prompts, group_size=args.group, max_new_tokens=args.new_tokens,
                                  sampler=rollout_sampler, stop_token_ids=set())[1]
                 if round_ > 0:  # round 0 compiles
                     rates[name].append(tokens / stats.seconds)
                     print(f"round {round_} {name:<16} {rates[name][-1]:10,.0f} tok/s", flush=True)
     finally:
-        take("kernel")  # this version's kernel and the defaults back
+        take("kernel")  # the defaults back
     for name, values in rates.items():
         print(f"{name:<16} mean {sum(values) / len(values):10,.0f} tok/s over {len(values)} rollouts")
     return rates

@@ -66,6 +66,11 @@ def masked_attention_by_hand() -> bool:
     return cuda_kernels.runs_on_cuda_gpu()
 
 
+def query_rows(heads, kv_heads):
+    """The rows per KV head of gemm_queries' queries (and of padding_bias)."""
+    return max(2, heads // kv_heads)
+
+
 def gemm_queries(q, kv_heads):
     """attention_by_gemm's queries from q (rows, heads, 1, head_dim): grouped per KV head as
     (rows, kv_heads, R, head_dim), and without GQA each query twice (R = 2), so that the score product has two rows
@@ -73,9 +78,8 @@ def gemm_queries(q, kv_heads):
     kernel, not a compiled product: MLX's CUDA kernels for compiled ops over broadcast or strided inputs run
     several times slower than its copies (bench/kernel_profile.py)."""
     rows, heads, _, dim = q.shape
-    if heads == kv_heads:
-        return mx.contiguous(mx.broadcast_to(q, (rows, heads, 2, dim)))
-    return q.reshape(rows, kv_heads, heads // kv_heads, dim)
+    shape = (rows, kv_heads, query_rows(heads, kv_heads), dim)
+    return mx.contiguous(mx.broadcast_to(q, shape)) if heads == kv_heads else q.reshape(shape)
 
 
 def padding_bias(allowed, kv_heads, query_rows, dtype):
@@ -95,11 +99,6 @@ def attention_by_gemm(queries, keys, values, bias, scale, heads):
     scores = mx.addmm(bias, queries, keys.swapaxes(-1, -2), alpha=scale)
     weights = mx.softmax(scores, axis=-1, precise=True)
     return (weights[:, :, : heads // kv_heads] @ values).reshape(rows, heads, 1, dim)
-
-
-def query_rows(heads, kv_heads):
-    """The rows per KV head of gemm_queries' queries (and of padding_bias)."""
-    return max(2, heads // kv_heads)
 
 
 def _is_2026(model) -> bool:
