@@ -153,7 +153,7 @@ def sampling_variants(rows=256, vocab=65536, steps=32, k=50):
 
     timed("mlx-lm top-k sampler (argpartition)", lambda: mx.eval(mlx_lm_top_k(logits - mx.logsumexp(logits, -1, keepdims=True))), steps)
     timed("mx.topk threshold + categorical", lambda: mx.eval(topk_threshold()), steps)
-    timed("fused (bisection threshold, compiled)", lambda: mx.eval(fused(logits)), steps)
+    timed("fused (chunked threshold, compiled)", lambda: mx.eval(fused(logits)), steps)
     timed("greedy (compiled argmax)", lambda: mx.eval(make_rollout_sampler(0.0)(logits)), steps)
 
 

@@ -1,10 +1,11 @@
-"""Rollout sampling: the exact k-th largest logit by bisection, top-k masks, sampled frequencies."""
+"""Rollout sampling: the exact k-th largest logit (chunk maxima, then the chosen chunks), top-k masks, sampled
+frequencies."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_grpo.generation.sampling import kth_largest_keys, make_rollout_sampler, ordered_keys, top_k_mask
+from mlx_grpo.generation.sampling import chunk_size, kth_largest_keys, make_rollout_sampler, ordered_keys, top_k_mask
 
 
 def test_ordered_keys_sort_like_the_floats():
@@ -27,6 +28,29 @@ def test_kth_largest_is_exact_for_every_k(dtype):
         mask = np.array(top_k_mask(logits, k))
         np.testing.assert_array_equal(mask, values >= kth[:, None])
         assert (mask.sum(-1) >= k).all()
+
+
+@pytest.mark.parametrize("kind", ["normal", "few values", "mostly equal", "infinities"])
+def test_kth_largest_keys_equal_a_sort_over_vocabularies_and_ks(kind):
+    # Vocabularies that are not a multiple of the chunk (padded), every k up to the vocabulary, heavy ties.
+    rng = np.random.default_rng(len(kind))
+    for trial in range(40):
+        vocab = int(rng.integers(2, 2500))
+        k = int(rng.integers(1, vocab + 1)) if trial % 2 else int(rng.integers(1, min(vocab, 64) + 1))
+        x = {"normal": lambda: rng.normal(size=(3, vocab)) * 4,
+             "few values": lambda: rng.integers(-3, 4, size=(3, vocab)).astype(float),
+             "mostly equal": lambda: np.where(rng.random((3, vocab)) < 0.01, 1.0, 0.0),
+             "infinities": lambda: np.where(rng.random((3, vocab)) < 0.3, np.inf, rng.normal(size=(3, vocab)))}[kind]()
+        for dtype in (mx.float32, mx.bfloat16):
+            keys = ordered_keys(mx.array(x.astype(np.float32)).astype(dtype))
+            want = np.sort(np.array(keys).astype(np.int64), axis=-1)[:, -k]
+            np.testing.assert_array_equal(np.array(kth_largest_keys(keys, k))[:, 0], want)
+
+
+def test_chunks_balance_the_two_sorts():
+    assert chunk_size(65_536, 50) == 32  # 2,048 maxima, 1,600 keys of the chosen chunks: one sort block each
+    assert chunk_size(151_936, 50) == 64
+    assert chunk_size(100, 100) == 1 and chunk_size(100, 60) == 1  # k chunks must fit in the vocabulary
 
 
 def test_ties_at_the_kth_value_are_kept():

@@ -1,8 +1,8 @@
 """Temperature + top-k sampling in one CUDA kernel launch (MLX's CUDA backend only).
 
 On MLX's CUDA backend every kernel launch has a fixed cost, and mlx_grpo.generation.sampling's
-compiled path needs 16 bisection passes (dozens of kernels) per decode step. This kernel does the
-whole draw for a (rows, vocab) batch of logits in one launch, one thread block per row:
+compiled path needs about ten kernels per decode step (keys, chunk maxima, two sorts, a gather, the draw).
+This kernel does the whole draw for a (rows, vocab) batch of logits in one launch, one thread block per row:
 
 1. the row's exact k-th largest logit by radix select on the ordered unsigned keys of
    mlx_grpo.generation.sampling.ordered_keys (16-bit keys for bfloat16/float16: 2 passes of 8-bit digits;
