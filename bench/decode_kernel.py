@@ -6,7 +6,7 @@ reads another's keys from L2). Needs MLX's CUDA backend and torch with CUDA (its
     python bench/decode_kernel.py                                  # d20's shape: 10 heads x 128
     python bench/decode_kernel.py --heads 32 --kv-heads 8 --head-dim 64   # Llama-3.2-1B's
     git show 7a6101b:utils/cuda_kernels/decode.py > /tmp/old_decode.py
-    python bench/decode_kernel.py --compare /tmp/old_decode.py     # that version's kernel too
+    python bench/decode_kernel.py --compare /tmp/old_decode.py     # that version's kernel too (repeatable)
 
 A case is `prompt:T` (the row's prompt, then T generated keys) or `none:T` (no prompt). Each kernel's time is
 the mean over 3 x 20 calls, printed for two runs, with its largest difference from this version's output.
@@ -37,7 +37,8 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=10)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--cases", default="none:0,prompt:32,prompt:128,prompt:224")
-    p.add_argument("--compare", metavar="FILE", help="another copy of utils/cuda_kernels/decode.py to time as well")
+    p.add_argument("--compare", metavar="FILE", action="append", default=[],
+                   help="another copy of utils/cuda_kernels/decode.py to time as well (repeatable)")
     args = p.parse_args(argv)
     torch, profile, activity = cuda_profiler.start("decode_kernel.py")
     rows, prompts, H, KV, HD, capacity, prompt_capacity, layers = (256, 16, args.heads, args.kv_heads, args.head_dim,
@@ -56,8 +57,9 @@ def main(argv=None):
     unit = mx.ones((HD,), dtype)
     mx.eval(prompt_k, prompt_v, generated, qkv, lens, inv_freq)
     kernels = {"this": cuda_decode.make_kernel(RMS_NORM_EPS, HD ** -0.5)}
-    if args.compare:
-        kernels["compared"] = cuda_decode.make_kernel(RMS_NORM_EPS, HD ** -0.5, *load_source(args.compare))
+    for path in args.compare:  # named by the file's stem
+        name = path.rsplit("/", 1)[-1].removesuffix(".py")
+        kernels[name] = cuda_decode.make_kernel(RMS_NORM_EPS, HD ** -0.5, *load_source(path))
 
     def calls(kernel, with_prompt, t):
         step = mx.array([t], mx.int32)
