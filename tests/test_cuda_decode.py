@@ -275,3 +275,12 @@ def test_rollout_alternation_compares_another_checkouts_portable_path(tmp_path):
 def test_rollout_alternation_says_what_the_kernel_paths_need():
     with pytest.raises(SystemExit, match="kernel paths need MLX's CUDA backend"):
         bench_main("rollout_alternation.py", ["--paths", "kernel,portable", "--depth", "2"])
+
+
+def test_rollout_in_step_times_the_steps_rollouts_and_direct_ones():
+    argv = ["--depth", "2", "--vocab", "512", "--prompts", "2", "--group", "2", "--new-tokens", "3",
+            "--micro-batch-size", "4", "--no-cuda-kernels"]
+    rates = bench_main("rollout_in_step.py", argv)
+    assert len(rates) == 17 and all(rate > 0 for _, rate in rates)
+    assert rates[0][0].startswith("direct") and rates[3][0].startswith("sample_rollouts")
+    assert cuda_kernels.enabled()
