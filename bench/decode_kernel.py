@@ -14,6 +14,7 @@ the mean over 3 x 20 calls, printed for two runs, with its largest difference fr
 
 import argparse
 import importlib.util
+from pathlib import Path
 
 import cuda_profiler
 import mlx.core as mx
@@ -57,9 +58,8 @@ def main(argv=None):
     unit = mx.ones((HD,), dtype)
     mx.eval(prompt_k, prompt_v, generated, qkv, lens, inv_freq)
     kernels = {"this": cuda_decode.make_kernel(RMS_NORM_EPS, HD ** -0.5)}
-    for path in args.compare:  # named by the file's stem
-        name = path.rsplit("/", 1)[-1].removesuffix(".py")
-        kernels[name] = cuda_decode.make_kernel(RMS_NORM_EPS, HD ** -0.5, *load_source(path))
+    for path in args.compare:
+        kernels[Path(path).stem] = cuda_decode.make_kernel(RMS_NORM_EPS, HD ** -0.5, *load_source(path))
 
     def calls(kernel, with_prompt, t):
         step = mx.array([t], mx.int32)

@@ -19,6 +19,7 @@ import numpy as np
 
 import mlx_grpo.cuda_kernels as cuda_kernels
 from mlx_grpo.generation.engine import generate_completions
+from mlx_grpo.training.backend import generation_options
 from mlx_grpo.training.distributed import init_world
 from mlx_grpo.training.step import TrainState, build_step, grpo_updates, rollout_policy, sample_rollouts
 
@@ -50,7 +51,7 @@ def measure(args):
         rates.append((label, stats.generated_tokens / stats.seconds))
         extra = f" rollout_s {rollout_s:.3f}" if rollout_s is not None else ""
         print(f"{label:<46} prefill {stats.prefill_seconds:.3f} generate {stats.seconds:.3f} "
-              f"tok/s {stats.generated_tokens / stats.seconds:9,.0f}{extra} | active "
+              f"tok/s {rates[-1][1]:9,.0f}{extra} | active "
               f"{mx.get_active_memory() / GIB:.1f} cached {mx.get_cache_memory() / GIB:.1f} GiB", flush=True)
 
     def direct(label, times):  # generate_completions on the step's rollout copy, as rollout_alternation.py calls it
@@ -58,8 +59,7 @@ def measure(args):
         for _ in range(times):
             _, stats = generate_completions(
                 policy, prompts, group_size=args.group, max_new_tokens=args.new_tokens, sampler=setup.sampler,
-                stop_token_ids=set(), headroom=setup.cfg.rollout_headroom, prefill_align=setup.cfg.prefill_align,
-                kv_buffers=setup.cfg.rollout_kv_buffers)
+                stop_token_ids=set(), **generation_options(setup.cfg))
             show(label, stats)
 
     def in_step(label, times, update=True):
