@@ -30,6 +30,10 @@ from mlx_grpo.training.memory import (
 DEMO_MODEL_CONFIG = json.loads((REPO / "demo" / "model" / "config.json").read_text())
 D20 = json.loads((REPO / "configs" / "models" / "nanochat-d20.json").read_text())
 D32 = json.loads((REPO / "configs" / "models" / "nanochat-d32.json").read_text())
+QWEN2_MOE = {"model_type": "qwen2_moe", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64, "rms_norm_eps": 1e-6,
+             "num_experts_per_tok": 2, "num_experts": 4, "moe_intermediate_size": 32,
+             "shared_expert_intermediate_size": 64}
 bench = runpy.run_path(str(REPO / "bench" / "memory_plan.py"), run_name="memory_plan_bench")
 
 
@@ -243,6 +247,71 @@ def test_on_cuda_the_plan_keeps_each_prompts_keys_once_as_the_decode_kernel_does
     monkeypatch.setattr(cuda_kernels, "enabled", lambda: False)
     one = plan_memory(dims, one_buffer, available=0, source="test", backend="cuda")
     assert per_row.phases["rollout"] - one.phases["rollout"] == kv(rows, 356)
+
+def test_without_a_fast_decoder_the_plan_sizes_mlx_lms_one_growing_batch_cache():
+    """mlx-lm's model call (a model type no fast decoder takes, or adapters decoded in place) keeps one batch
+    cache per layer, from the longest prompt less one, grown BatchKVCache.step (256) tokens at a time, and
+    prefills one prompt at a time."""
+    cfg = validate(GRPOConfig(model_name="x", batch_size=2, num_generations=16, max_prompt_length=100,
+                              max_new_tokens=300, max_completion_length=300, quantize_for_rollouts=False,
+                              compute_dtype="float32", beta=0.0, eval_samples=0, prefill_align=1))
+    dims = model_dims(D20, cfg)
+    assert dims.fast_decoder and not model_dims(QWEN2_MOE).fast_decoder  # a model type of mlx-lm's only
+    slow = dataclasses.replace(dims, fast_decoder=False, decode_kernel=False)
+    plan = plan_memory(slow, cfg, available=0, source="test", backend="cpu")
+    prompts, rows = cfg.effective_prompts_per_step, cfg.effective_prompts_per_step * 16
+    kv = lambda n, length: n * dims.layers * 2 * dims.kv_dim * length * 4  # float32 keys and values
+    logits = rows * dims.vocab * 4 * memory.FORWARD_FLOAT32_PER_LOGIT
+    decode = kv(rows, 99 + 512) + kv(rows, 99 + 512) // dims.layers + logits  # 300 new tokens: 2 growth steps
+    assert plan.phases["rollout"] == sum(plan.resident.values()) + decode  # more than the prefill
+    fast = plan_memory(dims, cfg, available=0, source="test", backend="cpu")  # the per-row layout, two buffers
+    assert fast.phases["rollout"] - plan.phases["rollout"] == 2 * kv(rows, 400) + kv(rows, 400) // dims.layers + kv(
+        prompts, 100) - (kv(rows, 611) + kv(rows, 611) // dims.layers)
+    # LoRA adapters decoded in place take mlx-lm's call too; merged into a dense copy, the fast decoder.
+    lora = dataclasses.replace(cfg, train_type="lora", merge_adapters_for_decoding=False)
+    in_place = plan_memory(model_dims(D20, lora), lora, available=0, source="test", backend="cpu")
+    assert in_place.phases["rollout"] == sum(in_place.resident.values()) + decode
+    merged = dataclasses.replace(lora, merge_adapters_for_decoding=True)
+    assert plan_memory(model_dims(D20, merged), merged, available=0, source="test", backend="cpu").phases[
+        "rollout"] == sum(in_place.resident.values()) + memory.dense_bytes(dims, 4) + fast.phases["rollout"] - sum(
+        fast.resident.values())
+
+
+def test_the_plan_is_within_15_percent_of_mlx_lms_measured_decode_with_adapters_in_place():
+    from mlx_grpo.generation.engine import generate_completions
+    from mlx_grpo.generation.sampling import make_rollout_sampler
+    from mlx_grpo.training.lora import add_adapters
+
+    config = dict(DEMO_MODEL_CONFIG, num_hidden_layers=8, vocab_size=64, max_position_embeddings=1024)
+    cfg = validate(GRPOConfig(model_name="x", batch_size=4, gradient_accumulation_steps=1, num_generations=16, max_prompt_length=40,
+                              max_new_tokens=40, max_completion_length=40, quantize_for_rollouts=False,
+                              compute_dtype="float32", beta=0.0, eval_batch_size=64, eval_max_new_tokens=40,
+                              prefill_align=1, train_type="lora",
+                              merge_adapters_for_decoding=False))
+    plan = plan_memory(model_dims(config, cfg), cfg, available=0, source="test", backend="cpu")
+    mx.random.seed(0)
+    model = memory.lazy_model(config)
+    add_adapters(model, cfg)
+    mx.eval(model.parameters())
+    prompts = np.random.default_rng(0).integers(1, 64, size=(4, 40)).tolist()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    generate_completions(model, prompts, group_size=16, max_new_tokens=40, sampler=make_rollout_sampler(1.0),
+                         stop_token_ids=[])
+    measured = mx.get_peak_memory() - before
+    planned = plan.phases["rollout"] - sum(plan.resident.values())  # the policy itself decodes: no copy
+    assert abs(planned / measured - 1) <= 0.15, (planned, measured)
+    # Evaluation: eval_batch_size (64) questions, one completion each.
+    questions = np.random.default_rng(1).integers(1, 64, size=(cfg.eval_batch_size, 40)).tolist()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    generate_completions(model, questions, group_size=1, max_new_tokens=cfg.eval_max_new_tokens,
+                         sampler=make_rollout_sampler(0.0), stop_token_ids=[])
+    measured = mx.get_peak_memory() - before
+    planned = plan.phases["eval"] - sum(plan.resident.values())
+    assert abs(planned / measured - 1) <= 0.15, (planned, measured)
+
 
 MAC_CLASSES = {16: 10.7, 24: 16.0, 36: 27.0, 64: 48.0, 128: 96.0}  # GB: RAM -> Metal's recommended working set
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import BatchKVCache
 
 from mlx_grpo import cuda_kernels
 from mlx_grpo.nanochat.decoder import ALTERNATE_BUFFERS
@@ -85,6 +86,7 @@ class ModelDims:
     vocab: int  # logits per position
     quantizable: tuple = ()  # (size, input width) of each weight mlx-lm's quantizer can take
     adapters: int = 0  # trainable adapter parameters (train_type lora/dora)
+    fast_decoder: bool = False  # nanochat's or the llama family's decoder runs it (else mlx-lm's model call)
     decode_kernel: bool = False  # a fast decoder runs it and its heads take the CUDA decode kernel
 
 
@@ -110,21 +112,28 @@ def model_dims(config: dict, cfg=None) -> ModelDims:
     head_dim = _config_value(config, "head_dim", default=hidden // heads)
     adapters = adapter_params(model, cfg) if cfg is not None and cfg.train_type != "full" else 0
     kv_heads = _config_value(config, "num_key_value_heads", "n_kv_head", default=heads)
+    fast_decoder = _takes_fast_decoder(model)
     return ModelDims(
         params=params, layers=_config_value(config, "num_hidden_layers", "n_layer"), hidden=hidden, heads=heads,
         kv_dim=_config_value(config, "num_key_value_heads", "n_kv_head", default=heads) * head_dim,
         intermediate=_config_value(config, "intermediate_size", default=4 * hidden),
         vocab=_config_value(config, "padded_vocab_size", "vocab_size"), quantizable=quantizable, adapters=adapters,
-        decode_kernel=_takes_decode_kernel(model, heads, kv_heads, head_dim))
+        fast_decoder=fast_decoder,
+        decode_kernel=fast_decoder and _takes_decode_kernel(heads, kv_heads, head_dim))
 
 
-def _takes_decode_kernel(model, heads: int, kv_heads: int, head_dim: int) -> bool:
-    from mlx_grpo.cuda_kernels.decode import supports_shape
+def _takes_fast_decoder(model) -> bool:
+    """The rule of engine.make_decoder for the model without adapters (a dense or quantized copy)."""
     from mlx_grpo.generation import llama_decoder
     from mlx_grpo.nanochat import decoder as nanochat_decode
 
-    return (nanochat_decode.supports(model) or llama_decoder.supports(model)) and supports_shape(heads, kv_heads,
-                                                                                                 head_dim)
+    return nanochat_decode.supports(model) or llama_decoder.supports(model)
+
+
+def _takes_decode_kernel(heads: int, kv_heads: int, head_dim: int) -> bool:
+    from mlx_grpo.cuda_kernels.decode import supports_shape
+
+    return supports_shape(heads, kv_heads, head_dim)
 
 
 def adapter_params(model, cfg) -> int:
@@ -298,19 +307,41 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     act = cd if (copy or not full) else 4
     align = cfg.prefill_align or 1
     prefill_len = _round_up(prompt_len, align)
-    prefill = forward(prompts, prefill_len, act, costs.prefill_logit_bytes) + kv_cache(prompts, prefill_len, act)
-    decode_logits = rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT
-    kernel_layout = dims.decode_kernel and backend == "cuda" and cuda_kernels.enabled()
-    buffers = 1 if kernel_layout else cfg.rollout_kv_buffers or ALTERNATE_BUFFERS  # the per-row layout's KV buffers
-    if kernel_layout and (full or merged or cfg.quantize_for_rollouts):
-        # CUDA's decode kernel: each prompt's keys once per group, each row's own for its generated tokens
-        decode = kv_cache(prompts, prompt_len, act) + kv_cache(rows, new, act) + decode_logits
-    else:
+
+    def prefill_bytes(num_prompts: int, act_bytes: int, fast_decoder: bool) -> int:
+        """The prompts' prefill: the fast decoders' runs them all at once (aligned), mlx-lm's model call one
+        at a time (MlxLmDecoder); either keeps each prompt's cache."""
+        kept_keys = kv_cache(num_prompts, prompt_len, act_bytes)
+        if not fast_decoder:
+            return forward(1, prompt_len, act_bytes, costs.prefill_logit_bytes) + kept_keys
+        return (forward(num_prompts, prefill_len, act_bytes, costs.prefill_logit_bytes)
+                + kv_cache(num_prompts, prefill_len, act_bytes) + kept_keys)
+    kernels_on = backend == "cuda" and cuda_kernels.enabled()
+    buffers = cfg.rollout_kv_buffers or ALTERNATE_BUFFERS
+
+    def decode_bytes(num_prompts: int, group: int, new_tokens: int, act_bytes: int, fast_decoder: bool) -> int:
+        """The decode's KV caches and last logits, by the decoder that runs (a fast one, else mlx-lm's call)."""
+        num_rows = num_prompts * group
+        logits = num_rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT
+        prompt_keys = kv_cache(num_prompts, prompt_len, act_bytes)
+        if not fast_decoder:
+            # mlx-lm's BatchKVCache: one buffer, from the longest prompt less one, grown by BatchKVCache.step
+            # tokens at a time by concatenation, one layer's old and new at once; the prompts' caches it merges
+            # are freed layer by layer as the first step's growth consumes them.
+            cache = kv_cache(num_rows, prompt_len - 1 + _round_up(new_tokens, BatchKVCache.step), act_bytes)
+            return cache + cache // dims.layers + logits
+        if dims.decode_kernel and kernels_on:
+            # CUDA's decode kernel: each prompt's keys once per group, each row's own for its generated tokens
+            return prompt_keys + kv_cache(num_rows, new_tokens, act_bytes) + logits
         # Every row's cache at full length in each of its buffers, one layer's more while the rows are copied out
         # of the prompts' caches.
-        full_cache = kv_cache(rows, prompt_len + new, act)
-        decode = buffers * full_cache + full_cache // dims.layers + kv_cache(prompts, prompt_len, act) + decode_logits
-    phases = {"rollout": base + copy + max(prefill + kv_cache(prompts, prompt_len, act), decode)}
+        cache = kv_cache(num_rows, prompt_len + new_tokens, act_bytes)
+        return buffers * cache + cache // dims.layers + prompt_keys + logits
+
+    # engine.make_decoder's choice: a fast decoder only for a copy without adapters (dense or quantized)
+    fast_rollout = dims.fast_decoder and (full or merged or cfg.quantize_for_rollouts)
+    decode = decode_bytes(prompts, cfg.num_generations, new, act, fast_rollout)
+    phases = {"rollout": base + copy + max(prefill_bytes(prompts, act, fast_rollout), decode)}
     old_policy = cfg.quantize_for_rollouts or cfg.num_iterations > 1
     kept = packed + (logp if old_policy else 0)
     shared = micro % cfg.num_generations == 0 and cfg.share_prompt_forward and not cfg.grad_checkpoint  # step's rule
@@ -343,11 +374,9 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
     eval_act = 4 if full else cd
     eval_copy = dense_bytes(dims, cd) if merged else 0
     eval_rows = min(cfg.eval_batch_size, max(1, -(-(cfg.eval_samples or cfg.eval_batch_size) // world_size)))
-    eval_prefill = (forward(eval_rows, prefill_len, eval_act, costs.prefill_logit_bytes)
-                    + kv_cache(eval_rows, prefill_len, eval_act))
-    eval_cache = kv_cache(eval_rows, prompt_len + cfg.eval_max_new_tokens, eval_act)
-    eval_decode = buffers * eval_cache + eval_cache // dims.layers + kv_cache(eval_rows, prompt_len, eval_act)
-    phases["eval"] = base + eval_copy + max(eval_prefill + kv_cache(eval_rows, prompt_len, eval_act), eval_decode)
+    fast_eval = dims.fast_decoder and (full or merged)
+    eval_decode = decode_bytes(eval_rows, 1, cfg.eval_max_new_tokens, eval_act, fast_eval)
+    phases["eval"] = base + eval_copy + max(prefill_bytes(eval_rows, eval_act, fast_eval), eval_decode)
     return MemoryPlan(phases, resident, available, source, {"row": width, "micro_batch": micro})
 
 
@@ -434,7 +463,7 @@ def _fix_candidates(cfg):
     micro = cfg.effective_micro_batch_size
     candidates = []
     size = cfg.eval_batch_size // 2
-    while size >= 8:  # evaluation prefills its whole batch at once: smaller batches change nothing but time
+    while size >= 8:  # the fast decoders prefill the whole batch at once: smaller ones change nothing but time
         candidates.append({"eval_batch_size": size})
         size //= 2
     size = micro // 2
