@@ -248,6 +248,7 @@ def test_on_cuda_the_plan_keeps_each_prompts_keys_once_as_the_decode_kernel_does
     one = plan_memory(dims, one_buffer, available=0, source="test", backend="cuda")
     assert per_row.phases["rollout"] - one.phases["rollout"] == kv(rows, 356)
 
+
 def test_without_a_fast_decoder_the_plan_sizes_mlx_lms_one_growing_batch_cache():
     """mlx-lm's model call (a model type no fast decoder takes, or adapters decoded in place) keeps one batch
     cache per layer, from the longest prompt less one, grown BatchKVCache.step (256) tokens at a time, and
@@ -283,10 +284,10 @@ def test_the_plan_is_within_15_percent_of_mlx_lms_measured_decode_with_adapters_
     from mlx_grpo.training.lora import add_adapters
 
     config = dict(DEMO_MODEL_CONFIG, num_hidden_layers=8, vocab_size=64, max_position_embeddings=1024)
-    cfg = validate(GRPOConfig(model_name="x", batch_size=4, gradient_accumulation_steps=1, num_generations=16, max_prompt_length=40,
-                              max_new_tokens=40, max_completion_length=40, quantize_for_rollouts=False,
-                              compute_dtype="float32", beta=0.0, eval_batch_size=64, eval_max_new_tokens=40,
-                              prefill_align=1, train_type="lora",
+    cfg = validate(GRPOConfig(model_name="x", batch_size=4, gradient_accumulation_steps=1, num_generations=16,
+                              max_prompt_length=40, max_new_tokens=40, max_completion_length=40,
+                              quantize_for_rollouts=False, compute_dtype="float32", beta=0.0, eval_batch_size=64,
+                              eval_max_new_tokens=40, prefill_align=1, train_type="lora",
                               merge_adapters_for_decoding=False))
     plan = plan_memory(model_dims(config, cfg), cfg, available=0, source="test", backend="cpu")
     mx.random.seed(0)

@@ -103,6 +103,8 @@ def model_dims(config: dict, cfg=None) -> ModelDims:
     """ModelDims of a config.json; with cfg a LoRA/DoRA run's adapters are counted on the lazy model too."""
     from mlx.utils import tree_flatten
 
+    from mlx_grpo.cuda_kernels.decode import supports_shape
+
     model = lazy_model(config)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     quantizable = tuple((m.weight.size, m.weight.shape[-1]) for _, m in model.named_modules()
@@ -115,11 +117,10 @@ def model_dims(config: dict, cfg=None) -> ModelDims:
     fast_decoder = _takes_fast_decoder(model)
     return ModelDims(
         params=params, layers=_config_value(config, "num_hidden_layers", "n_layer"), hidden=hidden, heads=heads,
-        kv_dim=_config_value(config, "num_key_value_heads", "n_kv_head", default=heads) * head_dim,
+        kv_dim=kv_heads * head_dim,
         intermediate=_config_value(config, "intermediate_size", default=4 * hidden),
         vocab=_config_value(config, "padded_vocab_size", "vocab_size"), quantizable=quantizable, adapters=adapters,
-        fast_decoder=fast_decoder,
-        decode_kernel=fast_decoder and _takes_decode_kernel(heads, kv_heads, head_dim))
+        fast_decoder=fast_decoder, decode_kernel=fast_decoder and supports_shape(heads, kv_heads, head_dim))
 
 
 def _takes_fast_decoder(model) -> bool:
@@ -129,11 +130,6 @@ def _takes_fast_decoder(model) -> bool:
 
     return nanochat_decode.supports(model) or llama_decoder.supports(model)
 
-
-def _takes_decode_kernel(heads: int, kv_heads: int, head_dim: int) -> bool:
-    from mlx_grpo.cuda_kernels.decode import supports_shape
-
-    return supports_shape(heads, kv_heads, head_dim)
 
 
 def adapter_params(model, cfg) -> int:
@@ -316,6 +312,7 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
             return forward(1, prompt_len, act_bytes, costs.prefill_logit_bytes) + kept_keys
         return (forward(num_prompts, prefill_len, act_bytes, costs.prefill_logit_bytes)
                 + kv_cache(num_prompts, prefill_len, act_bytes) + kept_keys)
+
     kernels_on = backend == "cuda" and cuda_kernels.enabled()
     buffers = cfg.rollout_kv_buffers or ALTERNATE_BUFFERS
 
@@ -323,7 +320,6 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
         """The decode's KV caches and last logits, by the decoder that runs (a fast one, else mlx-lm's call)."""
         num_rows = num_prompts * group
         logits = num_rows * dims.vocab * 4 * FORWARD_FLOAT32_PER_LOGIT
-        prompt_keys = kv_cache(num_prompts, prompt_len, act_bytes)
         if not fast_decoder:
             # mlx-lm's BatchKVCache: one buffer, from the longest prompt less one, grown by BatchKVCache.step
             # tokens at a time by concatenation, one layer's old and new at once; the prompts' caches it merges
@@ -332,11 +328,11 @@ def plan_memory(dims: ModelDims, cfg, world_size: int = 1, available: int | None
             return cache + cache // dims.layers + logits
         if dims.decode_kernel and kernels_on:
             # CUDA's decode kernel: each prompt's keys once per group, each row's own for its generated tokens
-            return prompt_keys + kv_cache(num_rows, new_tokens, act_bytes) + logits
+            return kv_cache(num_prompts, prompt_len, act_bytes) + kv_cache(num_rows, new_tokens, act_bytes) + logits
         # Every row's cache at full length in each of its buffers, one layer's more while the rows are copied out
         # of the prompts' caches.
         cache = kv_cache(num_rows, prompt_len + new_tokens, act_bytes)
-        return buffers * cache + cache // dims.layers + prompt_keys + logits
+        return buffers * cache + cache // dims.layers + kv_cache(num_prompts, prompt_len, act_bytes) + logits
 
     # engine.make_decoder's choice: a fast decoder only for a copy without adapters (dense or quantized)
     fast_rollout = dims.fast_decoder and (full or merged or cfg.quantize_for_rollouts)
